@@ -1,0 +1,1 @@
+"""The users-export gRPC server."""

@@ -1,0 +1,1 @@
+"""Database models, engine creation and migrations."""

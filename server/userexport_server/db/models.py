@@ -1,0 +1,93 @@
+"""SQLAlchemy models: every row carries its tenant, so isolation is a WHERE clause away."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKeyConstraint, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Connection(Base):
+    __tablename__ = "connections"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+
+
+class User(Base):
+    """The Auth0 user profile; list and object attributes are JSON stored as compact text."""
+
+    __tablename__ = "users"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant", "connection_id"], ["connections.tenant", "connections.id"]),
+        # Serves a per-connection export in user_id order without a sort.
+        Index("ix_users_tenant_connection_user", "tenant", "connection_id", "user_id"),
+    )
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    connection_id: Mapped[str] = mapped_column(String(20))
+    email: Mapped[str | None] = mapped_column(String(320))
+    email_verified: Mapped[bool | None] = mapped_column(Boolean)
+    username: Mapped[str | None] = mapped_column(String(128))
+    phone_number: Mapped[str | None] = mapped_column(String(32))
+    phone_verified: Mapped[bool | None] = mapped_column(Boolean)
+    name: Mapped[str | None] = mapped_column(Text)
+    given_name: Mapped[str | None] = mapped_column(Text)
+    family_name: Mapped[str | None] = mapped_column(Text)
+    nickname: Mapped[str | None] = mapped_column(Text)
+    picture: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_login: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_ip: Mapped[str | None] = mapped_column(String(64))
+    last_password_reset: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    logins_count: Mapped[int | None] = mapped_column(Integer)
+    blocked: Mapped[bool | None] = mapped_column(Boolean)
+    multifactor: Mapped[list[str] | None] = mapped_column(JSON)
+    identities: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    app_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Job(Base):
+    """One export job; `version` grows by one on every change so watchers can order events."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_status_created", "status", "created_at"),
+        Index("ix_jobs_tenant_request", "tenant", "request_id", unique=True),
+    )
+
+    id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    format: Mapped[str] = mapped_column(String(8))
+    connection_id: Mapped[str | None] = mapped_column(String(20))
+    connection_name: Mapped[str | None] = mapped_column(String(128))
+    limit: Mapped[int | None] = mapped_column(BigInteger)
+    fields: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    request_id: Mapped[str | None] = mapped_column(String(36))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    users_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    users_written: Mapped[int] = mapped_column(BigInteger, default=0)
+    percentage_done: Mapped[int] = mapped_column(Integer, default=0)
+    time_left_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    storage_key: Mapped[str | None] = mapped_column(String(512))
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,1 @@
+"""The export engine: field paths, request validation, SQL compilation, CSV/NDJSON + gzip streaming."""

@@ -1,0 +1,36 @@
+"""The validated, plain description of one export: what the engine runs and the job echoes."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Format(enum.StrEnum):
+    CSV = "csv"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One requested field: a path into the user and the output name (None: the path itself)."""
+
+    name: str
+    export_as: str | None = None
+
+    @property
+    def title(self) -> str:
+        return self.export_as or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSpec:
+    """A request after validation, with defaults applied (fields is never empty)."""
+
+    format: Format
+    fields: tuple[FieldSpec, ...]
+    connection_id: str | None = None
+    limit: int | None = None
+
+    @property
+    def file_suffix(self) -> str:
+        return f".{self.format.value}.gz"

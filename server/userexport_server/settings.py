@@ -1,0 +1,93 @@
+"""Every knob of the server, read from USEREXPORT_* environment variables, with embedded defaults.
+
+The defaults run the whole service on one machine: SQLite and local files under one data
+directory, the gRPC API on 127.0.0.1:50051 and signed downloads on 127.0.0.1:50052.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+PREFIX = "USEREXPORT_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the SQLite database, local files and generated secrets live.
+    data_dir: pathlib.Path = pathlib.Path("data")
+    # gRPC listen address.
+    listen: str = "127.0.0.1:50051"
+    # SQLAlchemy URL; empty: sqlite file in data_dir.
+    database_url: str = ""
+    # "local" (files in data_dir served over HTTP) or "gcs".
+    storage: str = "local"
+    # Local backend: where its download endpoint listens, and the base URL put into signed URLs.
+    files_listen: str = "127.0.0.1:50052"
+    files_public_url: str = ""
+    # GCS backend.
+    gcs_bucket: str = ""
+    gcs_endpoint: str = ""
+    gcs_project: str = ""
+    gcs_credentials_file: str = ""
+    gcs_signer_email: str = ""
+    # Signed download URLs live this long.
+    url_ttl_seconds: int = 60
+    # Export worker threads in this process.
+    workers: int = 2
+    # gzip level of export files (1 fastest .. 9 smallest).
+    gzip_level: int = 6
+    # How often idle workers look for jobs created by other replicas.
+    poll_interval_seconds: float = 1.0
+    # A claimed job's lease; the running worker renews it every third of this.
+    lease_seconds: float = 30.0
+    # Job life cycle.
+    job_ttl_seconds: int = 24 * 3600
+    job_timeout_seconds: int = 8 * 3600
+    expired_retention_seconds: int = 7 * 24 * 3600
+    reaper_interval_seconds: float = 30.0
+    max_active_jobs_per_tenant: int = 2
+    # Tokens: HS256 secret (empty: a generated one in data_dir), JWKS file for RS256/ES256.
+    jwt_secret: str = ""
+    jwt_jwks_file: str = ""
+    jwt_issuer: str = "userexport-local"
+    jwt_audience: str = "userexport"
+    jwt_tenant_claim: str = "tenant"
+    jwt_leeway_seconds: int = 30
+    # Largest request message accepted, in bytes.
+    max_request_bytes: int = 64 * 1024
+    # Seconds a SIGTERM waits for running exports before handing them back.
+    shutdown_grace_seconds: float = 20.0
+    log_level: str = "INFO"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'userexport.db'}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from the environment; keyword overrides (from flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _convert(type_name: Any, raw: str, name: str) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if "Path" in kind:
+            return pathlib.Path(raw)
+    except ValueError as exc:
+        raise ValueError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    return raw
