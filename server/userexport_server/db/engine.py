@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import contextlib
+from collections.abc import Iterator
+
 import orjson
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 
 
 def _compact_json(value: Any) -> str:
@@ -26,10 +29,32 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(url, **options)
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
+@contextlib.contextmanager
+def write_transaction(engine: Engine, lock_key: str | None = None) -> Iterator[Connection]:
+    """A transaction that reads then writes without losing a race to a concurrent one.
+
+    SQLite: BEGIN IMMEDIATE takes the write lock up front. PostgreSQL: rows are locked by the
+    queries themselves; `lock_key` additionally serialises transactions on the same key (a tenant),
+    for checks such as "at most N active jobs" that no row lock can cover.
+    """
+    with engine.connect().execution_options(sqlite_immediate=True) as connection, connection.begin():
+        if lock_key is not None and connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": lock_key})
+        yield connection
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    immediate = connection.get_execution_options().get("sqlite_immediate")
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy issues BEGIN itself (see _sqlite_begin), so pysqlite must not.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")

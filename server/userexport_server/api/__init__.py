@@ -1,0 +1,1 @@
+"""The gRPC surface: proto <-> domain, auth, error mapping. No SQL, no file I/O."""

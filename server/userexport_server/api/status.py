@@ -1,0 +1,28 @@
+"""Domain errors -> gRPC statuses with google.rpc details (ErrorInfo always, BadRequest for bad input)."""
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from userexport_server.errors import ServiceError
+
+DOMAIN = "userexport.v1"
+
+
+def to_grpc_status(error: ServiceError) -> grpc.Status:
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
+    details.append(info)
+    if error.violations:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations]))
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=error.message, details=packed)
+    return rpc_status.to_status(status)

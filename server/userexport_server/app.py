@@ -1,0 +1,104 @@
+"""Wiring only: settings -> database -> storage -> store, workers, reaper -> grpc.aio server."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from userexport.client.tokens import SECRET_FILENAME
+from userexport.v1 import users_export_pb2 as pb
+from userexport.v1 import users_export_pb2_grpc as pb_grpc
+
+from userexport_server.api.servicer import UsersExportServicer
+from userexport_server.auth import Authenticator
+from userexport_server.db.engine import make_engine
+from userexport_server.db.migrate import upgrade
+from userexport_server.jobs.events import EventBus
+from userexport_server.jobs.reaper import Reaper
+from userexport_server.jobs.store import JobStore, Limits
+from userexport_server.jobs.worker import WorkerPool
+from userexport_server.secrets import load_or_create_secret
+from userexport_server.settings import Settings
+from userexport_server.storage.factory import make_storage
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
+
+
+class App:
+    """One server process: build with Settings, then start() and stop()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(settings.sqlalchemy_url)
+        upgrade(self.engine)
+        self.bus = EventBus()
+        self.storage = make_storage(settings)
+        self.store = JobStore(self.engine, self.bus, Limits(
+            job_ttl=dt.timedelta(seconds=settings.job_ttl_seconds),
+            job_timeout=dt.timedelta(seconds=settings.job_timeout_seconds),
+            expired_retention=dt.timedelta(seconds=settings.expired_retention_seconds),
+            lease=dt.timedelta(seconds=settings.lease_seconds),
+            max_active_per_tenant=settings.max_active_jobs_per_tenant,
+        ))
+        self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
+                                  poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level) \
+            if settings.workers > 0 else None
+        self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    def _authenticator(self) -> Authenticator:
+        settings = self.settings
+        secret = settings.jwt_secret.encode() if settings.jwt_secret else None
+        if secret is None and not settings.jwt_jwks_file:
+            secret = load_or_create_secret(settings.data_dir / SECRET_FILENAME)
+        return Authenticator(secret=secret, jwks_file=settings.jwt_jwks_file or None, issuer=settings.jwt_issuer,
+                             audience=settings.jwt_audience, tenant_claim=settings.jwt_tenant_claim,
+                             leeway=settings.jwt_leeway_seconds)
+
+    async def start(self) -> int:
+        settings = self.settings
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
+        servicer = UsersExportServicer(
+            auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,
+            url_ttl=settings.url_ttl_seconds,
+            page_secret=load_or_create_secret(settings.data_dir / "page_token_key"),
+        )
+        pb_grpc.add_UsersExportServiceServicer_to_server(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.port = self.server.add_insecure_port(settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.listen}")
+        await self.server.start()
+        if self.workers is not None:
+            self.workers.start()
+        self.reaper.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("server started listen=%s port=%d database=%s storage=%s workers=%d", settings.listen, self.port,
+                 self.engine.url.render_as_string(hide_password=True), settings.storage, settings.workers)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking work, let running exports finish for `grace` seconds, hand back the rest."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        log.info("server stopping grace_seconds=%.1f", grace)
+        await self.health.enter_graceful_shutdown()
+        stopping = [self.server.stop(min(grace, 5.0))] if self.server is not None else []
+        if self.workers is not None:
+            stopping.append(asyncio.to_thread(self.workers.shutdown, grace))
+        await asyncio.gather(*stopping)
+        await asyncio.to_thread(self.reaper.stop)
+        self.storage.close()
+        self.bus.close()
+        self.engine.dispose()
+        log.info("server stopped")

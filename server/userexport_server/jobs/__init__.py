@@ -1,0 +1,1 @@
+"""Jobs: the immutable job value, the store that owns every job query, events, and the workers."""

@@ -1,0 +1,260 @@
+"""The job store: the one owner of every job query, on SQLite and PostgreSQL alike.
+
+Every change bumps the job's `version` and, once committed, is published on the event bus.
+Worker-side changes are conditional on the worker still holding the job (status processing and
+its lease), so a job cancelled, expired or re-claimed meanwhile is never overwritten.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
+
+from userexport_server.db.engine import write_transaction
+from userexport_server.db.models import Connection as ConnectionRow
+from userexport_server.db.models import Job as JobRow
+from userexport_server.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from userexport_server.export.spec import ExportSpec
+from userexport_server.jobs.events import EventBus
+from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
+
+log = logging.getLogger(__name__)
+jobs = JobRow.__table__
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    job_ttl: dt.timedelta = dt.timedelta(hours=24)
+    job_timeout: dt.timedelta = dt.timedelta(hours=8)
+    expired_retention: dt.timedelta = dt.timedelta(days=7)
+    lease: dt.timedelta = dt.timedelta(seconds=30)
+    max_active_per_tenant: int = 2
+
+
+def request_fingerprint(tenant: str, spec: ExportSpec) -> str:
+    """What makes two creates "the same request" for idempotency."""
+    body = {"c": spec.connection_id, "f": spec.format.value, "l": spec.limit, "fields": fields_to_json(spec)}
+    return hashlib.sha256(tenant.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class JobStore:
+    def __init__(self, engine: Engine, bus: EventBus, limits: Limits = Limits()) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.limits = limits
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def get(self, tenant: str, job_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+        return Job.from_row(row) if row else None
+
+    def get_any(self, job_id: str) -> Job | None:
+        """For internal use only (events across replicas): no tenant check."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return Job.from_row(row) if row else None
+
+    def connection_name(self, tenant: str, connection_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(ConnectionRow.name).where(ConnectionRow.tenant == tenant, ConnectionRow.id == connection_id)
+            ).scalar()
+
+    def list(self, tenant: str, *, page_size: int, cursor: tuple[dt.datetime, str] | None,
+             status: JobStatus | None) -> tuple[list[Job], bool]:
+        """Newest first; returns the page and whether more follow."""
+        query = select(jobs).where(jobs.c.tenant == tenant)
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        if cursor is not None:
+            created, job_id = cursor
+            query = query.where(or_(jobs.c.created_at < created,
+                                    and_(jobs.c.created_at == created, jobs.c.id < job_id)))
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(page_size + 1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [Job.from_row(r) for r in rows[:page_size]], len(rows) > page_size
+
+    # --- API-side changes ----------------------------------------------------------------------
+
+    def create(self, tenant: str, spec: ExportSpec, *, connection_name: str | None,
+               request_id: str | None = None) -> tuple[Job, bool]:
+        """Insert a pending job; returns (job, created). A known request_id returns its first job."""
+        now = now_utc()
+        fingerprint = request_fingerprint(tenant, spec) if request_id else None
+        with write_transaction(self.engine, lock_key=f"tenant:{tenant}") as conn:
+            if request_id:
+                existing = conn.execute(select(jobs).where(jobs.c.tenant == tenant,
+                                                           jobs.c.request_id == request_id)).first()
+                if existing is not None and existing.status != JobStatus.EXPIRED:
+                    if existing.request_hash != fingerprint:
+                        raise AlreadyExists(
+                            f"request_id {request_id!r} was already used for a different export request "
+                            f"(job {existing.id}).")
+                    return Job.from_row(existing), False
+                if existing is not None:  # the first job expired: the key may start a new one
+                    conn.execute(update(jobs).where(jobs.c.id == existing.id).values(request_id=None))
+            active = conn.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.tenant == tenant, jobs.c.status.in_([s.value for s in ACTIVE]))).scalar_one()
+            if active >= self.limits.max_active_per_tenant:
+                raise ResourceExhausted(
+                    f"Too many export jobs: at most {self.limits.max_active_per_tenant} may be pending or "
+                    f"processing per tenant at once, and this tenant has {active}. Wait for one to finish.")
+            values = dict(
+                id=new_job_id(), tenant=tenant, status=JobStatus.PENDING.value, version=1,
+                format=spec.format.value, connection_id=spec.connection_id, connection_name=connection_name,
+                limit=spec.limit, fields=fields_to_json(spec), request_id=request_id or None,
+                request_hash=fingerprint, created_at=now, updated_at=now, expires_at=now + self.limits.job_ttl,
+                users_total=0, users_written=0, percentage_done=0, attempts=0,
+            )
+            row = conn.execute(jobs.insert().values(**values).returning(*jobs.c)).one()
+        job = Job.from_row(row)
+        log.info("job created job_id=%s tenant=%s format=%s connection_id=%s limit=%s fields=%d",
+                 job.id, tenant, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
+        self.bus.publish(job)
+        return job, True
+
+    def cancel(self, tenant: str, job_id: str) -> Job | None:
+        """Cancel a pending or processing job; a cancelled job is returned as it is (idempotent)."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+            if row is None:
+                return None
+            status = JobStatus(row.status)
+            if status == JobStatus.CANCELLED:
+                return Job.from_row(row)
+            if status.is_terminal:
+                raise FailedPrecondition(f"Job {job_id} is already {status.value} and cannot be cancelled.")
+            row = self._change(conn, job_id, {"status": JobStatus.CANCELLED.value, "finished_at": now_utc(),
+                                              "lease_owner": None, "lease_expires_at": None,
+                                              "time_left_seconds": None})
+        return self._published(row, "job cancelled")
+
+    # --- worker-side changes -------------------------------------------------------------------
+
+    def claim(self, owner: str) -> Job | None:
+        """Take the oldest pending job, or a processing one whose worker stopped renewing its lease."""
+        now = now_utc()
+        with write_transaction(self.engine) as conn:
+            candidate = conn.execute(
+                select(jobs.c.id, jobs.c.status).where(or_(
+                    jobs.c.status == JobStatus.PENDING.value,
+                    and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now)))
+                .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True)
+            ).first()
+            if candidate is None:
+                return None
+            row = self._change(conn, candidate.id, {
+                "status": JobStatus.PROCESSING.value, "started_at": now, "lease_owner": owner,
+                "lease_expires_at": now + self.limits.lease, "attempts": jobs.c.attempts + 1,
+                "users_written": 0, "users_total": 0, "percentage_done": 0, "time_left_seconds": None,
+            })
+        return self._published(row, "job claimed", rescued=candidate.status == JobStatus.PROCESSING.value)
+
+    def progress(self, job: Job, *, written: int, total: int, time_left: int | None) -> Job | None:
+        """Record progress and renew the lease; None means the job is no longer this worker's."""
+        percentage = 100 if total == 0 else min(100, written * 100 // total)
+        return self._worker_change(job, {
+            "users_written": written, "users_total": total, "percentage_done": percentage,
+            "time_left_seconds": time_left, "lease_expires_at": now_utc() + self.limits.lease,
+        }, "job progress")
+
+    def complete(self, job: Job, *, storage_key: str, written: int) -> Job | None:
+        return self._worker_change(job, {
+            "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "users_written": written,
+            "users_total": written, "percentage_done": 100, "time_left_seconds": 0, "finished_at": now_utc(),
+            "lease_owner": None, "lease_expires_at": None,
+        }, "job completed")
+
+    def fail(self, job: Job, error: str) -> Job | None:
+        return self._worker_change(job, {
+            "status": JobStatus.FAILED.value, "error": error, "finished_at": now_utc(), "time_left_seconds": None,
+            "lease_owner": None, "lease_expires_at": None,
+        }, "job failed")
+
+    def release(self, job: Job) -> Job | None:
+        """Hand a job back (graceful shutdown) so another worker or replica starts it afresh."""
+        return self._worker_change(job, {
+            "status": JobStatus.PENDING.value, "started_at": None, "users_written": 0, "users_total": 0,
+            "percentage_done": 0, "time_left_seconds": None, "lease_owner": None, "lease_expires_at": None,
+        }, "job released")
+
+    # --- reaper --------------------------------------------------------------------------------
+
+    def expire_due(self) -> list[Job]:
+        """Expire jobs past their lifetime; returns them (with the storage key whose file must go)."""
+        now = now_utc()
+        expired: list[tuple[Job, str | None]] = []
+        with write_transaction(self.engine) as conn:
+            due = conn.execute(select(jobs.c.id, jobs.c.storage_key).where(
+                jobs.c.expires_at <= now, jobs.c.status != JobStatus.EXPIRED.value)
+                .with_for_update(skip_locked=True)).all()
+            for job_id, key in due:
+                row = self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "storage_key": None,
+                                                  "lease_owner": None, "lease_expires_at": None,
+                                                  "time_left_seconds": None})
+                expired.append((Job.from_row(row), key))
+        for job, key in expired:
+            self._published_job(job, "job expired")
+        return [job.evolve(storage_key=key) for job, key in expired]
+
+    def fail_timed_out(self) -> list[Job]:
+        """Fail jobs processing longer than the timeout; their workers see it at the next progress step."""
+        now = now_utc()
+        limit = self.limits.job_timeout
+        with write_transaction(self.engine) as conn:
+            due = conn.execute(select(jobs.c.id).where(
+                jobs.c.status == JobStatus.PROCESSING.value, jobs.c.started_at <= now - limit)
+                .with_for_update(skip_locked=True)).scalars().all()
+            rows = [self._change(conn, job_id, {
+                "status": JobStatus.FAILED.value, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
+                "time_left_seconds": None,
+                "error": f"Timed out: the export ran longer than {int(limit.total_seconds())} seconds.",
+            }) for job_id in due]
+        return [self._published(row, "job timed out") for row in rows]
+
+    def purge_expired(self) -> int:
+        """Delete expired jobs once their retention period is over."""
+        cutoff = now_utc() - self.limits.expired_retention
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(delete(jobs).where(jobs.c.status == JobStatus.EXPIRED.value,
+                                                     jobs.c.expires_at <= cutoff))
+        if result.rowcount:
+            log.info("jobs purged count=%d", result.rowcount)
+        return result.rowcount
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _worker_change(self, job: Job, values: dict[str, Any], event: str) -> Job | None:
+        with write_transaction(self.engine) as conn:
+            row = self._change(conn, job.id, values, and_(jobs.c.status == JobStatus.PROCESSING.value,
+                                                          jobs.c.lease_owner == job.lease_owner))
+        return None if row is None else self._published(row, event)
+
+    @staticmethod
+    def _change(conn: Connection, job_id: str, values: dict[str, Any], condition: Any = None) -> Any:
+        statement = update(jobs).where(jobs.c.id == job_id)
+        if condition is not None:
+            statement = statement.where(condition)
+        values = {**values, "version": jobs.c.version + 1, "updated_at": now_utc()}
+        return conn.execute(statement.values(**values).returning(*jobs.c)).first()
+
+    def _published(self, row: Any, event: str, **extra: Any) -> Job:
+        return self._published_job(Job.from_row(row), event, **extra)
+
+    def _published_job(self, job: Job, event: str, **extra: Any) -> Job:
+        level = logging.DEBUG if event == "job progress" else logging.INFO
+        if log.isEnabledFor(level):
+            details = " ".join(f"{k}={v}" for k, v in extra.items())
+            log.log(level, "%s job_id=%s tenant=%s status=%s version=%d written=%d/%d error=%s %s", event,
+                    job.id, job.tenant, job.status.value, job.version, job.users_written, job.users_total,
+                    job.error, details)
+        self.bus.publish(job)
+        return job
