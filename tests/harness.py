@@ -1,0 +1,120 @@
+"""A real server on loopback ports, run in-process on its own event loop thread, for tests."""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from userexport.client.tokens import SECRET_FILENAME, mint_token
+
+from userexport_server.app import App
+from userexport_server.seed import seed_users
+from userexport_server.settings import Settings
+
+TEST_DEFAULTS: dict[str, Any] = dict(listen="127.0.0.1:0", files_listen="127.0.0.1:0", workers=2,
+                                     poll_interval_seconds=0.2, reaper_interval_seconds=0.5, log_level="INFO")
+
+
+class ServerHandle:
+    """Starts App on a private loop thread; `target` is what gRPC clients dial."""
+
+    def __init__(self, data_dir: pathlib.Path, **overrides: Any) -> None:
+        self.data_dir = data_dir
+        self.settings = Settings(**{**TEST_DEFAULTS, "data_dir": data_dir, **overrides})
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+        self.app = self.call(self._build)
+        self.port = self.call(self.app.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    async def _build(self) -> App:
+        return App(self.settings)
+
+    def call(self, coroutine: Any) -> Any:
+        if not asyncio.iscoroutine(coroutine):
+            coroutine = coroutine()
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.call(self.app.stop(grace))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def token(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",), **claims: Any) -> str:
+        secret = (self.data_dir / SECRET_FILENAME).read_bytes()
+        return mint_token(secret, tenant, scopes, issuer=self.settings.jwt_issuer,
+                          audience=self.settings.jwt_audience, **claims)
+
+    def metadata(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token(tenant, scopes)}")]
+
+    def seed(self, users: int, tenant: str = "default", connections: int = 3, seed: int = 0) -> list[str]:
+        return seed_users(self.app.engine, tenant=tenant, users=users, connections=connections, seed=seed)
+
+
+def new_tenant() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+class ServerProcess:
+    """`userexport-server` as a separate process (for SIGTERM/SIGKILL tests); ports chosen by the OS."""
+
+    def __init__(self, data_dir: pathlib.Path, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.data_dir = data_dir
+        environment = {**os.environ, "USEREXPORT_DATA_DIR": str(data_dir), "USEREXPORT_LISTEN": "127.0.0.1:0",
+                       "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", "USEREXPORT_POLL_INTERVAL_SECONDS": "0.2",
+                       "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = data_dir / f"server-{uuid.uuid4().hex[:6]}.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "userexport_server.main", "serve"], env=environment,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.port = self._wait_for_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.settings = Settings.from_env({k: v for k, v in environment.items() if k.startswith("USEREXPORT_")})
+
+    def _wait_for_port(self, timeout: float = 60) -> int:
+        import re
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(rb"server started .*? port=(\d+)", self.log_path.read_bytes())
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: {self.log_text()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"server did not start: {self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def token(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> str:
+        secret = (self.data_dir / SECRET_FILENAME).read_bytes()
+        return mint_token(secret, tenant, scopes, issuer=self.settings.jwt_issuer, audience=self.settings.jwt_audience)
+
+    def metadata(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token(tenant, scopes)}")]
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout)
+        self._log.close()
+        return code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.wait()

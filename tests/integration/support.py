@@ -1,0 +1,85 @@
+"""What integration tests share: stubs with a tenant's token, watching to the end, downloading."""
+from __future__ import annotations
+
+import gzip
+import urllib.request
+from collections.abc import Sequence
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from userexport.v1 import users_export_pb2 as pb
+from userexport.v1 import users_export_pb2_grpc as pb_grpc
+
+from tests.harness import ServerHandle
+
+TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
+
+
+class Caller:
+    """A tenant's view of the API: every call carries that tenant's bearer token."""
+
+    def __init__(self, server: ServerHandle, tenant: str, scopes: Sequence[str] = ("read:users",)) -> None:
+        self.channel = grpc.insecure_channel(server.target)
+        self.stub = pb_grpc.UsersExportServiceStub(self.channel)
+        self.metadata = server.metadata(tenant, scopes)
+
+    def create(self, **request: object) -> pb.Job:
+        fields = [pb.Field(name=n, export_as=a) for n, a in request.pop("fields", [])]  # type: ignore[attr-defined]
+        return self.stub.CreateUsersExportJob(pb.ExportRequest(fields=fields, **request), metadata=self.metadata)
+
+    def get(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(id=job_id), metadata=self.metadata)
+
+    def watch(self, job_id: str, timeout: float = 120) -> list[pb.Job]:
+        return list(self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=timeout))
+
+    def cancel(self, job_id: str) -> pb.Job:
+        return self.stub.CancelJob(pb.CancelJobRequest(id=job_id), metadata=self.metadata)
+
+    def list(self, **request: object) -> pb.ListJobsResponse:
+        return self.stub.ListJobs(pb.ListJobsRequest(**request), metadata=self.metadata)
+
+    def finish(self, job_id: str) -> pb.Job:
+        """Watch until the stream ends; returns the final message."""
+        messages = self.watch(job_id)
+        assert messages[-1].status in TERMINAL, messages[-1]
+        return messages[-1]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def download(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return gzip.decompress(response.read())
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def violations(error: grpc.RpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of an error, by field."""
+    status = rpc_status.from_call(error)
+    found: dict[str, str] = {}
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found.update({v.field: v.description for v in bad.field_violations})
+    return found
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
