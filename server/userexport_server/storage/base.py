@@ -2,11 +2,27 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Protocol
+
+from userexport_server.errors import StorageError
+
+# A key segment: no separators, no "%" (so nothing URL-encoded), and no leading dot, which rules
+# out "." and ".." and also the writers' hidden temporary names.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+class ObjectExistsError(StorageError):
+    """commit() found the key already written: objects are never overwritten (a re-run job's
+    second upload must not replace a file someone may be downloading)."""
 
 
 class ObjectWriter(Protocol):
-    """A streaming upload that becomes visible only on commit(); abort() leaves nothing behind."""
+    """A streaming upload that becomes visible only on commit(); abort() leaves nothing behind.
+
+    write() and commit() raise StorageError (ObjectExistsError when the key exists); abort() never
+    raises and may be called after a failed commit().
+    """
 
     def write(self, data: bytes) -> None: ...
 
@@ -38,3 +54,24 @@ class Storage(Protocol):
 def object_key(tenant: str, job_id: str, filename: str) -> str:
     """`<tenant>/<job id>/<file>`: callers pass only validated ids, so no key can escape its prefix."""
     return f"{tenant}/{job_id}/{filename}"
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if every `/`-separated segment is a plain name, else raise ValueError.
+
+    Backends check every key they touch, so a bad id can never reach outside the storage root.
+    """
+    if not all(_SEGMENT.fullmatch(segment) for segment in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: each segment must match {_SEGMENT.pattern}")
+    return key
+
+
+def validate_writer_args(key: str, filename: str) -> str:
+    """Check open_writer's arguments and return the key.
+
+    `filename` must be the key's last segment: the local backend names downloads after the key,
+    and every backend enforces the same rule so code tested on one works on the other.
+    """
+    if filename != validate_key(key).rsplit("/", 1)[-1]:
+        raise ValueError(f"filename {filename!r} must be the last segment of key {key!r}")
+    return key

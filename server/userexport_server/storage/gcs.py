@@ -1,0 +1,169 @@
+"""Export files in a Google Cloud Storage bucket, downloaded through V4 signed URLs.
+
+Uploads are resumable uploads streamed chunk by chunk (memory stays at one chunk); GCS creates
+the object only when the last chunk is sent, so an unfinished export is never visible.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+from typing import Any
+
+import google.auth
+import google.auth.transport.requests
+from google.api_core.client_options import ClientOptions
+from google.api_core.exceptions import GoogleAPIError, NotFound
+from google.auth.credentials import AnonymousCredentials, Credentials, Signing
+from google.auth.exceptions import GoogleAuthError
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+from google.cloud.storage.fileio import BlobWriter
+from google.cloud.storage.retry import DEFAULT_RETRY
+from google.oauth2 import service_account
+
+from userexport_server.errors import StorageError
+from userexport_server.storage.base import ObjectExistsError, validate_key, validate_writer_args
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
+# Bytes held in memory and sent per request; resumable chunks must be multiples of 256 KiB.
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+# What a failed transfer raises after the library's retries (requests' errors are OSErrors).
+_TRANSFER_ERRORS = (GoogleAPIError, InvalidResponse, DataCorruption, GoogleAuthError, OSError)
+
+
+class GcsStorage:
+    """Objects in `bucket`.
+
+    Credentials, first match wins: `credentials` (tests), the service-account key in
+    `credentials_file`, anonymous when `endpoint` names an emulator, else the environment's
+    (workload identity, GOOGLE_APPLICATION_CREDENTIALS, gcloud).
+
+    URLs are signed locally with a service-account key; without one (workload identity) through
+    the IAM signBlob API as `signer_email` (default: the credentials' own account), which needs
+    roles/iam.serviceAccountTokenCreator on that account. `signer_email` also forces IAM signing
+    when a key is present. Anonymous (emulator) access yields unsigned URLs: there is no identity to
+    sign with, and emulators serve objects without checking signatures.
+    """
+
+    def __init__(self, bucket: str, *, endpoint: str = "", project: str = "", credentials_file: str = "",
+                 signer_email: str = "", credentials: Credentials | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if not bucket:
+            raise ValueError("the gcs storage backend needs a bucket (USEREXPORT_GCS_BUCKET)")
+        if credentials is None:
+            credentials = _load_credentials(credentials_file, endpoint)
+        self._credentials = credentials
+        self._client = storage.Client(project=project or None, credentials=credentials,
+                                      client_options=ClientOptions(api_endpoint=endpoint) if endpoint else None)
+        self._bucket = self._client.bucket(bucket)
+        self._signer_email = signer_email
+        self._chunk_size = chunk_size
+        self._refresh_lock = threading.Lock()
+        log.info("gcs storage bucket=%s endpoint=%s", bucket, self._client.api_endpoint)
+
+    def open_writer(self, key: str, filename: str) -> GcsWriter:
+        blob = self._bucket.blob(validate_writer_args(key, filename))
+        blob.content_disposition = f'attachment; filename="{filename}"'
+        return GcsWriter(blob, self._chunk_size)
+
+    def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
+        # Validity counts from the URL's X-Goog-Date: "now" truncated to the second, and taken a
+        # moment after this, so expires_at is at most a second early, never late.
+        expires_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
+        blob = self._bucket.blob(validate_key(key))
+        if isinstance(self._credentials, AnonymousCredentials):
+            return f"{self._client.api_endpoint}/{self._bucket.name}/{blob.name}", expires_at
+        url = blob.generate_signed_url(version="v4", method="GET", expiration=dt.timedelta(seconds=ttl_seconds),
+                                       **self._signing_args())
+        return url, expires_at
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._bucket.blob(validate_key(key)).delete()
+
+    def exists(self, key: str) -> bool:
+        return bool(self._bucket.blob(validate_key(key)).exists())  # the library is untyped
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _signing_args(self) -> dict[str, Any]:
+        """generate_signed_url's arguments: a local signer, or an identity and token for IAM signBlob."""
+        if isinstance(self._credentials, Signing) and not self._signer_email:
+            return {"credentials": self._credentials}
+        with self._refresh_lock:  # the token (and, on GCE/GKE, the account's email) come with a refresh
+            if not self._credentials.valid:
+                self._credentials.refresh(google.auth.transport.requests.Request())
+        email = self._signer_email or getattr(self._credentials, "service_account_email", "")
+        if not email:
+            raise StorageError("Cannot sign download URLs: no service-account key and no signer email "
+                               "(set USEREXPORT_GCS_SIGNER_EMAIL).")
+        return {"service_account_email": email, "access_token": self._credentials.token}
+
+
+class GcsWriter:
+    """A resumable upload; commit() sends the last chunk, which is when the object appears."""
+
+    def __init__(self, blob: storage.Blob, chunk_size: int) -> None:
+        self._blob = blob
+        # ifGenerationMatch=0: the upload may only create the object, never replace one. That also
+        # makes every request of it idempotent, so the library's default retry (exponential
+        # backoff on 408/429/5xx and connection errors, up to 120 s) applies to each of them.
+        self._file: BlobWriter = blob.open("wb", chunk_size=chunk_size, if_generation_match=0,
+                                           content_type="application/gzip", retry=DEFAULT_RETRY)
+        self._finished = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except _TRANSFER_ERRORS as exc:
+            raise self._error(exc) from exc
+
+    def commit(self) -> None:
+        try:
+            self._file.close()
+        except _TRANSFER_ERRORS as exc:
+            raise self._error(exc) from exc
+        self._finished = True
+        log.debug("gcs object committed key=%s", self._blob.name)
+
+    def abort(self) -> None:
+        """Cancel the resumable session (DELETE on its URI), so GCS discards what was sent.
+
+        Not BlobWriter.terminate(): in google-cloud-storage 3.x it DELETEs the URL that started the
+        session instead of the session's own URI, which cancels nothing.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        session = self._file._upload_and_transport  # None until the first chunk went out
+        if session is None:
+            return
+        upload, transport = session
+        try:
+            transport.delete(upload.resumable_url, timeout=30)
+        except Exception as exc:  # abort runs while another error propagates; an unfinished session expires anyway
+            log.warning("cancelling a gcs upload failed key=%s error=%r", self._blob.name, exc)
+
+    def _error(self, exc: Exception) -> StorageError:
+        """A StorageError safe to show on the job; the details go to the log."""
+        status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "code", None)
+        if status == 412:
+            return ObjectExistsError("The export file already exists; it was not overwritten.")
+        log.error("gcs upload failed bucket=%s key=%s status=%s error=%r", self._blob.bucket.name,
+                  self._blob.name, status, exc)
+        detail = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
+        return StorageError(f"Uploading the export file to Cloud Storage failed ({detail}).")
+
+
+def _load_credentials(credentials_file: str, endpoint: str) -> Credentials:
+    if credentials_file:
+        return service_account.Credentials.from_service_account_file(credentials_file, scopes=SCOPES)
+    if endpoint:
+        return AnonymousCredentials()
+    credentials, _ = google.auth.default(scopes=SCOPES)
+    return credentials
