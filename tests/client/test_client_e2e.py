@@ -125,6 +125,7 @@ def test_request_id_makes_create_idempotent(server: Any, tenant: str, client: Us
     with pytest.raises(UsersExportError) as caught:
         client.create_export("json", request_id=key)
     assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+    finish(client, first)  # leave no export running into the next test
 
 
 def test_list_and_iterate_jobs(server: Any, tenant: str, client: UsersExportClient) -> None:
@@ -204,6 +205,7 @@ def test_auth_and_tenant_errors(server: Any, tenant: str, client: UsersExportCli
         with pytest.raises(UsersExportError) as caught:
             reader.create_export("csv")
     assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    finish(client, job)
 
 
 def cli(server: Any, tenant: str, *argv: str) -> int:
