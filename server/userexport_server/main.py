@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT for gRPC (env USEREXPORT_LISTEN, default 127.0.0.1:50051)")
     serve.add_argument("--files-listen", help="HOST:PORT of the local download endpoint (env USEREXPORT_FILES_LISTEN)")
     serve.add_argument("--workers", type=int, help="export worker threads (env USEREXPORT_WORKERS)")
+    check = commands.add_parser("health", help="exit 0 if the server at --target reports SERVING (for HEALTHCHECK)")
+    check.add_argument("--target", help="HOST:PORT; default: the listen address, 0.0.0.0 read as 127.0.0.1")
     seed = commands.add_parser("seed", help="create sample users")
     seed.add_argument("--users", type=int, default=10_000)
     seed.add_argument("--tenant", default="default")
@@ -43,6 +45,21 @@ async def serve(settings: Settings) -> None:
     await app.stop()
 
 
+def health_check(target: str) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {target}: {exc.code().name}", file=sys.stderr)
+            return 1
+    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return 0 if serving else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {k: getattr(args, k, None) for k in ("data_dir", "database_url", "listen", "files_listen", "workers")}
@@ -52,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"userexport-server: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level)
+    if args.command == "health":
+        return health_check(args.target or settings.listen.replace("0.0.0.0", "127.0.0.1"))
     if args.command == "seed":
         from userexport_server.db.engine import make_engine
         from userexport_server.db.migrate import upgrade

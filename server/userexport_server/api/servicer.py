@@ -90,7 +90,7 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         convert.reject_unknown_fields(request)
         spec, connection_name, violations = None, None, []
         connection_id = request.connection_id if request.HasField("connection_id") else None
-        if connection_id is not None and CONNECTION_ID_PATTERN.match(connection_id):
+        if connection_id is not None and re.fullmatch(CONNECTION_ID_PATTERN, connection_id):
             connection_name = await asyncio.to_thread(self.store.connection_name, principal.tenant, connection_id)
             if connection_name is None:
                 violations.append(Violation("connection_id", "The connection does not exist."))

@@ -71,6 +71,7 @@ class Job:
     storage_key: str | None = None
     request_id: str | None = None
     lease_owner: str | None = None
+    attempts: int = 0
 
     @classmethod
     def from_row(cls, row: Any) -> "Job":
@@ -86,7 +87,7 @@ class Job:
             expires_at=utc(row.expires_at), started_at=utc(row.started_at), finished_at=utc(row.finished_at),
             users_total=row.users_total, users_written=row.users_written, percentage_done=row.percentage_done,
             time_left_seconds=row.time_left_seconds, error=row.error, storage_key=row.storage_key,
-            request_id=row.request_id, lease_owner=row.lease_owner,
+            request_id=row.request_id, lease_owner=row.lease_owner, attempts=row.attempts,
         )
 
     def evolve(self, **changes: Any) -> "Job":

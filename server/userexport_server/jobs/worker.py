@@ -151,6 +151,10 @@ class WorkerPool:
             current = self.store.progress(job, written=0, total=total, time_left=None)
             if current is None:
                 raise ExportCancelled()
+            if job.attempts > 1:
+                # An earlier attempt may have committed its file before its replica died; objects are
+                # never overwritten, so clear the way (that file was whole, and so will this one be).
+                self.storage.delete(key)
             writer = self.storage.open_writer(key, job.filename)
             try:
                 written = run_export(conn, job.tenant, job.spec, writer, gzip_level=self.gzip_level,

@@ -1,0 +1,23 @@
+# Multi-stage: build wheels with the full toolchain, ship only the runtime on a slim base.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY client ./client
+COPY server ./server
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin userexport
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER 10001
+WORKDIR /home/userexport
+# Configuration is by environment (see README "Configuration"); these make the container reachable.
+ENV USEREXPORT_LISTEN=0.0.0.0:50051 \
+    USEREXPORT_FILES_LISTEN=0.0.0.0:50052 \
+    USEREXPORT_DATA_DIR=/home/userexport/data \
+    PYTHONUNBUFFERED=1
+EXPOSE 50051 50052
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 CMD ["userexport-server", "health"]
+ENTRYPOINT ["userexport-server"]
+CMD ["serve"]

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets everything up on a fresh machine and runs the whole test suite (the README's test command).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k watch.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+
+# PostgreSQL: the suite runs against it as well as SQLite; start the local cluster if it is down.
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+  if command -v pg_ctlcluster >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    for _ in $(seq 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+  fi
+fi
+
+echo "== generated code is up to date"
+.venv/bin/python scripts/gen_protos.py --check
+echo "== Dockerfile lint"
+.venv/bin/hadolint Dockerfile
+echo "== tests"
+set +e
+.venv/bin/python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$status"
