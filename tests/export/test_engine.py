@@ -1,0 +1,120 @@
+"""The streaming engine: progress, prompt cancellation, writer errors, write sizes, counts, query plans."""
+from __future__ import annotations
+
+import gzip
+import threading
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.export.support import MemoryWriter, new_tenant
+from userexport_server.export.engine import WRITE_BYTES, ExportCancelled, run_export
+from userexport_server.export.sql import compile_export, count_users
+from userexport_server.export.validation import build_spec
+from userexport_server.seed import seed_users
+
+CSV = build_spec(format="csv", connection_id=None, limit=None, fields=[])
+
+
+@pytest.fixture(scope="module")
+def seeded(engine: Engine) -> tuple[str, list[str]]:
+    """A tenant of 20,000 seeded users (module-wide: the engine tests only read it)."""
+    tenant = new_tenant()
+    return tenant, seed_users(engine, tenant=tenant, users=20_000)
+
+
+def gzip_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "export-gzip"]
+
+
+def test_progress_is_reported_per_batch_and_the_count_returned(engine: Engine, seeded: tuple[str, list[str]]) -> None:
+    tenant, _ = seeded
+    calls: list[int] = []
+    writer = MemoryWriter()
+    with engine.connect() as conn:
+        written = run_export(conn, tenant, CSV, writer, progress=lambda n: calls.append(n) or True, batch_rows=3000)
+    assert written == 20_000
+    assert calls == [3000, 6000, 9000, 12000, 15000, 18000, 20000]
+    assert gzip.decompress(writer.buffer.getvalue()).count(b"\r\n") == 20_001  # header + users
+    assert not gzip_threads()
+
+
+def test_compressed_data_reaches_the_writer_in_big_pieces(engine: Engine, seeded: tuple[str, list[str]]) -> None:
+    tenant, _ = seeded
+    writer = MemoryWriter()
+    with engine.connect() as conn:
+        run_export(conn, tenant, build_spec(format="json", connection_id=None, limit=None, fields=[]), writer,
+                   gzip_level=1)
+    assert len(writer.sizes) > 1
+    assert all(size >= WRITE_BYTES for size in writer.sizes[:-1])
+
+
+def test_progress_returning_false_cancels_promptly(engine: Engine, seeded: tuple[str, list[str]]) -> None:
+    tenant, _ = seeded
+    calls: list[int] = []
+
+    def progress(written: int) -> bool:
+        calls.append(written)
+        return written < 200
+
+    with engine.connect() as conn, pytest.raises(ExportCancelled):
+        run_export(conn, tenant, CSV, MemoryWriter(), progress=progress, batch_rows=100)
+    assert calls == [100, 200]  # stopped at the first False, not at the end of the export
+    assert not gzip_threads()
+
+
+class FailingWriter(MemoryWriter):
+    def __init__(self, error: Exception, after: int = 0) -> None:
+        super().__init__()
+        self.error, self.after = error, after
+
+    def write(self, data: bytes) -> None:
+        if len(self.sizes) >= self.after:
+            raise self.error
+        super().write(data)
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_a_writer_error_reaches_the_caller(engine: Engine, seeded: tuple[str, list[str]], after: int) -> None:
+    tenant, _ = seeded
+    error = OSError("bucket is gone")
+    with engine.connect() as conn, pytest.raises(OSError) as raised:
+        run_export(conn, tenant, CSV, FailingWriter(error, after), batch_rows=100, gzip_level=1)
+    assert raised.value is error
+    assert not gzip_threads()
+
+
+def test_a_writer_error_at_the_final_flush_reaches_the_caller(engine: Engine) -> None:
+    tenant = new_tenant()
+    seed_users(engine, tenant=tenant, users=10)
+    with engine.connect() as conn, pytest.raises(OSError, match="quota"):
+        run_export(conn, tenant, CSV, FailingWriter(OSError("quota")))
+
+
+def test_count_users_honours_connection_and_limit(engine: Engine, seeded: tuple[str, list[str]]) -> None:
+    tenant, connections = seeded
+    with engine.connect() as conn:
+        count = lambda **kw: count_users(conn, tenant, build_spec(format="csv", fields=[], **{
+            "connection_id": None, "limit": None, **kw}))
+        assert count() == 20_000
+        per_connection = [count(connection_id=c) for c in connections]
+        assert sum(per_connection) == 20_000 and all(per_connection)
+        assert count(limit=5) == 5
+        assert count(limit=10**9) == 20_000
+        assert count(connection_id=connections[1], limit=10**9) == per_connection[1]
+        assert count_users(conn, new_tenant(), CSV) == 0
+
+
+@pytest.mark.parametrize("connection_id", [None, "con_AAAAAAAAAAAAAAAA"])
+@pytest.mark.parametrize("limit", [None, 10])
+def test_sqlite_reads_in_index_order_without_sorting(engine: Engine, connection_id: str | None,
+                                                     limit: int | None) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite's query plan")
+    spec = build_spec(format="json", connection_id=connection_id, limit=limit, fields=[])
+    statement = compile_export(spec, "t", "sqlite").statement
+    compiled = statement.compile(dialect=engine.dialect)
+    params = tuple(compiled.construct_params()[name] for name in compiled.positiontup or ())
+    with engine.connect() as conn:
+        plan = " | ".join(row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params))
+    assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
