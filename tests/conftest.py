@@ -1,19 +1,38 @@
-"""Shared fixtures: a real server on loopback ports and a fresh tenant per test."""
+"""Shared fixtures: real servers on loopback ports over SQLite and PostgreSQL, a fresh tenant per test."""
 from __future__ import annotations
 
+import contextlib
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from tests.databases import BACKENDS, fresh_postgres_database
 from tests.harness import ServerHandle, new_tenant
 
 
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test that uses a server runs once per database backend."""
+    return request.param
+
+
+@contextlib.contextmanager
+def database_settings(backend: str) -> Iterator[dict[str, Any]]:
+    if backend == "postgresql":
+        with fresh_postgres_database() as url:
+            yield {"database_url": url}
+    else:
+        yield {}
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    handle = ServerHandle(tmp_path_factory.mktemp("server"))
-    yield handle
-    handle.stop()
+def server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    with database_settings(backend) as database:
+        handle = ServerHandle(tmp_path_factory.mktemp(f"server-{backend}"), **database)
+        yield handle
+        handle.stop()
 
 
 @pytest.fixture
@@ -23,15 +42,15 @@ def tenant() -> str:
 
 
 @pytest.fixture
-def make_server(tmp_path: pathlib.Path) -> Iterator[object]:
-    """A server with custom settings (short expiry, timeouts ...), stopped after the test."""
-    started: list[ServerHandle] = []
+def make_server(backend: str, tmp_path: pathlib.Path) -> Iterator[Callable[..., ServerHandle]]:
+    """A server of its own (own database) with custom settings, stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        count = iter(range(1_000))
 
-    def make(**overrides: object) -> ServerHandle:
-        handle = ServerHandle(tmp_path / f"server{len(started)}", **overrides)
-        started.append(handle)
-        return handle
+        def make(**overrides: Any) -> ServerHandle:
+            database = stack.enter_context(database_settings(backend))
+            handle = ServerHandle(tmp_path / f"server{next(count)}", **{**database, **overrides})
+            stack.callback(handle.stop)
+            return handle
 
-    yield make
-    for handle in started:
-        handle.stop()
+        yield make

@@ -36,7 +36,7 @@ class App:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = make_engine(settings.sqlalchemy_url)
         upgrade(self.engine)
-        self.bus = EventBus()
+        self.bus = self._event_bus()
         self.storage = make_storage(settings)
         self.store = JobStore(self.engine, self.bus, Limits(
             job_ttl=dt.timedelta(seconds=settings.job_ttl_seconds),
@@ -52,6 +52,16 @@ class App:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+
+    def _event_bus(self) -> EventBus:
+        """In process on SQLite; across replicas through LISTEN/NOTIFY on PostgreSQL."""
+        if self.engine.dialect.name != "postgresql":
+            return EventBus()
+        from userexport_server.jobs.pg_events import PgEventBus
+
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return PgEventBus(dsn, load=lambda job_id: self.store.get_any(job_id),
+                          on_created=lambda: self.workers.wake() if self.workers is not None else None)
 
     def _authenticator(self) -> Authenticator:
         settings = self.settings

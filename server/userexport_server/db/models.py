@@ -31,7 +31,9 @@ class User(Base):
     )
 
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
-    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # Byte order on PostgreSQL whatever the database's locale, so exports order users the same everywhere.
+    user_id: Mapped[str] = mapped_column(String(255).with_variant(String(255, collation="C"), "postgresql"),
+                                         primary_key=True)
     connection_id: Mapped[str] = mapped_column(String(20))
     email: Mapped[str | None] = mapped_column(String(320))
     email_verified: Mapped[bool | None] = mapped_column(Boolean)

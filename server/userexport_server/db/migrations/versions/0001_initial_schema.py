@@ -58,7 +58,8 @@ def upgrade() -> None:
 
     op.create_table('users',
     sa.Column('tenant', sa.String(length=64), nullable=False),
-    sa.Column('user_id', sa.String(length=255), nullable=False),
+    sa.Column('user_id', sa.String(length=255).with_variant(sa.String(length=255, collation='C'), 'postgresql'),
+              nullable=False),
     sa.Column('connection_id', sa.String(length=20), nullable=False),
     sa.Column('email', sa.String(length=320), nullable=True),
     sa.Column('email_verified', sa.Boolean(), nullable=True),
