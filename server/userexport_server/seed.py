@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, text
 
-from userexport_server.db.engine import make_engine
+from userexport_server.db.engine import make_engine, write_transaction
 from userexport_server.db.migrate import upgrade
 from userexport_server.settings import Settings
 
@@ -92,7 +92,7 @@ def seed_users(
         for i in range(connections)
     ]
     rows = _users(tenant, conns, users, seed, start_index)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:  # SQLite: BEGIN IMMEDIATE, so reading first cannot lose the write lock race
         existing = set(
             conn.execute(text("SELECT id FROM connections WHERE tenant = :t"), {"t": tenant}).scalars()
         )

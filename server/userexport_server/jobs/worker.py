@@ -8,7 +8,7 @@ import uuid
 
 from sqlalchemy import Engine
 
-from userexport_server.export.engine import ExportCancelled, run_export
+from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
 from userexport_server.export.sql import count_users
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.store import JobStore
@@ -18,6 +18,11 @@ from userexport_server.storage.base import Storage, object_key
 log = logging.getLogger(__name__)
 
 FAILED_INTERNALLY = "The export failed because of an internal error; it is logged under this job's id."
+
+
+def batch_rows(total: int) -> int:
+    """Rows between progress calls: at most half a percent of the export, so watchers get every 1%."""
+    return max(100, min(DEFAULT_BATCH_ROWS, total // 200))
 
 
 class _Progress:
@@ -158,7 +163,8 @@ class WorkerPool:
             writer = self.storage.open_writer(key, job.filename)
             try:
                 written = run_export(conn, job.tenant, job.spec, writer, gzip_level=self.gzip_level,
-                                     progress=_Progress(self.store, current, total, stop))
+                                     progress=_Progress(self.store, current, total, stop),
+                                     batch_rows=batch_rows(total))
                 writer.commit()
             except BaseException:
                 writer.abort()
