@@ -2,7 +2,8 @@
 
 Two threads share the work so both cores are busy: the caller's thread steps the database cursor
 (sqlite3 and psycopg release the GIL while the database works) and joins lines into big chunks;
-a second thread encodes, compresses (zlib releases the GIL on big buffers) and writes. A small
+a second thread compresses (zlib releases the GIL on big buffers) and writes. Lines arrive as UTF-8
+bytes from the database, so Python never decodes or re-encodes them. A small
 bounded queue between them keeps memory flat whatever the user count. The engine knows nothing of
 gRPC or jobs: it takes a connection, a spec and a writer, and reports progress through a callback.
 """
@@ -21,7 +22,7 @@ from userexport_server.export.sql import compile_export
 
 # Compressed bytes are handed to the writer in pieces at least this big (fewer, larger uploads).
 WRITE_BYTES = 256 * 1024
-# Text chunks waiting for the compressor; with batch_rows lines each, this bounds memory.
+# Chunks of lines waiting for the compressor; with batch_rows lines each, this bounds memory.
 QUEUE_CHUNKS = 4
 DEFAULT_BATCH_ROWS = 5000
 
@@ -71,7 +72,7 @@ def run_export(
     return written
 
 
-def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Iterator[list[tuple[str]]]:
+def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Iterator[list[tuple[bytes]]]:
     """Rows in batches straight from the driver's cursor, streaming on both databases.
 
     SQLAlchemy compiles the statement, but rows skip its Result layer: building a Row per user
@@ -84,7 +85,7 @@ def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Itera
         params = tuple(params[name] for name in compiled.positiontup or ())
     driver: Any = conn.connection.driver_connection
     named = conn.dialect.name == "postgresql"
-    cursor = driver.cursor(name="userexport_export") if named else driver.cursor()
+    cursor = driver.cursor(name="userexport_export", binary=True) if named else driver.cursor()
     try:
         cursor.execute(compiled.string, params)
         while rows := cursor.fetchmany(size):
@@ -94,18 +95,18 @@ def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Itera
 
 
 class _GzipPipe:
-    """A thread that gzips text chunks into the writer; errors surface on the producer's side."""
+    """A thread that gzips chunks into the writer; errors surface on the producer's side."""
 
     def __init__(self, writer: Writer, level: int) -> None:
         self._writer = writer
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip framing
-        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._error: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="export-gzip", daemon=True)
         self._thread.start()
 
-    def put(self, chunk: str | None) -> None:
+    def put(self, chunk: bytes | None) -> None:
         """Queue a chunk (None: end of stream), waiting while the queue is full; raise the writer's error."""
         while True:
             if self._error is not None:
@@ -139,7 +140,7 @@ class _GzipPipe:
         size = 0
         try:
             while (chunk := self._queue.get()) is not None and not self._stopping:
-                data = self._compressor.compress(chunk.encode())
+                data = self._compressor.compress(chunk)
                 if data:
                     pending.append(data)
                     size += len(data)

@@ -97,10 +97,11 @@ class _Dialect:
     """One database's SQL snippets: `{x}` is an SQL expression, `{p}` a bound JSON path."""
 
     assemble: Callable[[Sequence[_Part]], str]  # parts -> one text expression
+    utf8_bytes: str  # text -> its UTF-8 bytes, so Python neither decodes nor re-encodes lines
     unguarded: str  # cheap test that {x} starts with a character that needs no guard
     first_code: str  # code point of {x}'s first character
     bool_text: str  # boolean -> 'true' / 'false'
-    int_text: str  # integer -> its decimal text
+    int_text: str  # integer -> its decimal text (printf and concat render an integer themselves)
     iso_date: str  # timestamp -> {q}2017-11-02T23:34:03.803Z{q}, NULL stays NULL
     json_string: str  # text -> JSON string literal
     stored_json: str  # JSON column -> its stored (compact) text, NULL for a JSON null
@@ -122,13 +123,13 @@ _DIALECTS: dict[str, _Dialect] = {
     # it truncates to milliseconds like PostgreSQL's to_char, where strftime('%f') would round.
     "sqlite": _Dialect(
         assemble=_sqlite_assemble,
+        utf8_bytes="CAST({x} AS BLOB)",
         unguarded="{x} >= 'A'",  # BINARY collation: every guard character sorts below 'A'
         first_code="unicode({x})",
         bool_text="CASE {x} WHEN 1 THEN 'true' WHEN 0 THEN 'false' END",
-        int_text="CAST({x} AS TEXT)",
+        int_text="{x}",
         iso_date="CASE WHEN {x} IS NOT NULL THEN printf('{q}%.23sZ{q}', replace({x}, ' ', 'T')) END",
         json_string="CASE WHEN {x} IS NOT NULL THEN json_quote({x}) END",  # json_quote(NULL) is 'null'
-
         stored_json="nullif({x}, 'null')",
         json_at="({x} -> {p})",
         text_at="({x} ->> {p})",
@@ -141,10 +142,11 @@ _DIALECTS: dict[str, _Dialect] = {
     # JSON columns are `json` (not jsonb), so #> returns the stored text slice unchanged.
     "postgresql": _Dialect(
         assemble=_postgresql_assemble,
+        utf8_bytes="convert_to({x}, 'UTF8')",  # bytea: fetch it in binary format
         unguarded="""{x} >= 'A' COLLATE "C\"""",
         first_code="ascii({x})",
         bool_text="CAST({x} AS TEXT)",
-        int_text="CAST({x} AS TEXT)",
+        int_text="{x}",
         iso_date="""'{q}' || to_char({x} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '{q}'""",
         json_string="CAST(to_json({x}) AS TEXT)",
         stored_json="nullif(CAST({x} AS TEXT), 'null')",
@@ -158,8 +160,19 @@ _DIALECTS: dict[str, _Dialect] = {
     ),
 }
 
-# A JSON output tree: a leaf is an SQL expression; a branch maps keys (object) or indexes (list).
-_Tree = dict[Segment, Union[str, "_Tree"]]
+
+@dataclass(frozen=True, slots=True)
+class _Leaf:
+    """A value in a JSON line: its JSON text (NULL when missing), a cheap SQL test of its presence
+    when there is one (a root column's IS NOT NULL), and whether it is never missing at all."""
+
+    value: str
+    present: str | None = None
+    always: bool = False
+
+
+# A JSON output tree: branches map keys (object) or indexes (list) to subtrees or leaves.
+_Tree = dict[Segment, Union[_Leaf, "_Tree"]]
 
 
 @dataclass
@@ -215,40 +228,52 @@ class _Compiler:
             )
         ]
 
-    def json_value(self, path: FieldPath) -> str:
-        """SQL for one value's JSON text; NULL when missing or null (so its key is left out)."""
+    def json_leaf(self, path: FieldPath) -> _Leaf:
+        """One value's JSON text (NULL when missing or null, so its key is left out)."""
         d, col = self.dialect, _column(path.root)
+        present = f"{col} IS NOT NULL"
         match path.kind:
             case Kind.STRING:
-                return d.json_string.format(x=col)
+                return _Leaf(d.json_string.format(x=col), present, path.root in _NOT_NULL)
             case Kind.BOOL:
-                return d.bool_text.format(x=col)
+                return _Leaf(d.bool_text.format(x=col), present)
             case Kind.INT:
-                return d.int_text.format(x=col)
+                return _Leaf(d.int_text.format(x=col), present)
             case Kind.DATETIME:
-                return d.iso_date.format(x=col, q='"')
+                return _Leaf(d.iso_date.format(x=col, q='"'), present)
             case _ if not path.segments:
-                return d.stored_json.format(x=col)
+                return _Leaf(d.stored_json.format(x=col))
             case _:
                 p = self.bind(d.path_value(path.segments), d.path_param)
-                return f"nullif({d.json_at.format(x=col, p=p)}, 'null')"
+                return _Leaf(f"nullif({d.json_at.format(x=col, p=p)}, 'null')")
 
-    def json_node(self, node: str | _Tree) -> str:
+    def json_node(self, node: _Leaf | _Tree) -> str:
         """SQL for a subtree's JSON text, NULL when nothing below it has a value."""
-        if isinstance(node, str):
-            return node
+        if isinstance(node, _Leaf):
+            return node.value
         if any(isinstance(k, int) for k in node):
             return self.json_list(node)
-        return f"'{{' || substr(nullif({self.json_members(node)}, ''), 2) || '}}'"
+        return f"'{{' || substr(nullif({self.dialect.assemble(self.json_members(node))}, ''), 2) || '}}'"
 
-    def json_members(self, node: _Tree) -> str:
-        """`,"key":value` for each present member, concatenated ('' when none is present)."""
-        return self.dialect.assemble(
-            [
-                _Expr(f"{self.bind(',' + _json_key(key) + ':')} || {self.json_node(child)}")
-                for key, child in node.items()
-            ]
-        )
+    def json_members(self, node: _Tree) -> list[_Part]:
+        """`,"key":value` for each present member (nothing for a missing one)."""
+        parts: list[_Part] = []
+        for key, child in node.items():
+            member = self.bind(f",{_json_key(key)}:")
+            if isinstance(child, _Leaf) and child.present:  # test the column, don't copy the value
+                parts += [_Expr(f"CASE WHEN {child.present} THEN {member} END"), _Expr(child.value)]
+            else:
+                parts.append(_Expr(f"{member} || {self.json_node(child)}"))
+        return parts
+
+    def json_line(self, tree: _Tree) -> list[_Part]:
+        """The line's object. Members carry a leading comma; when the first is never missing
+        (user_id) it goes without, else the joined members lose their first character."""
+        first = next(iter(tree.items()), None)
+        if first is not None and isinstance(first[1], _Leaf) and first[1].always:
+            rest = self.json_members(dict(list(tree.items())[1:]))
+            return ["{", _Expr(self.bind(f"{_json_key(first[0])}:")), _Expr(first[1].value), *rest, "}"]
+        return ["{", _Expr(f"substr({self.dialect.assemble(self.json_members(tree))}, 2)"), "}"]
 
     def json_list(self, node: _Tree) -> str:
         """A list up to its last present element, keeping positions: holes and missing are null.
@@ -270,11 +295,11 @@ class _Compiler:
 
 @dataclass(frozen=True, slots=True)
 class ExportQuery:
-    """The compiled export: a query of one text column (a line without terminator) per user."""
+    """The compiled export: a query of one column per user, its line as UTF-8 bytes (no terminator)."""
 
     statement: TextClause
-    header: str | None  # the CSV header line; None for NDJSON
-    line_end: str
+    header: bytes | None  # the CSV header line (no terminator); None for NDJSON
+    line_end: bytes
 
 
 def compile_export(spec: ExportSpec, tenant: str, dialect: str) -> ExportQuery:
@@ -285,21 +310,22 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str) -> ExportQuery:
         parts: list[_Part] = []
         for i, path in enumerate(paths):
             parts.extend([","] * bool(i) + compiler.csv_cell(path))
-        header: str | None = ",".join(csv_quote(f.title) for f in spec.fields)
+        header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
     else:
         tree: _Tree = {}
         for f, path in zip(spec.fields, paths):
             if not path.always_missing:
-                _insert(tree, output_keys(path, f.export_as), compiler.json_value(path))
-        parts = ["{", _Expr(f"substr({compiler.json_members(tree)}, 2)"), "}"]
+                _insert(tree, output_keys(path, f.export_as), compiler.json_leaf(path))
+        parts = compiler.json_line(tree)
         header = None
     where, params = _where(tenant, spec)
-    sql = f"SELECT {compiler.dialect.assemble(parts)} AS line FROM users WHERE {where} ORDER BY user_id"
+    line = compiler.dialect.utf8_bytes.format(x=compiler.dialect.assemble(parts))
+    sql = f"SELECT {line} AS line FROM users WHERE {where} ORDER BY user_id"
     if spec.limit is not None:
         sql += " LIMIT :limit"
         params["limit"] = spec.limit
     statement = text(sql).bindparams(**compiler.params, **params)
-    return ExportQuery(statement, header, "\r\n" if spec.format is Format.CSV else "\n")
+    return ExportQuery(statement, header, b"\r\n" if spec.format is Format.CSV else b"\n")
 
 
 def count_users(conn: Connection, tenant: str, spec: ExportSpec) -> int:
@@ -331,7 +357,7 @@ def _json_key(key: Segment) -> str:
     return f'"{key}"'
 
 
-def _insert(tree: _Tree, keys: tuple[Segment, ...], leaf: str) -> None:
+def _insert(tree: _Tree, keys: tuple[Segment, ...], leaf: _Leaf) -> None:
     """Place `leaf` at `keys`, creating branches; validation guarantees no two fields collide."""
     node = tree
     for key in keys[:-1]:
