@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import hashlib
 import json
 import os
 import types
@@ -14,37 +13,33 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from google.cloud.storage import _signing
 from google.oauth2 import credentials as oauth2_credentials
 from google.oauth2 import service_account
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.service_account import SIGNER, key_file_info, new_private_key, verify_v4_url
 from userexport_server.errors import StorageError
 from userexport_server.settings import Settings
 from userexport_server.storage import ObjectExistsError, make_storage, object_key
 from userexport_server.storage.gcs import SCOPES, GcsStorage
 
-SIGNER = "exporter@test-project.iam.gserviceaccount.com"
 CHUNK = 256 * 1024  # the smallest resumable chunk, so a few MB take many requests
 
 
 @pytest.fixture(scope="module")
 def private_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return new_private_key()
 
 
 @pytest.fixture(scope="module")
 def key_credentials(private_key: rsa.RSAPrivateKey) -> service_account.Credentials:
     """A service-account key like a downloaded JSON key file, for a made-up account."""
-    pem = private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
-    info = {"type": "service_account", "project_id": "test-project", "private_key_id": "test-key",
-            "private_key": pem, "client_email": SIGNER, "client_id": "1",
-            "token_uri": "https://oauth2.googleapis.com/token"}
     # Self-signed JWT access tokens (AIP-4111): the emulator ignores them, and no token endpoint is needed.
-    return service_account.Credentials.from_service_account_info(info, scopes=SCOPES, always_use_jwt_access=True)
+    return service_account.Credentials.from_service_account_info(key_file_info(private_key), scopes=SCOPES,
+                                                                 always_use_jwt_access=True)
 
 
 @pytest.fixture
@@ -75,25 +70,6 @@ def upload_requests(emulator: GcsEmulator, key: str) -> list[str]:
     """The emulator's log lines for requests of the resumable session(s) of `key`."""
     name = urllib.parse.quote(key, safe="")
     return [line for line in emulator.request_log().splitlines() if f"name={name}" in line]
-
-
-def verify_v4_url(url: str, public_key: rsa.RSAPublicKey) -> dict[str, str]:
-    """Check a V4 signed GET URL as GCS would (GOOG4-RSA-SHA256 over the canonical request); return
-    its query parameters. Written from the GCS documentation, not from the library's code."""
-    parts = urllib.parse.urlsplit(url)
-    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    signature = bytes.fromhex(query.pop("X-Goog-Signature"))
-    assert query["X-Goog-Algorithm"] == "GOOG4-RSA-SHA256"
-    assert query["X-Goog-SignedHeaders"] == "host"
-    canonical_query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
-                               for k, v in sorted(query.items()))
-    canonical_request = "\n".join(["GET", parts.path, canonical_query, f"host:{parts.netloc}\n", "host",
-                                   "UNSIGNED-PAYLOAD"])
-    scope = query["X-Goog-Credential"].split("/", 1)[1]
-    string_to_sign = "\n".join(["GOOG4-RSA-SHA256", query["X-Goog-Date"], scope,
-                                hashlib.sha256(canonical_request.encode()).hexdigest()])
-    public_key.verify(signature, string_to_sign.encode(), padding.PKCS1v15(), hashes.SHA256())  # raises if bad
-    return query
 
 
 def test_streamed_upload_appears_only_on_commit(gcs: GcsStorage, gcs_emulator: GcsEmulator, key: str) -> None:

@@ -1,0 +1,131 @@
+"""Production shape: exports into GCS (a real fake-gcs-server) with V4 signed URLs, and several replicas
+on one PostgreSQL database that survive the loss of the replica running an export."""
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+from userexport.v1 import users_export_pb2 as pb
+
+from tests.databases import fresh_postgres_database
+from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.harness import ServerProcess, new_tenant
+from tests.integration.support import Caller
+from tests.service_account import new_private_key, verify_v4_url, write_key_file
+from userexport_server.db.engine import make_engine
+from userexport_server.db.migrate import upgrade
+from userexport_server.seed import seed_users
+
+
+@pytest.fixture(scope="module")
+def signing_key():
+    return new_private_key()
+
+
+@pytest.fixture
+def gcs_settings(gcs_emulator: GcsEmulator, signing_key, tmp_path) -> dict[str, str]:
+    key_file = write_key_file(tmp_path / "service-account.json", signing_key)
+    return {"storage": "gcs", "gcs_bucket": gcs_emulator.bucket, "gcs_endpoint": gcs_emulator.endpoint,
+            "gcs_credentials_file": str(key_file), "gcs_project": "test-project"}
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def test_export_into_gcs_with_v4_signed_urls(make_server, gcs_settings, signing_key, gcs_emulator) -> None:
+    server = make_server(**gcs_settings, job_ttl_seconds=6, reaper_interval_seconds=0.2)
+    tenant = new_tenant()
+    server.seed(3_000, tenant=tenant)
+    caller = Caller(server, tenant)
+    job = caller.finish(caller.create(format=pb.ExportRequest.JSON).id)
+    assert job.status == pb.Job.COMPLETED, job.error
+    assert job.location.startswith(f"{gcs_emulator.endpoint}/{gcs_emulator.bucket}/{tenant}/{job.id}/{tenant}.json.gz?")
+    query = verify_v4_url(job.location, signing_key.public_key())
+    assert query["X-Goog-Expires"] == "60"
+    signed_at = dt.datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((job.location_expires_at.ToDatetime(dt.timezone.utc) - signed_at).total_seconds() - 60) <= 1
+    lines = gzip.decompress(fetch(job.location)).splitlines()
+    assert len(lines) == 3_000 and all(json.loads(line)["user_id"] for line in lines)
+    again = caller.get(job.id)
+    assert again.location != job.location or query["X-Goog-Date"] == verify_v4_url(
+        again.location, signing_key.public_key())["X-Goog-Date"]  # re-signed (same second may give the same URL)
+    # Expiry deletes the object from the bucket.
+    deadline = time.monotonic() + 20
+    while caller.get(job.id).status != pb.Job.EXPIRED and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert caller.get(job.id).status == pb.Job.EXPIRED
+    unsigned = job.location.split("?")[0]
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        fetch(unsigned)
+    assert gone.value.code == 404
+
+
+USERS = 300_000
+
+
+@pytest.fixture
+def postgres_with_users():
+    with fresh_postgres_database() as url:
+        tenant = new_tenant()
+        engine = make_engine(url)
+        upgrade(engine)
+        seed_users(engine, tenant=tenant, users=USERS)
+        engine.dispose()
+        yield url, tenant
+
+
+def replica(data_dir, url: str, gcs: dict[str, str], **extra: str) -> ServerProcess:
+    env = {"USEREXPORT_DATABASE_URL": url, "USEREXPORT_LEASE_SECONDS": "2", "USEREXPORT_LOG_LEVEL": "INFO",
+           **{f"USEREXPORT_{k.upper()}": v for k, v in gcs.items()}, **extra}
+    return ServerProcess(data_dir, env)
+
+
+def test_replica_killed_mid_export_is_taken_over(postgres_with_users, gcs_settings, tmp_path) -> None:
+    url, tenant = postgres_with_users
+    data_dir = tmp_path / "shared"  # shared secrets, as replicas share USEREXPORT_JWT_SECRET in production
+    first = replica(data_dir, url, gcs_settings, USEREXPORT_GZIP_LEVEL="9")
+    second = None
+    try:
+        on_first = Caller(first, tenant)  # type: ignore[arg-type]
+        job = on_first.create(format=pb.ExportRequest.JSON)
+        for message in on_first.stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=on_first.metadata, timeout=60):
+            if message.status == pb.Job.PROCESSING:
+                break
+        second = replica(data_dir, url, gcs_settings, USEREXPORT_GZIP_LEVEL="1")
+        on_second = Caller(second, tenant)  # type: ignore[arg-type]
+        seen: list[pb.Job] = []
+        stream = on_second.stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=on_second.metadata, timeout=120)
+        watcher = threading.Thread(target=lambda: [seen.append(m) for m in stream])
+        watcher.start()
+        deadline = time.monotonic() + 30
+        while not any(m.users_written > 0 for m in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        progress_from_first = [m.users_written for m in seen if m.status == pb.Job.PROCESSING]
+        assert progress_from_first and max(progress_from_first) > 0, "the watcher on B sees A's progress"
+        first.signal(signal.SIGKILL)
+        first.wait(10)
+        watcher.join(120)
+        final = seen[-1]
+        assert final.status == pb.Job.COMPLETED, final.error
+        assert final.users_written == USERS
+        written = [m.users_written for m in seen if m.status == pb.Job.PROCESSING]
+        assert any(b < a for a, b in zip(written, written[1:])), "the survivor ran the job again from the start"
+        lines = gzip.decompress(fetch(final.location)).splitlines()
+        ids = [json.loads(line)["user_id"] for line in lines]
+        assert len(ids) == USERS and ids == sorted(ids) and len(set(ids)) == USERS
+        assert f"job claimed job_id={job.id}" in first.log_text()
+        assert f"export done job_id={job.id}" in second.log_text()
+        assert f"export done job_id={job.id}" not in first.log_text()
+    finally:
+        first.stop()
+        if second is not None:
+            second.signal(signal.SIGTERM)
+            assert second.wait(60) == 0
