@@ -27,7 +27,7 @@ done
 echo "== exporting every user as CSV (the CLI mints a local token from the server's data dir)"
 .venv/bin/userexport export --format csv --wait --output "$USEREXPORT_DATA_DIR/users.csv.gz"
 echo "== first lines of $USEREXPORT_DATA_DIR/users.csv.gz"
-gzip -dc "$USEREXPORT_DATA_DIR/users.csv.gz" | head -n 4
+{ gzip -dc "$USEREXPORT_DATA_DIR/users.csv.gz" || true; } | head -n 4  # head closes the pipe early
 
 echo "== five users of connection $connection, three fields, as NDJSON"
 .venv/bin/userexport export --format json --connection "$connection" --field email \

@@ -11,3 +11,5 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Migrations log every plugin they load at INFO; only their problems are news.
+    logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
