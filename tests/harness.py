@@ -18,7 +18,21 @@ TEST_DEFAULTS: dict[str, Any] = dict(listen="127.0.0.1:0", files_listen="127.0.0
                                      poll_interval_seconds=0.2, reaper_interval_seconds=0.5, log_level="INFO")
 
 
-class ServerHandle:
+class _MintsTokens:
+    """Tokens signed with the server's own generated secret, as the CLI mints them."""
+
+    data_dir: pathlib.Path
+    settings: Settings
+
+    def token(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> str:
+        secret = (self.data_dir / SECRET_FILENAME).read_bytes()
+        return mint_token(secret, tenant, scopes, issuer=self.settings.jwt_issuer, audience=self.settings.jwt_audience)
+
+    def metadata(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token(tenant, scopes)}")]
+
+
+class ServerHandle(_MintsTokens):
     """Starts App on a private loop thread; `target` is what gRPC clients dial."""
 
     def __init__(self, data_dir: pathlib.Path, **overrides: Any) -> None:
@@ -45,14 +59,6 @@ class ServerHandle:
         self.thread.join(10)
         self.loop.close()
 
-    def token(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",), **claims: Any) -> str:
-        secret = (self.data_dir / SECRET_FILENAME).read_bytes()
-        return mint_token(secret, tenant, scopes, issuer=self.settings.jwt_issuer,
-                          audience=self.settings.jwt_audience, **claims)
-
-    def metadata(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token(tenant, scopes)}")]
-
     def seed(self, users: int, tenant: str = "default", connections: int = 3, seed: int = 0) -> list[str]:
         return seed_users(self.app.engine, tenant=tenant, users=users, connections=connections, seed=seed)
 
@@ -61,7 +67,7 @@ def new_tenant() -> str:
     return "t" + uuid.uuid4().hex[:12]
 
 
-class ServerProcess:
+class ServerProcess(_MintsTokens):
     """`userexport-server` as a separate process (for SIGTERM/SIGKILL tests); ports chosen by the OS."""
 
     def __init__(self, data_dir: pathlib.Path, env: dict[str, str] | None = None) -> None:
@@ -98,13 +104,6 @@ class ServerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def token(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> str:
-        secret = (self.data_dir / SECRET_FILENAME).read_bytes()
-        return mint_token(secret, tenant, scopes, issuer=self.settings.jwt_issuer, audience=self.settings.jwt_audience)
-
-    def metadata(self, tenant: str = "default", scopes: Sequence[str] = ("read:users",)) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.token(tenant, scopes)}")]
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
