@@ -5,7 +5,7 @@ import gzip
 import threading
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from tests.export.support import MemoryWriter, new_tenant
 from userexport_server.export.engine import WRITE_BYTES, ExportCancelled, run_export
@@ -24,7 +24,8 @@ def seeded(engine: Engine) -> tuple[str, list[str]]:
 
 
 def gzip_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "export-gzip"]
+    """The engine's compressing and writing threads still alive."""
+    return [t for t in threading.enumerate() if t.name.startswith("export-")]
 
 
 def test_progress_is_reported_per_batch_and_the_count_returned(engine: Engine, seeded: tuple[str, list[str]]) -> None:
@@ -57,10 +58,13 @@ def test_progress_returning_false_cancels_promptly(engine: Engine, seeded: tuple
         calls.append(written)
         return written < 200
 
-    with engine.connect() as conn, pytest.raises(ExportCancelled):
-        run_export(conn, tenant, CSV, MemoryWriter(), progress=progress, batch_rows=100)
-    assert calls == [100, 200]  # stopped at the first False, not at the end of the export
-    assert not gzip_threads()
+    with engine.connect() as conn:
+        with pytest.raises(ExportCancelled):
+            run_export(conn, tenant, CSV, MemoryWriter(), progress=progress, batch_rows=100)
+        assert calls == [100, 200]  # stopped at the first False, not at the end of the export
+        assert not gzip_threads()
+        # The stopped query leaves the caller's connection and transaction usable.
+        assert conn.execute(text("SELECT count(*) FROM users WHERE tenant = :t"), {"t": tenant}).scalar() == 20_000
 
 
 class FailingWriter(MemoryWriter):

@@ -1,18 +1,25 @@
 """Run an export: stream the compiled query's lines through gzip into a storage writer.
 
-Two threads share the work so both cores are busy: the caller's thread steps the database cursor
-(sqlite3 and psycopg release the GIL while the database works) and joins lines into big chunks;
-a second thread compresses (zlib releases the GIL on big buffers) and writes. Lines arrive as UTF-8
-bytes from the database, so Python never decodes or re-encodes them. A small
-bounded queue between them keeps memory flat whatever the user count. The engine knows nothing of
-gRPC or jobs: it takes a connection, a spec and a writer, and reports progress through a callback.
+The database renders every line (see sql.py), so the work left is reading rows and compressing,
+and gzip at level 6 costs more CPU than the query. The caller's thread steps the database cursor
+(sqlite3 and psycopg release the GIL while the database works) and joins lines into chunks; two
+threads deflate chunks in parallel (zlib releases the GIL), pigz-style: each chunk is primed with
+the previous chunk's last 32 KiB and ends on a byte boundary, so the pieces form one ordinary gzip
+member, as small as a single-threaded one; one more thread writes them in order. Lines arrive as
+UTF-8 bytes, so Python never decodes or re-encodes them. Bounded queues keep memory flat whatever
+the user count. The engine knows nothing of gRPC or jobs: it takes a connection, a spec and a
+writer, and reports progress through a callback.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import queue
+import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, TextClause
@@ -22,9 +29,15 @@ from userexport_server.export.sql import compile_export
 
 # Compressed bytes are handed to the writer in pieces at least this big (fewer, larger uploads).
 WRITE_BYTES = 256 * 1024
-# Chunks of lines waiting for the compressor; with batch_rows lines each, this bounds memory.
-QUEUE_CHUNKS = 4
-DEFAULT_BATCH_ROWS = 5000
+# Chunks being compressed or waiting to be written; with batch_rows lines each, this bounds memory.
+IN_FLIGHT = 4
+# Threads deflating chunks: with the database thread, enough to keep two cores busy.
+DEFLATE_THREADS = 2
+DEFAULT_BATCH_ROWS = 2000
+
+_WINDOW = 32 * 1024  # deflate's window: how much of the previous chunk primes the next
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, unknown OS
+_FINAL_BLOCK = b"\x03\x00"  # an empty last deflate block
 
 
 class ExportCancelled(Exception):
@@ -60,11 +73,12 @@ def run_export(
     try:
         if query.header is not None:
             pipe.put(query.header + end)
-        for rows in _driver_batches(conn, query.statement, batch_rows):
-            pipe.put(end.join([row[0] for row in rows]) + end)
-            written += len(rows)
-            if progress is not None and not progress(written):
-                raise ExportCancelled(f"export cancelled after {written} users")
+        with contextlib.closing(_driver_batches(conn, query.statement, batch_rows)) as batches:
+            for rows in batches:
+                pipe.put(end.join([row[0] for row in rows]) + end)
+                written += len(rows)
+                if progress is not None and not progress(written):
+                    raise ExportCancelled(f"export cancelled after {written} users")
         pipe.finish()
     except BaseException:
         pipe.stop()
@@ -76,80 +90,108 @@ def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Itera
     """Rows in batches straight from the driver's cursor, streaming on both databases.
 
     SQLAlchemy compiles the statement, but rows skip its Result layer: building a Row per user
-    costs about a second per million, a tenth of the whole export. PostgreSQL gets a named
-    (server-side) cursor so only one batch is in memory; sqlite3 steps lazily anyway.
+    costs about a second per million, a tenth of the whole export. sqlite3 steps lazily. On
+    PostgreSQL, psycopg's stream() (chunked rows mode) lets the server run ahead while Python
+    compresses; a named cursor's FETCH round trips would leave the server idle half the time
+    (measured: 10 s against 5 s for a million lines). Binary format makes the bytea lines raw bytes.
+    Leaving early cancels the query, which would abort the caller's transaction: a savepoint
+    around the stream keeps the connection usable.
     """
     compiled = statement.compile(dialect=conn.dialect)
     params: Any = compiled.construct_params()
     if compiled.positional:
         params = tuple(params[name] for name in compiled.positiontup or ())
-    driver: Any = conn.connection.driver_connection
-    named = conn.dialect.name == "postgresql"
-    cursor = driver.cursor(name="userexport_export", binary=True) if named else driver.cursor()
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        cursor.execute(compiled.string, params)
-        while rows := cursor.fetchmany(size):
-            yield rows
+        if conn.dialect.name == "postgresql":
+            stream = cursor.stream(compiled.string, params, binary=True, size=size)
+            with conn.begin_nested(), contextlib.closing(stream) as rows:
+                while batch := list(itertools.islice(rows, size)):
+                    yield batch
+        else:
+            cursor.execute(compiled.string, params)
+            while batch := cursor.fetchmany(size):
+                yield batch
     finally:
         cursor.close()
 
 
+def _deflate(chunk: bytes, level: int, primer: bytes) -> bytes:
+    """Raw deflate of one chunk, primed with what came before, ending on a byte boundary (sync
+    flush) so that pieces compressed apart concatenate into one deflate stream."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -15, zdict=primer)
+    return compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
 class _GzipPipe:
-    """A thread that gzips chunks into the writer; errors surface on the producer's side."""
+    """Chunks in, one gzip stream out to the writer; errors surface on the producer's side."""
 
     def __init__(self, writer: Writer, level: int) -> None:
-        self._writer = writer
-        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip framing
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._writer, self._level = writer, level
+        self._primer = b""
+        self._crc = self._size = 0
+        self._pool = ThreadPoolExecutor(DEFLATE_THREADS, thread_name_prefix="export-deflate")
+        self._queue: queue.Queue[Future[bytes] | None] = queue.Queue(maxsize=IN_FLIGHT)
         self._error: BaseException | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="export-gzip", daemon=True)
+        self._thread = threading.Thread(target=self._write_in_order, name="export-write", daemon=True)
         self._thread.start()
 
-    def put(self, chunk: bytes | None) -> None:
-        """Queue a chunk (None: end of stream), waiting while the queue is full; raise the writer's error."""
+    def put(self, chunk: bytes) -> None:
+        """Start compressing a chunk, waiting while too many are in flight; raise the writer's error."""
+        self._raise_error()
+        future = self._pool.submit(_deflate, chunk, self._level, self._primer)
+        self._primer = chunk[-_WINDOW:] if len(chunk) >= _WINDOW else (self._primer + chunk)[-_WINDOW:]
+        self._crc = zlib.crc32(chunk, self._crc)
+        self._size += len(chunk)
+        self._enqueue(future)
+
+    def finish(self) -> None:
+        """Write the rest and the gzip trailer, and wait for it; raise the writer's error if any."""
+        self._enqueue(None)
+        self._thread.join()
+        self._pool.shutdown()
+        self._raise_error()
+
+    def stop(self) -> None:
+        """Abandon the stream: drop what is queued and wait until no thread touches the writer."""
+        self._stopping = True
         while True:
-            if self._error is not None:
-                raise self._error
             try:
-                self._queue.put(chunk, timeout=0.1)
+                future = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.cancel()
+        self._queue.put_nowait(None)  # room is certain: this thread is the only producer
+        self._thread.join()
+        self._pool.shutdown(cancel_futures=True)
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _enqueue(self, item: Future[bytes] | None) -> None:
+        while True:
+            self._raise_error()
+            try:
+                self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
-    def finish(self) -> None:
-        """Flush the gzip trailer to the writer and wait for it; raise the writer's error if any."""
-        self.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        """Abandon the stream: drop queued chunks and wait until the thread has let go of the writer."""
-        self._stopping = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put_nowait(None)  # room is certain: this thread is the only producer
-        self._thread.join()
-
-    def _run(self) -> None:
-        pending: list[bytes] = []
-        size = 0
+    def _write_in_order(self) -> None:
+        pending, size = [_GZIP_HEADER], len(_GZIP_HEADER)
         try:
-            while (chunk := self._queue.get()) is not None and not self._stopping:
-                data = self._compressor.compress(chunk)
-                if data:
-                    pending.append(data)
-                    size += len(data)
+            while (future := self._queue.get()) is not None and not self._stopping:
+                data = future.result()
+                pending.append(data)
+                size += len(data)
                 if size >= WRITE_BYTES:
                     self._writer.write(b"".join(pending))
-                    pending.clear()
-                    size = 0
-            if not self._stopping:
-                pending.append(self._compressor.flush())
+                    pending, size = [], 0
+            if not self._stopping:  # the producer set crc and size before queueing the end
+                pending += [_FINAL_BLOCK, struct.pack("<II", self._crc, self._size & 0xFFFFFFFF)]
                 self._writer.write(b"".join(pending))
         except BaseException as error:  # handed to the producer thread, which re-raises it
             self._error = error

@@ -105,6 +105,7 @@ class _Dialect:
     iso_date: str  # timestamp -> {q}2017-11-02T23:34:03.803Z{q}, NULL stays NULL
     json_string: str  # text -> JSON string literal
     stored_json: str  # JSON column -> its stored (compact) text, NULL for a JSON null
+    stored_present: str  # JSON column {x} holds a value (neither NULL nor a JSON null)
     json_at: str  # JSON text of the value at {p}; NULL when missing
     text_at: str  # SQL text of the string at {p}
     type_at: str  # JSON type name of the value at {p}
@@ -131,6 +132,7 @@ _DIALECTS: dict[str, _Dialect] = {
         iso_date="CASE WHEN {x} IS NOT NULL THEN printf('{q}%.23sZ{q}', replace({x}, ' ', 'T')) END",
         json_string="CASE WHEN {x} IS NOT NULL THEN json_quote({x}) END",  # json_quote(NULL) is 'null'
         stored_json="nullif({x}, 'null')",
+        stored_present="{x} <> 'null'",
         json_at="({x} -> {p})",
         text_at="({x} ->> {p})",
         type_at="json_type({x}, {p})",
@@ -150,6 +152,7 @@ _DIALECTS: dict[str, _Dialect] = {
         iso_date="""'{q}' || to_char({x} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '{q}'""",
         json_string="CAST(to_json({x}) AS TEXT)",
         stored_json="nullif(CAST({x} AS TEXT), 'null')",
+        stored_present="CAST({x} AS TEXT) <> 'null'",
         json_at="CAST({x} #> {p} AS TEXT)",
         text_at="({x} #>> {p})",
         type_at="json_typeof({x} #> {p})",
@@ -242,7 +245,7 @@ class _Compiler:
             case Kind.DATETIME:
                 return _Leaf(d.iso_date.format(x=col, q='"'), present)
             case _ if not path.segments:
-                return _Leaf(d.stored_json.format(x=col))
+                return _Leaf(d.stored_json.format(x=col), d.stored_present.format(x=col))
             case _:
                 p = self.bind(d.path_value(path.segments), d.path_param)
                 return _Leaf(f"nullif({d.json_at.format(x=col, p=p)}, 'null')")
