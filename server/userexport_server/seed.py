@@ -10,6 +10,7 @@ minutes where this takes seconds. A few users carry commas, quotes, newlines, no
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime as dt
 import pathlib
 import random
@@ -71,6 +72,16 @@ _BASE = dt.datetime(2015, 1, 1)
 _SPAN_SECONDS = 10 * 365 * 86400
 
 
+class _Random(random.Random):
+    """random.Random with cheap draws: randrange's checks cost more than the rest of a user."""
+
+    def below(self, n: int) -> int:
+        return int(self.random() * n)
+
+    def pick(self, items: Sequence[Any]) -> Any:
+        return items[int(self.random() * len(items))]
+
+
 def seed_users(
     engine: Engine,
     *,
@@ -128,28 +139,27 @@ def _users(
     tenant: str, conns: Sequence[tuple[str, str, _Kind]], count: int, seed: int, start: int
 ) -> Iterator[tuple[Any, ...]]:
     """Rows in _COLUMNS order; most users sit on the first (database) connection, like real tenants."""
-    rng = random.Random(f"users/{tenant}/{seed}/{start}")
-    rand, randrange, bits = rng.random, rng.randrange, rng.getrandbits
+    rng = _Random(f"users/{tenant}/{seed}/{start}")
+    rand, below, pick, bits = rng.random, rng.below, rng.pick, rng.getrandbits
     weights = [0.6] + [0.4 / (len(conns) - 1)] * (len(conns) - 1) if len(conns) > 1 else [1.0]
     cumulative = [sum(weights[: i + 1]) for i in range(len(weights))]
     dumps = orjson.dumps
     for index in range(start, start + count):
-        r = rand()
-        cid, cname, kind = conns[next((i for i, c in enumerate(cumulative) if r < c), len(conns) - 1)]
+        cid, cname, kind = conns[min(bisect.bisect(cumulative, rand()), len(conns) - 1)]
         # The index keeps ids unique across calls; the random tail makes them look real.
-        ident = f"1{index:010d}{randrange(10**10):010d}" if kind.id_digits else f"{index:08x}{bits(64):016x}"
-        given, family = _GIVEN[randrange(len(_GIVEN))], _FAMILY[randrange(len(_FAMILY))]
-        tricky = randrange(40) == 0
-        name = _TRICKY[randrange(len(_TRICKY))] if tricky else f"{given} {family}"
+        ident = f"1{index:010d}{below(10**10):010d}" if kind.id_digits else f"{index:08x}{bits(64):016x}"
+        given, family = pick(_GIVEN), pick(_FAMILY)
+        tricky = below(40) == 0
+        name = pick(_TRICKY) if tricky else f"{given} {family}"
         local = f"{_ASCII[given]}.{_ASCII[family]}"
         created = _BASE + dt.timedelta(seconds=rand() * _SPAN_SECONDS)
         updated = created + dt.timedelta(seconds=rand() * 86400 * 90)
         logged_in = rand() < 0.85
-        phone = f"+1{randrange(2_000_000_000, 9_999_999_999)}" if rand() < 0.3 else None
+        phone = f"+1{2_000_000_000 + below(8_000_000_000)}" if rand() < 0.3 else None
         identities = [{"connection": cname, "user_id": ident, "provider": kind.provider, "isSocial": kind.social}]
         if rand() < 0.05:
             identities.append(
-                {"connection": "github", "user_id": str(randrange(10**8)), "provider": "github", "isSocial": True}
+                {"connection": "github", "user_id": str(below(10**8)), "provider": "github", "isSocial": True}
             )
         yield (
             tenant,
@@ -168,18 +178,18 @@ def _users(
             _stamp(created),
             _stamp(updated),
             _stamp(updated + dt.timedelta(seconds=rand() * 86400 * 30)) if logged_in else None,
-            f"{randrange(1, 224)}.{randrange(256)}.{randrange(256)}.{randrange(1, 255)}" if logged_in else None,
-            _stamp(updated - dt.timedelta(days=randrange(1, 30))) if rand() < 0.2 else None,
-            randrange(1, 500) if logged_in else 0,
-            randrange(30) == 0,
-            dumps([("guardian", "google-authenticator", "sms")[randrange(3)]]).decode() if rand() < 0.15 else None,
+            f"{1 + below(223)}.{below(256)}.{below(256)}.{1 + below(254)}" if logged_in else None,
+            _stamp(updated - dt.timedelta(days=1 + below(29))) if rand() < 0.2 else None,
+            1 + below(499) if logged_in else 0,
+            below(30) == 0,
+            dumps([pick(("guardian", "google-authenticator", "sms"))]).decode() if rand() < 0.15 else None,
             dumps(identities).decode(),
             _app_metadata(rng, dumps),
             _user_metadata(rng, dumps, created, tricky),
         )
 
 
-def _app_metadata(rng: random.Random, dumps: Any) -> str | None:
+def _app_metadata(rng: _Random, dumps: Any) -> str | None:
     r = rng.random()
     if r < 0.4:
         return None
@@ -187,18 +197,18 @@ def _app_metadata(rng: random.Random, dumps: Any) -> str | None:
         return "{}"
     return dumps(
         {
-            "roles": rng.sample(_ROLES, rng.randrange(1, 3)),
-            "plan": ("free", "pro", "enterprise")[rng.randrange(3)],
-            "billing": {"seats": rng.randrange(1, 50), "trial": rng.random() < 0.2},
+            "roles": rng.sample(_ROLES, 1 + rng.below(2)),
+            "plan": rng.pick(("free", "pro", "enterprise")),
+            "billing": {"seats": 1 + rng.below(49), "trial": rng.random() < 0.2},
         }
     ).decode()
 
 
-def _user_metadata(rng: random.Random, dumps: Any, created: dt.datetime, tricky: bool) -> str | None:
+def _user_metadata(rng: _Random, dumps: Any, created: dt.datetime, tricky: bool) -> str | None:
     if rng.random() < 0.35:
         return None
     meta: dict[str, Any] = {
-        "country": _COUNTRIES[rng.randrange(len(_COUNTRIES))],
+        "country": rng.pick(_COUNTRIES),
         "consent": {
             "given": rng.random() < 0.7,
             "date": created.strftime("%Y-%m-%d"),
@@ -208,7 +218,7 @@ def _user_metadata(rng: random.Random, dumps: Any, created: dt.datetime, tricky:
         "score": round(rng.random() * 100, 2),
     }
     if tricky:
-        meta["bio"] = _TRICKY[rng.randrange(len(_TRICKY))]
+        meta["bio"] = rng.pick(_TRICKY)
     return dumps(meta).decode()
 
 
