@@ -22,6 +22,7 @@ from tests.export.support import (
     new_tenant,
     set_raw_json,
 )
+from userexport_server.export.paths import ROOT_KINDS
 
 CREATED = dt.datetime(2017, 11, 2, 23, 34, 3, 803999, tzinfo=UTC)
 ALICE: dict[str, Any] = {
@@ -206,3 +207,10 @@ def test_the_file_is_one_valid_gzip_stream(engine: Engine, tenant: str, tmp_path
     if shutil.which("gzip"):
         (tmp_path / "export.csv.gz").write_bytes(data)
         subprocess.run(["gzip", "-t", str(tmp_path / "export.csv.gz")], check=True)
+
+
+def test_thirty_fields_fit_in_one_line(engine: Engine, tenant: str) -> None:
+    names = [*ROOT_KINDS, *(f"user_metadata.k{i}" for i in range(7)), "identities[0].provider"]
+    assert len(names) == 30
+    header, row = csv_table(export_text(engine, tenant, "csv", [(n, "") for n in names]))
+    assert header == names and len(row) == 30 and row[0] == "auth0|alice" and row[-1] == "auth0"

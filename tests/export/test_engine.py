@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import pathlib
+import shutil
+import subprocess
 import threading
+import zlib
 
 import pytest
 from sqlalchemy import Engine, text
@@ -48,6 +52,24 @@ def test_compressed_data_reaches_the_writer_in_big_pieces(engine: Engine, seeded
                    gzip_level=1)
     assert len(writer.sizes) > 1
     assert all(size >= WRITE_BYTES for size in writer.sizes[:-1])
+
+
+def test_chunks_compressed_in_parallel_form_one_gzip_member(engine: Engine, seeded: tuple[str, list[str]],
+                                                           tmp_path: pathlib.Path) -> None:
+    tenant, _ = seeded
+    files = []
+    for batch_rows in (20_000, 150):  # one chunk, then 134 chunks deflated on two threads
+        writer = MemoryWriter()
+        with engine.connect() as conn:
+            run_export(conn, tenant, CSV, writer, batch_rows=batch_rows)
+        files.append(writer.buffer.getvalue())
+    stream = zlib.decompressobj(31)
+    assert stream.decompress(files[1]) == gzip.decompress(files[0])
+    assert stream.eof and not stream.unused_data  # a single member, not concatenated ones
+    assert abs(len(files[1]) - len(files[0])) < len(files[0]) / 100  # primed chunks compress as well
+    if shutil.which("gzip"):
+        (tmp_path / "export.csv.gz").write_bytes(files[1])
+        subprocess.run(["gzip", "-t", str(tmp_path / "export.csv.gz")], check=True)
 
 
 def test_progress_returning_false_cancels_promptly(engine: Engine, seeded: tuple[str, list[str]]) -> None:

@@ -114,3 +114,8 @@ def test_connection_filter_and_limit(engine: Engine) -> None:
     assert lines(engine, tenant, ("user_id", ""), connection_id=OTHER_CONNECTION, limit=2) == [
         {"user_id": "u1"}, {"user_id": "u3"}
     ]
+
+
+def test_thirty_fields_fit_in_one_line(engine: Engine, tenant: str) -> None:
+    fields = [(f"user_metadata.k{i}", f"k{i}") for i in range(29)] + [("user_metadata.bio", "")]
+    assert lines(engine, tenant, *fields)[0] == {"user_metadata": {"bio": "Zoë 山田 ☃"}}
