@@ -16,7 +16,7 @@ import pathlib
 import random
 import string
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ _TRICKY = ('Smith, "Bobby" Jr.', "Line one\nline two", "=HYPERLINK(\"http://x\")
            "-minus", "@handle", "\ttabbed", "\rreturned", "naïve café 東京", 'a "quoted" word')
 _COUNTRIES = ("US", "FR", "DE", "JP", "BR", "IN", "GB", "ES")
 _ROLES = ("admin", "editor", "viewer", "billing")
+_AVATARS = "https%3A%2F%2Fcdn.auth0.com%2Favatars%2F"
 _BASE = dt.datetime(2015, 1, 1)
 _SPAN_SECONDS = 10 * 365 * 86400
 
@@ -117,10 +118,10 @@ def seed_users(
         if conn.dialect.name == "postgresql":
             # Dates are written as UTC wall-clock text; the session zone makes PostgreSQL read them so.
             conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
-            with driver.cursor() as cursor:  # type: ignore[union-attr]
-                with cursor.copy(f"COPY users ({', '.join(_COLUMNS)}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
+            copy_sql = f"COPY users ({', '.join(_COLUMNS)}) FROM STDIN"
+            with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:  # type: ignore[union-attr]
+                for row in rows:
+                    copy.write_row(row)
             conn.exec_driver_sql("ANALYZE users")
         else:
             placeholders = ", ".join("?" * len(_COLUMNS))
@@ -174,7 +175,7 @@ def _users(
             given if rand() < 0.9 else None,
             family if rand() < 0.9 else None,
             given.lower(),
-            f"https://s.gravatar.com/avatar/{bits(128):032x}?s=480&r=pg&d=https%3A%2F%2Fcdn.auth0.com%2Favatars%2F{_ASCII[given][:2]}.png",
+            f"https://s.gravatar.com/avatar/{bits(128):032x}?s=480&r=pg&d={_AVATARS}{_ASCII[given][:2]}.png",
             _stamp(created),
             _stamp(updated),
             _stamp(updated + dt.timedelta(seconds=rand() * 86400 * 30)) if logged_in else None,
@@ -189,7 +190,7 @@ def _users(
         )
 
 
-def _app_metadata(rng: _Random, dumps: Any) -> str | None:
+def _app_metadata(rng: _Random, dumps: Callable[[Any], bytes]) -> str | None:
     r = rng.random()
     if r < 0.4:
         return None
@@ -204,7 +205,7 @@ def _app_metadata(rng: _Random, dumps: Any) -> str | None:
     ).decode()
 
 
-def _user_metadata(rng: _Random, dumps: Any, created: dt.datetime, tricky: bool) -> str | None:
+def _user_metadata(rng: _Random, dumps: Callable[[Any], bytes], created: dt.datetime, tricky: bool) -> str | None:
     if rng.random() < 0.35:
         return None
     meta: dict[str, Any] = {

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from userexport_server.export.paths import FieldPath, Kind, ParseError, output_keys, parse_path
 
 

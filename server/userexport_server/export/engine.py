@@ -18,7 +18,7 @@ import queue
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -86,7 +86,7 @@ def run_export(
     return written
 
 
-def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Iterator[list[tuple[bytes]]]:
+def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Generator[list[tuple[bytes]], None, None]:
     """Rows in batches straight from the driver's cursor, streaming on both databases.
 
     SQLAlchemy compiles the statement, but rows skip its Result layer: building a Row per user

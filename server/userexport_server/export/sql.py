@@ -45,51 +45,46 @@ def csv_quote(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Expr:
-    """An SQL text expression inside a line (NULL renders as nothing), and how it is placed:
-    `%s` as is, `%w` with double quotes doubled, `%.Ns` cut to N characters."""
+    """An SQL text expression inside a line (NULL renders as nothing), placed as is (`%s`) or
+    with its double quotes doubled (`%w`, the name of SQLite's printf conversion for it)."""
 
     sql: str
     conversion: str = "%s"
 
 
-_Part = Union[str, _Expr]  # literal text (our own constants only) or an expression
+_Part = str | _Expr  # literal text (our own constants only) or an expression
 
 
 def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _sqlite_assemble(parts: Sequence[_Part]) -> str:
-    """printf() builds the line in one buffer; %w is SQLite's double-quote-doubling conversion."""
-    fmt, args = "", []
-    for part in parts:
-        if isinstance(part, str):
-            fmt += part.replace("%", "%%")
-        else:
-            fmt += part.conversion
-            args.append(part.sql)
-    if len(args) > _MAX_ARGS:  # nest: each group becomes one %s argument of an outer printf
-        groups = [parts[i : i + _MAX_ARGS] for i in range(0, len(parts), _MAX_ARGS)]
-        return _sqlite_assemble([_Expr(_sqlite_assemble(g)) for g in groups])
-    return f"printf({', '.join([_sql_literal(fmt), *args])})"
+def _printf(parts: Sequence[_Part]) -> str:
+    """SQLite: printf() builds the line in one buffer."""
+    fmt = "".join(p.replace("%", "%%") if isinstance(p, str) else p.conversion for p in parts)
+    return f"printf({', '.join([_sql_literal(fmt), *(p.sql for p in parts if isinstance(p, _Expr))])})"
 
 
-def _postgresql_assemble(parts: Sequence[_Part]) -> str:
-    """concat() builds the line in one call and, like printf's %s, renders NULL as nothing."""
-    args = []
-    for part in parts:
+def _concat(parts: Sequence[_Part]) -> str:
+    """PostgreSQL: concat() builds the line in one call and, like printf, renders NULL as nothing."""
+
+    def arg(part: _Part) -> str:
         if isinstance(part, str):
-            args.append(_sql_literal(part))
-        elif part.conversion == "%s":
-            args.append(part.sql)
-        elif part.conversion == "%w":
-            args.append(f"""replace({part.sql}, '"', '""')""")
-        else:  # %.Ns
-            args.append(f"left({part.sql}, {int(part.conversion[2:-1])})")
-    if len(args) > _MAX_ARGS:
-        groups = [parts[i : i + _MAX_ARGS] for i in range(0, len(parts), _MAX_ARGS)]
-        return _postgresql_assemble([_Expr(_postgresql_assemble(g)) for g in groups])
-    return f"concat({', '.join(args)})"
+            return _sql_literal(part)
+        return part.sql if part.conversion == "%s" else f"""replace({part.sql}, '"', '""')"""
+
+    return f"concat({', '.join(map(arg, parts))})"
+
+
+def _in_calls(one_call: Callable[[Sequence[_Part]], str]) -> Callable[[Sequence[_Part]], str]:
+    """An assembler that nests calls when a line has more parts than a call takes arguments."""
+
+    def assemble(parts: Sequence[_Part]) -> str:
+        if len(parts) <= _MAX_ARGS:
+            return one_call(parts)
+        return assemble([_Expr(one_call(parts[i : i + _MAX_ARGS])) for i in range(0, len(parts), _MAX_ARGS)])
+
+    return assemble
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +118,7 @@ _DIALECTS: dict[str, _Dialect] = {
     # Dates are SQLAlchemy's stored text 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC by convention); cutting
     # it truncates to milliseconds like PostgreSQL's to_char, where strftime('%f') would round.
     "sqlite": _Dialect(
-        assemble=_sqlite_assemble,
+        assemble=_in_calls(_printf),
         utf8_bytes="CAST({x} AS BLOB)",
         unguarded="{x} >= 'A'",  # BINARY collation: every guard character sorts below 'A'
         first_code="unicode({x})",
@@ -143,7 +138,7 @@ _DIALECTS: dict[str, _Dialect] = {
     ),
     # JSON columns are `json` (not jsonb), so #> returns the stored text slice unchanged.
     "postgresql": _Dialect(
-        assemble=_postgresql_assemble,
+        assemble=_in_calls(_concat),
         utf8_bytes="convert_to({x}, 'UTF8')",  # bytea: fetch it in binary format
         unguarded="""{x} >= 'A' COLLATE "C\"""",
         first_code="ascii({x})",

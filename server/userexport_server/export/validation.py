@@ -75,7 +75,7 @@ def build_spec(
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
     try:
-        return Format(value)
+        return Format(value or "")
     except ValueError:
         violations.append(Violation("format", f'must be "csv" or "json", got {value!r}'))
         return None
