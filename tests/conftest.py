@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.databases import BACKENDS, fresh_postgres_database
+from tests.databases import BACKENDS, database_settings
 from tests.harness import ServerHandle, new_tenant
 
 
@@ -16,15 +16,6 @@ from tests.harness import ServerHandle, new_tenant
 def backend(request: pytest.FixtureRequest) -> str:
     """Every test that uses a server runs once per database backend."""
     return request.param
-
-
-@contextlib.contextmanager
-def database_settings(backend: str) -> Iterator[dict[str, Any]]:
-    if backend == "postgresql":
-        with fresh_postgres_database() as url:
-            yield {"database_url": url}
-    else:
-        yield {}
 
 
 @pytest.fixture(scope="session")

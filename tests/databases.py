@@ -5,6 +5,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 
@@ -24,3 +25,13 @@ def fresh_postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def database_settings(backend: str) -> Iterator[dict[str, Any]]:
+    """Server settings for `backend`: nothing for SQLite (a file in the data dir), else a fresh database."""
+    if backend == "postgresql":
+        with fresh_postgres_database() as url:
+            yield {"database_url": url}
+    else:
+        yield {}
