@@ -29,7 +29,7 @@ def seeded(engine: Engine) -> tuple[str, list[str]]:
 
 def gzip_threads() -> list[threading.Thread]:
     """The engine's compressing and writing threads still alive."""
-    return [t for t in threading.enumerate() if t.name.startswith("export-")]
+    return [t for t in threading.enumerate() if t.name.startswith(("export-deflate", "export-write"))]
 
 
 def test_progress_is_reported_per_batch_and_the_count_returned(engine: Engine, seeded: tuple[str, list[str]]) -> None:
