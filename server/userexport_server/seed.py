@@ -150,8 +150,9 @@ def _users(
         # The index keeps ids unique across calls; the random tail makes them look real.
         ident = f"1{index:010d}{below(10**10):010d}" if kind.id_digits else f"{index:08x}{bits(64):016x}"
         given, family = pick(_GIVEN), pick(_FAMILY)
-        tricky = below(40) == 0
-        name = pick(_TRICKY) if tricky else f"{given} {family}"
+        # Every 40th user has a tricky name, in turn, so any 400 users hold all of them.
+        tricky = index % 40 == 39
+        name = _TRICKY[index // 40 % len(_TRICKY)] if tricky else f"{given} {family}"
         local = f"{_ASCII[given]}.{_ASCII[family]}"
         created = _BASE + dt.timedelta(seconds=rand() * _SPAN_SECONDS)
         updated = created + dt.timedelta(seconds=rand() * 86400 * 90)
