@@ -46,7 +46,8 @@ class App:
             max_active_per_tenant=settings.max_active_jobs_per_tenant,
         ))
         self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
-                                  poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level) \
+                                  poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
+                                  lease_seconds=settings.lease_seconds) \
             if settings.workers > 0 else None
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds)
         self.health = health.aio.HealthServicer()

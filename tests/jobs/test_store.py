@@ -58,11 +58,16 @@ def test_a_lapsed_lease_is_claimed_again_and_the_old_worker_is_fenced_off(engine
     assert first is not None and first.id == created.id and first.attempts == 1
     assert jobs.claim("replica-b") is None  # the lease holds
     assert jobs.progress(first, written=10, total=100, time_left=5) is not None  # renews
+    for _ in range(3):  # heartbeats alone keep the job, with no progress at all
+        time.sleep(0.3)
+        assert jobs.renew_lease(first)
+        assert jobs.claim("replica-b") is None
     time.sleep(0.7)
     second = jobs.claim("replica-b")
     assert second is not None and second.id == created.id and second.attempts == 2
     assert second.users_written == 0  # from the start
     assert jobs.progress(first, written=20, total=100, time_left=5) is None  # the old worker must stop
+    assert not jobs.renew_lease(first) and jobs.renew_lease(second)
     assert jobs.complete(first, storage_key="x", written=100) is None
     done = jobs.complete(second, storage_key=f"{tenant}/{created.id}/{tenant}.csv.gz", written=100)
     assert done is not None and done.status == JobStatus.COMPLETED

@@ -166,6 +166,17 @@ class JobStore:
             "time_left_seconds": time_left, "lease_expires_at": now_utc() + self.limits.lease,
         }, "job progress")
 
+    def renew_lease(self, job: Job) -> bool:
+        """Heartbeat between progress steps (a long sort, a slow upload); False: the job is no longer ours.
+
+        Not an event: nothing a watcher sees has changed, so neither the version nor the bus hears of it.
+        """
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(update(jobs).where(
+                jobs.c.id == job.id, jobs.c.status == JobStatus.PROCESSING.value,
+                jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc() + self.limits.lease))
+        return result.rowcount == 1
+
     def complete(self, job: Job, *, storage_key: str, written: int) -> Job | None:
         return self._worker_change(job, {
             "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "users_written": written,

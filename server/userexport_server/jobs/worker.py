@@ -51,8 +51,9 @@ class _Progress:
 
 class WorkerPool:
     def __init__(self, store: JobStore, engine: Engine, storage: Storage, *, workers: int,
-                 poll_interval: float, gzip_level: int) -> None:
+                 poll_interval: float, gzip_level: int, lease_seconds: float) -> None:
         self.store, self.engine, self.storage = store, engine, storage
+        self.heartbeat_interval = lease_seconds / 3
         self.poll_interval, self.gzip_level = poll_interval, gzip_level
         self.owner = f"{uuid.uuid4().hex[:12]}"
         self._threads = [threading.Thread(target=self._loop, name=f"export-worker-{i}", daemon=True)
@@ -124,6 +125,9 @@ class WorkerPool:
             self._running[job.id] = (stop, reasons)
         key = object_key(job.tenant, job.id, job.filename)
         started = time.monotonic()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job, stop, reasons), daemon=True,
+                                     name=f"heartbeat-{job.id}")
+        heartbeat.start()
         try:
             written = self._export(job, key, stop)
         except ExportCancelled:
@@ -149,6 +153,22 @@ class WorkerPool:
         finally:
             with self._lock:
                 del self._running[job.id]
+            reasons.append("done")
+            stop.set()
+            heartbeat.join()
+
+    def _heartbeat(self, job: Job, stop: threading.Event, reasons: list[str]) -> None:
+        """Renew the lease while the export runs, even when no progress is made (a long sort before
+        the first row); if the job was taken away, tell the export to stop."""
+        while not stop.wait(self.heartbeat_interval):
+            try:
+                held = self.store.renew_lease(job)
+            except Exception:  # a database hiccup: the next beat retries well within the lease
+                log.exception("lease renewal failed job_id=%s", job.id)
+                continue
+            if not held:
+                reasons.append("lease lost")
+                stop.set()
 
     def _export(self, job: Job, key: str, stop: threading.Event) -> int:
         with self.engine.connect() as conn:
