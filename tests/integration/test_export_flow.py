@@ -45,6 +45,9 @@ def seeded(server: ServerHandle, tenant: str) -> tuple[Caller, list[str]]:
 
 
 def run_export(caller: Caller, **request: Any) -> tuple[pb.Job, list[pb.Job], bytes]:
+    """Create (a None connection_id means the whole tenant), watch to the end, download."""
+    if request.get("connection_id", "") is None:
+        del request["connection_id"]
     created = caller.create(**request)
     assert created.status == pb.Job.PENDING and created.id.startswith("job_") and len(created.id) == 20
     messages = caller.watch(created.id)
@@ -58,10 +61,7 @@ def run_export(caller: Caller, **request: Any) -> tuple[pb.Job, list[pb.Job], by
 def test_csv_default_fields_match_database(server: ServerHandle, tenant: str, seeded, by_connection: bool) -> None:
     caller, connections = seeded
     connection_id = connections[1] if by_connection else None
-    request: dict[str, Any] = {"format": pb.ExportRequest.CSV}
-    if connection_id:
-        request["connection_id"] = connection_id
-    job, messages, body = run_export(caller, **request)
+    job, messages, body = run_export(caller, format=pb.ExportRequest.CSV, connection_id=connection_id)
     rows = list(csv.reader(io.StringIO(body.decode("utf-8"), newline="")))
     header, data = rows[0], rows[1:]
     assert header == ["user_id", "email", "email_verified", "username", "name", "given_name", "family_name",
@@ -106,10 +106,7 @@ def test_csv_limit_and_export_as(server: ServerHandle, tenant: str, seeded) -> N
 def test_json_default_fields_round_trip(server: ServerHandle, tenant: str, seeded, by_connection: bool) -> None:
     caller, connections = seeded
     connection_id = connections[2] if by_connection else None
-    request: dict[str, Any] = {"format": pb.ExportRequest.JSON}
-    if connection_id:
-        request["connection_id"] = connection_id
-    job, _, body = run_export(caller, **request)
+    job, _, body = run_export(caller, format=pb.ExportRequest.JSON, connection_id=connection_id)
     lines = body.decode("utf-8").splitlines()
     users = users_in_db(server, tenant, connection_id)
     assert len(lines) == len(users) == job.users_written
