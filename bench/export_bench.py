@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--database", default="", help="SQLAlchemy URL of a PostgreSQL database (default SQLite)")
-    parser.add_argument("--gzip-level", default="6")
+    parser.add_argument("--gzip-level", default="1", help="the server's USEREXPORT_GZIP_LEVEL (default 1, as the server)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     args = parser.parse_args()
 
@@ -111,7 +111,7 @@ def main() -> None:
     backend = "postgresql" if args.database else "sqlite"
     print(f"seeded {args.users:,} users on {backend} in {seed_seconds:.1f} s ({args.users / seed_seconds:,.0f}/s)")
 
-    env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level, "USEREXPORT_LOG_LEVEL": "WARNING"}
+    env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level}  # the server logs to a file in the data dir
     if args.database:
         env["USEREXPORT_DATABASE_URL"] = args.database
     server = ServerProcess(data_dir, env)
