@@ -21,7 +21,6 @@ import tempfile
 import time
 import uuid
 
-import grpc
 from sqlalchemy import text
 from userexport.v1 import users_export_pb2 as pb
 
