@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import inspect
@@ -30,6 +31,22 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,36}$")
 JOB_ID_PATTERN = re.compile(r"^job_[A-Za-z0-9]{16}$")
 
 
+@contextlib.asynccontextmanager
+async def _as_status(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """Every error leaves as a gRPC status with details; unexpected ones are logged, never leaked."""
+    try:
+        yield
+    except ServiceError as error:
+        status = to_grpc_status(error)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as error:
+        log.error("rpc failed method=%s error=%r", method, error, exc_info=error)
+        status = to_grpc_status(ServiceError("Internal error; it was logged. Retry later."))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 def rpc(scopes: frozenset[str]) -> Callable[..., Any]:
     """Authenticate and authorise before the handler runs, and map every error to a gRPC status.
 
@@ -37,31 +54,18 @@ def rpc(scopes: frozenset[str]) -> Callable[..., Any]:
     """
 
     def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
-        async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-            status = to_grpc_status(error)
-            await context.abort(status.code, status.details, status.trailing_metadata)
-
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
             async def stream(self: "UsersExportServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    principal = self.principal(context, scopes)
-                    async for message in handler(self, request, context, principal):
+                async with _as_status(context, handler.__name__):
+                    async for message in handler(self, request, context, self.principal(context, scopes)):
                         yield message
-                except ServiceError as error:
-                    await abort(context, error)
-                except Exception as error:
-                    await abort(context, self.internal(handler.__name__, error))
             return stream
 
         @functools.wraps(handler)
         async def unary(self: "UsersExportServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
+            async with _as_status(context, handler.__name__):
                 return await handler(self, request, context, self.principal(context, scopes))
-            except ServiceError as error:
-                await abort(context, error)
-            except Exception as error:
-                await abort(context, self.internal(handler.__name__, error))
         return unary
 
     return decorate
@@ -77,13 +81,6 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         principal = self.auth.authenticate(context.invocation_metadata())
         principal.require(scopes)
         return principal
-
-    @staticmethod
-    def internal(method: str, error: Exception) -> ServiceError:
-        if isinstance(error, asyncio.CancelledError | grpc.aio.AbortError):
-            raise error
-        log.error("rpc failed method=%s error=%r", method, error, exc_info=error)
-        return ServiceError("Internal error; it was logged. Retry later.")
 
     @rpc(READ)
     async def CreateUsersExportJob(self, request: pb.ExportRequest, context: Any, principal: Principal) -> pb.Job:

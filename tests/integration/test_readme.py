@@ -1,10 +1,12 @@
-"""The README's grpcurl examples, run as written (a real grpcurl 1.8.6) against a real server.
+"""The README's examples, run as written against a real server: the grpcurl block (a real grpcurl
+1.8.6) and the Python client snippet.
 
 Only the address is substituted (the test server listens on a free port, not 50051) and the
 README's `.venv/bin/` prefix is resolved to this interpreter's venv.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pathlib
@@ -12,22 +14,23 @@ import re
 import subprocess
 import sys
 
-from tests.harness import ServerHandle
+import pytest
+
+from tests.harness import ServerHandle, new_tenant
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def readme_block() -> str:
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- grpcurl-examples -->\n```bash\n(.*?)```", text, re.S)
-    assert block, "README lost its grpcurl examples"
+def readme_block(pattern: str) -> str:
+    block = re.search(pattern, (ROOT / "README.md").read_text(), re.S)
+    assert block, f"README lost its example {pattern!r}"
     return block.group(1)
 
 
 def test_readme_grpcurl_examples_work_as_written(make_server, tmp_path: pathlib.Path) -> None:
     server: ServerHandle = make_server()
     server.seed(300_000)  # enough that the JSON export is still running when the example cancels it
-    script = readme_block().replace("127.0.0.1:50051", server.target)
+    script = readme_block(r"<!-- grpcurl-examples -->\n```bash\n(.*?)```").replace("127.0.0.1:50051", server.target)
     bin_dir = pathlib.Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "USEREXPORT_DATA_DIR": str(server.data_dir)}
     script = script.replace(".venv/bin/", f"{bin_dir}/")
@@ -42,3 +45,15 @@ def test_readme_grpcurl_examples_work_as_written(make_server, tmp_path: pathlib.
     assert created["status"] == "PENDING" and created["type"] == "users_export"
     assert '"status": "COMPLETED"' in out and '"location": "http' in out  # WatchJob ran to the end
     assert '"status": "CANCELLED"' in out
+
+
+def test_readme_python_client_example_works(server: ServerHandle, tmp_path: pathlib.Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    tenant = new_tenant()
+    server.seed(20, tenant=tenant)
+    code = readme_block(r"### Python client\n\n```python\n(.*?)```").replace("127.0.0.1:50051", server.target)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"token": server.token(tenant)}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    rows = gzip.decompress((tmp_path / "users.csv.gz").read_bytes()).decode().splitlines()
+    assert rows[0] == '"email","provider"' and len(rows) == 6
