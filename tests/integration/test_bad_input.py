@@ -97,3 +97,19 @@ def test_malformed_job_id_is_invalid_argument(caller: Caller) -> None:
         caller.get("../../etc/passwd")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violations(error.value)) == {"id"}
+
+
+def test_internal_errors_leak_no_detail(make_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = make_server(workers=0)
+    tenant = "t" + "x" * 8
+    caller = Caller(broken, tenant)
+
+    def failing_list(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("SELECT * FROM jobs WHERE secret = 'hunter2'")
+
+    monkeypatch.setattr(broken.app.store, "list", failing_list)
+    with pytest.raises(grpc.RpcError) as error:
+        caller.list()
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "SELECT" not in error.value.details() and "hunter2" not in error.value.details()
+    assert error_reason(error.value) == "INTERNAL_ERROR"
