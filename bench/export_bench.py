@@ -22,6 +22,7 @@ import time
 import uuid
 
 from sqlalchemy import text
+
 from userexport.v1 import users_export_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -94,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--database", default="", help="SQLAlchemy URL of a PostgreSQL database (default SQLite)")
-    parser.add_argument("--gzip-level", default="1", help="the server's USEREXPORT_GZIP_LEVEL (default 1, as the server)")
+    parser.add_argument("--gzip-level", default="1",
+                        help="the server's USEREXPORT_GZIP_LEVEL (default 1, as the server)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     args = parser.parse_args()
 

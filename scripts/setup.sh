@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project with its development tools. Sourced by the
+# Creates .venv (if missing) and installs the project with its development tools (buf, for the
+# proto lint, from the npm registry into .tools). Sourced by the
 # other scripts; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,3 +10,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
+  npm install --silent --no-fund --no-audit --prefix .tools @bufbuild/buf@1 >/dev/null
+fi

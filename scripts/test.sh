@@ -17,6 +17,12 @@ echo "== generated code is up to date"
 .venv/bin/python scripts/gen_protos.py --check
 echo "== Dockerfile lint"
 .venv/bin/hadolint Dockerfile
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy"
+.venv/bin/mypy client/userexport server/userexport_server tests bench
+echo "== buf lint"
+.tools/node_modules/.bin/buf lint
 echo "== tests"
 set +e
 .venv/bin/python -m pytest "$@"

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from userexport.client.tokens import SECRET_FILENAME, mint_token
-
 from userexport_server.app import App
 from userexport_server.seed import seed_users
 from userexport_server.settings import Settings

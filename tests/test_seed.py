@@ -6,12 +6,12 @@ import re
 
 import pytest
 from sqlalchemy import Engine, func, select
+
+from tests.export.support import engine, new_tenant  # noqa: F401  (engine is a fixture)
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
 from userexport_server.seed import main, seed_users
-
-from tests.export.support import engine, new_tenant  # noqa: F401  (engine is a fixture)
 
 
 def users_of(engine: Engine, tenant: str) -> list[tuple[object, ...]]:

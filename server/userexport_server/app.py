@@ -8,10 +8,10 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from userexport.client.tokens import SECRET_FILENAME
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
-
 from userexport_server.api.servicer import UsersExportServicer
 from userexport_server.auth import Authenticator
 from userexport_server.db.engine import make_engine
@@ -61,7 +61,8 @@ class App:
         from userexport_server.jobs.pg_events import PgEventBus
 
         dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return PgEventBus(dsn, load=lambda job_id: self.store.get_any(job_id),
+        # The store is built after the bus, so look it up when a job is loaded.
+        return PgEventBus(dsn, load=lambda job_id: self.store.get_any(job_id),  # noqa: PLW0108
                           on_created=lambda: self.workers.wake() if self.workers is not None else None)
 
     def _authenticator(self) -> Authenticator:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.types import Options
 
 from userexport_server.errors import PermissionDenied, Unauthenticated
 
@@ -47,7 +48,7 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise Unauthenticated("Malformed token: not a JWT.") from exc
         key, algorithms = self._key_for(header)
-        options: dict[str, Any] = {"require": ["exp"], "verify_aud": self.audience is not None,
+        options: Options = {"require": ["exp"], "verify_aud": self.audience is not None,
                                    "verify_iss": self.issuer is not None}
         try:
             claims = jwt.decode(token, key, algorithms=algorithms, audience=self.audience, issuer=self.issuer,

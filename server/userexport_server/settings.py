@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 PREFIX = "USEREXPORT_"
 
@@ -68,7 +69,7 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'userexport.db'}"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from the environment; keyword overrides (from flags) win."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}

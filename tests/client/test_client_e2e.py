@@ -192,14 +192,13 @@ def test_auth_and_tenant_errors(server: Any, tenant: str, client: UsersExportCli
         client.get_job("job_" + "0" * 16)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
-    with UsersExportClient(server.target, server.token("other" + tenant)) as stranger:
-        with pytest.raises(UsersExportError) as caught:
-            stranger.get_job(job.id)
+    with UsersExportClient(server.target, server.token("other" + tenant)) as stranger, \
+            pytest.raises(UsersExportError) as caught:
+        stranger.get_job(job.id)
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
-    with UsersExportClient(server.target) as anonymous:
-        with pytest.raises(UsersExportError) as caught:
-            anonymous.get_job(job.id)
+    with UsersExportClient(server.target) as anonymous, pytest.raises(UsersExportError) as caught:
+        anonymous.get_job(job.id)
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
 
     with UsersExportClient(server.target, server.token(tenant, ("create:users",))) as reader:

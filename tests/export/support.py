@@ -13,13 +13,13 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import Engine, insert, text
+
+from tests.databases import BACKENDS, fresh_postgres_database
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
 from userexport_server.export.engine import run_export
 from userexport_server.export.validation import build_spec
-
-from tests.databases import BACKENDS, fresh_postgres_database
 
 CONNECTION = "con_AAAAAAAAAAAAAAAA"
 OTHER_CONNECTION = "con_BBBBBBBBBBBBBBBB"

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
-from userexport_server.export.paths import ROOT_KINDS
 
 from tests.export.support import (
     CONNECTION,
@@ -23,6 +22,7 @@ from tests.export.support import (
     new_tenant,
     set_raw_json,
 )
+from userexport_server.export.paths import ROOT_KINDS
 
 CREATED = dt.datetime(2017, 11, 2, 23, 34, 3, 803999, tzinfo=UTC)
 ALICE: dict[str, Any] = {

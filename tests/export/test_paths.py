@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from userexport_server.export.paths import FieldPath, Kind, ParseError, output_keys, parse_path
 
 
@@ -19,7 +20,7 @@ from userexport_server.export.paths import FieldPath, Kind, ParseError, output_k
         ("x" * 100, "x" * 100, ()),
     ],
 )
-def test_valid_paths_parse_into_root_and_segments(name: str, root: str, segments: tuple[object, ...]) -> None:
+def test_valid_paths_parse_into_root_and_segments(name: str, root: str, segments: tuple[str | int, ...]) -> None:
     assert parse_path(name) == FieldPath(root, segments)
 
 

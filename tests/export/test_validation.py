@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
 from userexport_server.export.defaults import DEFAULT_CSV_FIELDS, DEFAULT_JSON_FIELDS
 from userexport_server.export.paths import ROOT_KINDS
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format

@@ -4,14 +4,15 @@ from __future__ import annotations
 import gzip
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from userexport.v1 import users_export_pb2 as pb
-from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
 from tests.harness import ServerHandle
+from userexport.v1 import users_export_pb2 as pb
+from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
 TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
 
@@ -24,8 +25,8 @@ class Caller:
         self.stub = pb_grpc.UsersExportServiceStub(self.channel)
         self.metadata = server.metadata(tenant, scopes)
 
-    def create(self, **request: object) -> pb.Job:
-        fields = [pb.Field(name=n, export_as=a) for n, a in request.pop("fields", [])]  # type: ignore[attr-defined]
+    def create(self, **request: Any) -> pb.Job:
+        fields = [pb.Field(name=n, export_as=a) for n, a in request.pop("fields", [])]
         return self.stub.CreateUsersExportJob(pb.ExportRequest(fields=fields, **request), metadata=self.metadata)
 
     def get(self, job_id: str) -> pb.Job:
@@ -37,7 +38,7 @@ class Caller:
     def cancel(self, job_id: str) -> pb.Job:
         return self.stub.CancelJob(pb.CancelJobRequest(id=job_id), metadata=self.metadata)
 
-    def list(self, **request: object) -> pb.ListJobsResponse:
+    def list(self, **request: Any) -> pb.ListJobsResponse:
         return self.stub.ListJobs(pb.ListJobsRequest(**request), metadata=self.metadata)
 
     def finish(self, job_id: str) -> pb.Job:

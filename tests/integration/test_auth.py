@@ -10,11 +10,11 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from userexport.v1 import users_export_pb2 as pb
-from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import error_reason
+from userexport.v1 import users_export_pb2 as pb
+from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
 SECRET_CLAIMS = {"iss": "userexport-local", "aud": "userexport", "scope": "read:users"}
 
@@ -49,7 +49,8 @@ UNAUTHENTICATED = {
     "tenant claim with path characters": lambda s: hs256(s, tenant="../etc"),
     "no exp": lambda s: hs256(s, exp=None),
     "alg none": lambda s: [("authorization", "Bearer " + jwt.encode(
-        {**SECRET_CLAIMS, "tenant": "acme", "exp": int(time.time()) + 60}, None, algorithm="none"))],
+        {**SECRET_CLAIMS, "tenant": "acme", "exp": int(time.time()) + 60},
+        None, algorithm="none"))],  # type: ignore[arg-type]
 }
 
 

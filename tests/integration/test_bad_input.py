@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.harness import ServerHandle
 from tests.integration.support import Caller, error_reason, violations
+from userexport.v1 import users_export_pb2 as pb
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def rejected(caller: Caller, request: pb.ExportRequest) -> grpc.RpcError:
 CASES = {
     # name: (request, the violated fields)
     "format missing": (pb.ExportRequest(), {"format"}),
-    "format unknown number": (pb.ExportRequest(format=7), {"format"}),
+    "format unknown number": (pb.ExportRequest(format=7), {"format"}),  # type: ignore[arg-type]
     "connection_id pattern": (pb.ExportRequest(format=pb.ExportRequest.CSV, connection_id="con_short"),
                               {"connection_id"}),
     "connection does not exist": (pb.ExportRequest(format=pb.ExportRequest.CSV, connection_id="con_" + "A" * 16),

@@ -5,14 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.harness import ServerHandle
 from tests.integration.support import Caller, download
+from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.models import User
 
 GUARD = ("=", "+", "-", "@", "\t", "\r")
@@ -37,7 +38,7 @@ def iso(value: Any) -> str:
 
 
 @pytest.fixture
-def seeded(server: ServerHandle, tenant: str) -> tuple[Caller, list[str]]:
+def seeded(server: ServerHandle, tenant: str) -> Iterator[tuple[Caller, list[str]]]:
     connections = server.seed(500, tenant=tenant)
     caller = Caller(server, tenant)
     yield caller, connections
@@ -124,7 +125,7 @@ def test_json_default_fields_round_trip(server: ServerHandle, tenant: str, seede
 
 def test_json_nesting_limit_and_export_as(server: ServerHandle, tenant: str, seeded) -> None:
     caller, _ = seeded
-    job, _, body = run_export(caller, format=pb.ExportRequest.JSON, limit=25,
+    _job, _, body = run_export(caller, format=pb.ExportRequest.JSON, limit=25,
                               fields=[("user_id", ""), ("identities[0].provider", "provider"),
                                       ("app_metadata.plan", "")])
     users = users_in_db(server, tenant)[:25]

@@ -1,16 +1,17 @@
 """Job life cycle on a real server: cancel, many watchers, disconnecting watchers, signed URLs."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import urllib.parse
 
 import grpc
 import pytest
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, http_status
+from userexport.v1 import users_export_pb2 as pb
 
 BIG = 200_000
 
@@ -99,7 +100,7 @@ def test_progress_is_reported_at_least_every_percent(server: ServerHandle, big_t
     job = caller.create(format=pb.ExportRequest.CSV)
     stream = caller.watch(job.id)
     processing = [m for m in stream if m.status == pb.Job.PROCESSING and m.users_total]
-    steps = [b.percentage_done - a.percentage_done for a, b in zip(processing, processing[1:])]
+    steps = [b.percentage_done - a.percentage_done for a, b in itertools.pairwise(processing)]
     assert processing and max(steps, default=0) <= 1, steps
     assert any(m.HasField("time_left_seconds") for m in processing)
     assert stream[-1].users_written == BIG

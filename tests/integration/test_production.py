@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import itertools
 import json
 import signal
 import threading
@@ -11,13 +12,13 @@ import time
 import urllib.request
 
 import pytest
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.databases import fresh_postgres_database
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.harness import ServerProcess, new_tenant
 from tests.integration.support import Caller
 from tests.service_account import new_private_key, verify_v4_url, write_key_file
+from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.seed import seed_users
@@ -50,8 +51,8 @@ def test_export_into_gcs_with_v4_signed_urls(make_server, gcs_settings, signing_
     assert job.location.startswith(f"{gcs_emulator.endpoint}/{gcs_emulator.bucket}/{tenant}/{job.id}/{tenant}.json.gz?")
     query = verify_v4_url(job.location, signing_key.public_key())
     assert query["X-Goog-Expires"] == "60"
-    signed_at = dt.datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
-    assert abs((job.location_expires_at.ToDatetime(dt.timezone.utc) - signed_at).total_seconds() - 60) <= 1
+    signed_at = dt.datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    assert abs((job.location_expires_at.ToDatetime(dt.UTC) - signed_at).total_seconds() - 60) <= 1
     lines = gzip.decompress(fetch(job.location)).splitlines()
     assert len(lines) == 3_000 and all(json.loads(line)["user_id"] for line in lines)
     again = caller.get(job.id)
@@ -103,7 +104,7 @@ def test_replica_killed_mid_export_is_taken_over(postgres_with_users, gcs_settin
         on_second = Caller(second, tenant)  # type: ignore[arg-type]
         seen: list[pb.Job] = []
         stream = on_second.stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=on_second.metadata, timeout=120)
-        watcher = threading.Thread(target=lambda: [seen.append(m) for m in stream])
+        watcher = threading.Thread(target=lambda: seen.extend(stream))
         watcher.start()
         deadline = time.monotonic() + 30
         while not any(m.users_written > 0 for m in seen) and time.monotonic() < deadline:
@@ -117,7 +118,7 @@ def test_replica_killed_mid_export_is_taken_over(postgres_with_users, gcs_settin
         assert final.status == pb.Job.COMPLETED, final.error
         assert final.users_written == USERS
         written = [m.users_written for m in seen if m.status == pb.Job.PROCESSING]
-        assert any(b < a for a, b in zip(written, written[1:])), "the survivor ran the job again from the start"
+        assert any(b < a for a, b in itertools.pairwise(written)), "the survivor ran the job again from the start"
         lines = gzip.decompress(fetch(final.location)).splitlines()
         ids = [json.loads(line)["user_id"] for line in lines]
         assert len(ids) == USERS and ids == sorted(ids) and len(set(ids)) == USERS

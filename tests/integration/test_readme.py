@@ -54,6 +54,6 @@ def test_readme_python_client_example_works(server: ServerHandle, tmp_path: path
     code = readme_block(r"### Python client\n\n```python\n(.*?)```").replace("127.0.0.1:50051", server.target)
     monkeypatch.chdir(tmp_path)
     namespace = {"token": server.token(tenant)}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, "README.md", "exec"), namespace)
     rows = gzip.decompress((tmp_path / "users.csv.gz").read_bytes()).decode().splitlines()
     assert rows[0] == '"email","provider"' and len(rows) == 6

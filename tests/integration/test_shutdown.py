@@ -4,10 +4,10 @@ from __future__ import annotations
 import signal
 
 import pytest
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.harness import ServerProcess, new_tenant
 from tests.integration.support import Caller, download
+from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.seed import seed_users
@@ -63,7 +63,7 @@ def test_sigterm_with_grace_lets_the_running_export_finish(seeded_dir) -> None:
     data_dir, tenant = seeded_dir
     server = ServerProcess(data_dir, {"USEREXPORT_SHUTDOWN_GRACE_SECONDS": "60"})
     try:
-        caller, job_id = start_export(server, tenant)
+        _caller, job_id = start_export(server, tenant)
         server.signal(signal.SIGTERM)
         assert server.wait(90) == 0, server.log_text()
     finally:

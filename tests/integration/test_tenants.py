@@ -9,10 +9,10 @@ import urllib.parse
 
 import grpc
 import pytest
-from userexport.v1 import users_export_pb2 as pb
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, error_reason, http_status, violations
+from userexport.v1 import users_export_pb2 as pb
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ def test_tenants_cannot_reach_each_others_jobs(pair) -> None:
 
 
 def test_exports_only_contain_the_callers_users(pair) -> None:
-    (alice, _), (bob, _) = pair
+    (_alice, _), (bob, _) = pair
     lines = download(bob.finish(bob.create(format=pb.ExportRequest.JSON).id).location).splitlines()
     assert len(lines) == 40
 
 
 def test_another_tenants_connection_does_not_exist(pair) -> None:
-    (alice, connections_a), (bob, _) = pair
+    (_alice, connections_a), (bob, _) = pair
     with pytest.raises(grpc.RpcError) as error:
         bob.create(format=pb.ExportRequest.CSV, connection_id=connections_a[0])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

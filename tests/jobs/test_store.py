@@ -16,7 +16,7 @@ from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
 from userexport_server.jobs.events import EventBus
-from userexport_server.jobs.model import JobStatus
+from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.store import JobStore, Limits
 
 SPEC = ExportSpec(format=Format.CSV, fields=(FieldSpec("email"),))
@@ -88,11 +88,11 @@ def test_cancel_fences_off_the_worker(engine: Engine) -> None:
 
 def test_every_change_bumps_the_version_and_is_published(engine: Engine) -> None:
     bus = EventBus()
-    published = []
-    bus.deliver = published.append  # type: ignore[method-assign]
+    published: list[Job] = []
+    bus.deliver = published.append  # type: ignore[method-assign,assignment]
     jobs = JobStore(engine, bus)
     tenant = new_tenant()
-    created, _ = jobs.create(tenant, SPEC, connection_name=None)
+    _created, _ = jobs.create(tenant, SPEC, connection_name=None)
     running = jobs.claim("w")
     assert running is not None
     running = jobs.progress(running, written=1, total=2, time_left=1)

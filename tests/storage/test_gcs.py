@@ -164,14 +164,14 @@ def test_signed_url_with_a_key(gcs: GcsStorage, gcs_emulator: GcsEmulator, priva
                                key: str) -> None:
     data = os.urandom(100_000)
     put(gcs, key, data)
-    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
     url, expires_at = gcs.sign_url(key, 60)
 
     assert url.startswith(f"{gcs_emulator.endpoint}/{gcs_emulator.bucket}/{key}?")
     query = verify_v4_url(url, private_key.public_key())
     assert query["X-Goog-Expires"] == "60"
-    signed_at = dt.datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    signed_at = dt.datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
     assert before <= signed_at <= before + dt.timedelta(seconds=2)
     assert signed_at + dt.timedelta(seconds=59) <= expires_at <= signed_at + dt.timedelta(seconds=60)
     assert query["X-Goog-Credential"] == f"{SIGNER}/{signed_at:%Y%m%d}/auto/storage/goog4_request"
@@ -221,7 +221,7 @@ def test_anonymous_emulator_access_gives_plain_urls(gcs_emulator: GcsEmulator, k
     finally:
         storage.close()
     assert url == f"{gcs_emulator.endpoint}/{gcs_emulator.bucket}/{key}"
-    assert 59 <= (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 60
+    assert 59 <= (expires_at - dt.datetime.now(dt.UTC)).total_seconds() <= 60
     assert download(url)[1] == b"anonymous"
 
 

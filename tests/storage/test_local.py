@@ -68,8 +68,8 @@ def test_commit_then_download(storage: LocalStorage) -> None:
     assert headers["Content-Length"] == "12"
     assert headers["Content-Disposition"] == 'attachment; filename="acme.csv.gz"'
     assert url.startswith(f"http://127.0.0.1:{storage.port}/files/{KEY}?expires=")
-    now = dt.datetime.now(dt.timezone.utc)
-    assert expires_at.tzinfo is dt.timezone.utc and 60 <= (expires_at - now).total_seconds() <= 61
+    now = dt.datetime.now(dt.UTC)
+    assert expires_at.tzinfo is dt.UTC and 60 <= (expires_at - now).total_seconds() <= 61
 
 
 def test_head_sends_headers_only(storage: LocalStorage) -> None:
@@ -163,7 +163,7 @@ def test_expired_link_is_refused(storage: LocalStorage) -> None:
     put(storage, KEY, b"data")
     for ttl in (-1, -10):
         url, expires_at = storage.sign_url(KEY, ttl)
-        assert expires_at <= dt.datetime.now(dt.timezone.utc)
+        assert expires_at <= dt.datetime.now(dt.UTC)
         assert fetch(url)[:3:2] == (403, b"link expired\n")
 
 
@@ -171,7 +171,7 @@ def test_link_stops_working_when_it_expires(storage: LocalStorage) -> None:
     put(storage, KEY, b"data")
     url, expires_at = storage.sign_url(KEY, 1)
     assert fetch(url)[0] == 200
-    time.sleep(max(0.0, (expires_at - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.05)
+    time.sleep(max(0.0, (expires_at - dt.datetime.now(dt.UTC)).total_seconds()) + 0.05)
     assert fetch(url)[0] == 403
 
 

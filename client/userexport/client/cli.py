@@ -180,8 +180,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not args.json:
             print(job.id, flush=True)
         with ProgressBar(sys.stderr) as bar:
-            for job in client.watch_job(job.id):
-                bar.update(job)
+            for update in client.watch_job(job.id):
+                bar.update(update)
+                job = update
         if job.status != pb.Job.COMPLETED:
             return _report_unfinished(job)
         path = client.download(job, args.output or ".")

@@ -5,8 +5,8 @@ import datetime as dt
 
 from google.protobuf import timestamp_pb2, unknown_fields
 from google.protobuf.message import Message
-from userexport.v1 import users_export_pb2 as pb
 
+from userexport.v1 import users_export_pb2 as pb
 from userexport_server.errors import InvalidArgument
 from userexport_server.export.spec import Format
 from userexport_server.jobs.model import Job, JobStatus

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
-
 from userexport_server.api import convert, pagination
 from userexport_server.api.status import to_grpc_status
 from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principal
@@ -56,14 +56,14 @@ def rpc(scopes: frozenset[str]) -> Callable[..., Any]:
     def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
-            async def stream(self: "UsersExportServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def stream(self: UsersExportServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with _as_status(context, handler.__name__):
                     async for message in handler(self, request, context, self.principal(context, scopes)):
                         yield message
             return stream
 
         @functools.wraps(handler)
-        async def unary(self: "UsersExportServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(self: UsersExportServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with _as_status(context, handler.__name__):
                 return await handler(self, request, context, self.principal(context, scopes))
         return unary

@@ -1,10 +1,9 @@
 """Engine creation: one place that knows SQLite's and PostgreSQL's connection quirks."""
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text

@@ -15,7 +15,7 @@ from userexport_server.jobs.model import Job
 class Subscription:
     """One watcher's queue of job snapshots; close() (or leaving the `with`) frees it."""
 
-    def __init__(self, bus: "EventBus", job_id: str) -> None:
+    def __init__(self, bus: EventBus, job_id: str) -> None:
         self.job_id = job_id
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
@@ -27,7 +27,7 @@ class Subscription:
     def close(self) -> None:
         self._bus._unsubscribe(self)
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *_exc: object) -> None:

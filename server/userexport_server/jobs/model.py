@@ -7,7 +7,7 @@ import enum
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
 
@@ -39,15 +39,19 @@ def new_job_id() -> str:
     return "job_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(16))
 
 
+@overload
+def utc(value: dt.datetime) -> dt.datetime: ...
+@overload
+def utc(value: None) -> None: ...
 def utc(value: dt.datetime | None) -> dt.datetime | None:
     """SQLite hands back naive datetimes; everything stored is UTC, so say so."""
     if value is None or value.tzinfo is not None:
         return value
-    return value.replace(tzinfo=dt.timezone.utc)
+    return value.replace(tzinfo=dt.UTC)
 
 
 def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ class Job:
     attempts: int = 0
 
     @classmethod
-    def from_row(cls, row: Any) -> "Job":
+    def from_row(cls, row: Any) -> Job:
         spec = ExportSpec(
             format=Format(row.format),
             fields=tuple(FieldSpec(f["name"], f.get("export_as") or None) for f in row.fields),
@@ -90,7 +94,7 @@ class Job:
             request_id=row.request_id, lease_owner=row.lease_owner, attempts=row.attempts,
         )
 
-    def evolve(self, **changes: Any) -> "Job":
+    def evolve(self, **changes: Any) -> Job:
         return dataclasses.replace(self, **changes)
 
     @property

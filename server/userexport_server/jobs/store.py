@@ -6,14 +6,15 @@ its lease), so a job cancelled, expired or re-claimed meanwhile is never overwri
 """
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, select, update
 
 from userexport_server.db.engine import write_transaction
 from userexport_server.db.models import Connection as ConnectionRow
@@ -24,7 +25,7 @@ from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
 
 log = logging.getLogger(__name__)
-jobs = JobRow.__table__
+jobs = cast(Table, JobRow.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class JobStore:
             ).scalar()
 
     def list(self, tenant: str, *, page_size: int, cursor: tuple[dt.datetime, str] | None,
-             status: JobStatus | None) -> tuple[list[Job], bool]:
+             status: JobStatus | None) -> tuple[builtins.list[Job], bool]:
         """Newest first; returns the page and whether more follow."""
         query = select(jobs).where(jobs.c.tenant == tenant)
         if status is not None:
@@ -199,10 +200,10 @@ class JobStore:
 
     # --- reaper --------------------------------------------------------------------------------
 
-    def expire_due(self) -> list[Job]:
+    def expire_due(self) -> builtins.list[Job]:
         """Expire jobs past their lifetime; returns them (with the storage key whose file must go)."""
         now = now_utc()
-        expired: list[tuple[Job, str | None]] = []
+        expired: builtins.list[tuple[Job, str | None]] = []
         with write_transaction(self.engine) as conn:
             due = conn.execute(select(jobs.c.id, jobs.c.storage_key).where(
                 jobs.c.expires_at <= now, jobs.c.status != JobStatus.EXPIRED.value)
@@ -212,11 +213,11 @@ class JobStore:
                                                   "lease_owner": None, "lease_expires_at": None,
                                                   "time_left_seconds": None})
                 expired.append((Job.from_row(row), key))
-        for job, key in expired:
+        for job, _ in expired:
             self._published_job(job, "job expired")
         return [job.evolve(storage_key=key) for job, key in expired]
 
-    def fail_timed_out(self) -> list[Job]:
+    def fail_timed_out(self) -> builtins.list[Job]:
         """Fail jobs processing longer than the timeout; their workers see it at the next progress step."""
         now = now_utc()
         limit = self.limits.job_timeout

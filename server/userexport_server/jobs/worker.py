@@ -8,11 +8,11 @@ import uuid
 
 from sqlalchemy import Engine
 
+from userexport_server.errors import StorageError
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
 from userexport_server.export.sql import count_users
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.store import JobStore
-from userexport_server.errors import StorageError
 from userexport_server.storage.base import Storage, object_key
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class WorkerPool:
                     self._condition.wait(self.poll_interval)
 
     def _run(self, job: Job) -> None:
-        stop, reasons = threading.Event(), []
+        stop, reasons = threading.Event(), list[str]()
         with self._lock:
             self._running[job.id] = (stop, reasons)
         key = object_key(job.tenant, job.id, job.filename)

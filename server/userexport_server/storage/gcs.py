@@ -73,7 +73,7 @@ class GcsStorage:
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         # Validity counts from the URL's X-Goog-Date: "now" truncated to the second, and taken a
         # moment after this, so expires_at is at most a second early, never late.
-        expires_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
+        expires_at = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
         blob = self._bucket.blob(validate_key(key))
         if isinstance(self._credentials, AnonymousCredentials):
             return f"{self._client.api_endpoint}/{self._bucket.name}/{blob.name}", expires_at

@@ -71,7 +71,7 @@ class LocalStorage:
         expires = math.ceil(time.time()) + ttl_seconds  # whole seconds, never shorter than asked
         query = urllib.parse.urlencode({"expires": expires, "signature": self._signature(key, str(expires))})
         return (f"{self.base_url}{_PREFIX}{key}?{query}",
-                dt.datetime.fromtimestamp(expires, dt.timezone.utc))
+                dt.datetime.fromtimestamp(expires, dt.UTC))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
