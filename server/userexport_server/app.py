@@ -34,7 +34,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = make_engine(settings.sqlalchemy_url)
+        self.engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
         upgrade(self.engine)
         self.bus = self._event_bus()
         self.storage = make_storage(settings)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from userexport_server.seed import seed_users
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(settings.sqlalchemy_url)
+        engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
         upgrade(engine)
         connections = seed_users(engine, tenant=args.tenant, users=args.users, connections=args.connections)
         print(f"seeded {args.users} users for tenant {args.tenant} over connections {', '.join(connections)}")

@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_env(database_url=args.database_url, data_dir=args.data_dir)
     if not settings.database_url:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
     try:
         upgrade(engine)
         started = dt.datetime.now()

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from userexport_server.db.engine import Timeouts
+
 PREFIX = "USEREXPORT_"
 
 
@@ -36,6 +38,10 @@ class Settings:
     gcs_signer_email: str = ""
     # Signed download URLs live this long.
     url_ttl_seconds: int = 60
+    # Database call timeouts (seconds): SQLite lock wait, PostgreSQL statement, connection pool wait.
+    db_busy_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 30.0
+    db_pool_timeout_seconds: float = 10.0
     # Export worker threads in this process.
     workers: int = 2
     # gzip level of export files (1 fastest .. 9 smallest): 1 keeps a million-user CSV under 10 s on SQLite,
@@ -67,6 +73,11 @@ class Settings:
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'userexport.db'}"
+
+    @property
+    def db_timeouts(self) -> Timeouts:
+        return Timeouts(busy=self.db_busy_timeout_seconds, statement=self.db_statement_timeout_seconds,
+                        pool=self.db_pool_timeout_seconds)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

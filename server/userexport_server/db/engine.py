@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,22 +16,47 @@ def _compact_json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long one database call may wait, so a stalled database turns into an error, not a hang.
+
+    `busy`: SQLite waiting for another writer's lock. `statement`: PostgreSQL running one statement
+    (exports lift it, see `unbounded_statements`). `pool`: waiting for a free pooled connection.
+    `connect`: opening a PostgreSQL connection.
+    """
+
+    busy: float = 5.0
+    statement: float = 30.0
+    pool: float = 10.0
+    connect: float = 5.0
+
+
+def make_engine(url: str, timeouts: Timeouts = Timeouts(), **kwargs: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys so threads can share it."""
     if url.startswith("postgresql") and "+" not in url.split("://", 1)[0]:
         url = url.replace("postgresql", "postgresql+psycopg", 1)
     is_sqlite = url.startswith("sqlite")
     options: dict[str, Any] = {"json_serializer": _compact_json, "json_deserializer": orjson.loads}
     if is_sqlite:
-        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        options["connect_args"] = {"check_same_thread": False, "timeout": timeouts.busy}
     else:
-        options.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        options.update(pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=timeouts.pool, connect_args={
+            "connect_timeout": max(1, round(timeouts.connect)),
+            "options": f"-c statement_timeout={round(timeouts.statement * 1000)}",
+        })
     options.update(kwargs)
     engine = create_engine(url, **options)
     if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(timeouts.busy * 1000)))
         event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def unbounded_statements(connection: Connection) -> None:
+    """Lift the statement timeout for the rest of this connection's transaction (an export's query
+    runs as long as the export); other connections keep theirs."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
 
 
 @contextlib.contextmanager
@@ -51,12 +78,12 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, busy_ms: int) -> None:
     # SQLAlchemy issues BEGIN itself (see _sqlite_begin), so pysqlite must not.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.close()

@@ -8,6 +8,7 @@ import uuid
 
 from sqlalchemy import Engine
 
+from userexport_server.db.engine import unbounded_statements
 from userexport_server.errors import StorageError
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
 from userexport_server.export.sql import count_users
@@ -172,6 +173,7 @@ class WorkerPool:
 
     def _export(self, job: Job, key: str, stop: threading.Event) -> int:
         with self.engine.connect() as conn:
+            unbounded_statements(conn)
             total = count_users(conn, job.tenant, job.spec)
             current = self.store.progress(job, written=0, total=total, time_left=None)
             if current is None:
