@@ -80,6 +80,10 @@ def _in_calls(one_call: Callable[[Sequence[_Part]], str]) -> Callable[[Sequence[
     """An assembler that nests calls when a line has more parts than a call takes arguments."""
 
     def assemble(parts: Sequence[_Part]) -> str:
+        if not any(isinstance(p, _Expr) for p in parts):
+            # Only literal text (every field always missing): SQLite's printf('') is NULL and
+            # PostgreSQL has no concat() without arguments.
+            return _sql_literal("".join(p for p in parts if isinstance(p, str)))
         if len(parts) <= _MAX_ARGS:
             return one_call(parts)
         return assemble([_Expr(one_call(parts[i : i + _MAX_ARGS])) for i in range(0, len(parts), _MAX_ARGS)])
@@ -308,6 +312,10 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str) -> ExportQuery:
         parts: list[_Part] = []
         for i, path in enumerate(paths):
             parts.extend([","] * bool(i) + compiler.csv_cell(path))
+        if len(paths) == 1:
+            # A one-column row whose cell is empty would be a blank line, which readers skip; write
+            # it as "" the way Python's csv module does.
+            parts = [_Expr(f"""coalesce(nullif({compiler.dialect.assemble(parts)}, ''), '""')""")]
         header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
     else:
         tree: _Tree = {}
