@@ -11,11 +11,11 @@ from grpc_reflection.v1alpha import reflection
 
 from userexport.client.tokens import SECRET_FILENAME
 from userexport.v1 import users_export_pb2 as pb
-from userexport.v1 import users_export_pb2_grpc as pb_grpc
-from userexport_server.api.servicer import UsersExportServicer
+from userexport_server.api.servicer import UsersExportServicer, add_to_server
 from userexport_server.auth import Authenticator
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
+from userexport_server.health import HealthMonitor, database_problem
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.reaper import Reaper
 from userexport_server.jobs.store import JobStore, Limits
@@ -44,14 +44,21 @@ class App:
             expired_retention=dt.timedelta(seconds=settings.expired_retention_seconds),
             lease=dt.timedelta(seconds=settings.lease_seconds),
             max_active_per_tenant=settings.max_active_jobs_per_tenant,
+            max_retained_bytes_per_tenant=settings.max_retained_bytes_per_tenant,
         ))
         self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
-                                  lease_seconds=settings.lease_seconds) \
+                                  lease_seconds=settings.lease_seconds, attempts=settings.job_attempts) \
             if settings.workers > 0 else None
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds)
         self.health = health.aio.HealthServicer()
+        self.monitor = HealthMonitor(self.health, ("", SERVICE_NAME), {
+            **({"workers": self.workers.healthy} if self.workers is not None else {}),
+            "database": lambda: database_problem(self.engine),
+            "events": self.bus.healthy,
+        }, interval=settings.health_interval_seconds)
         self.server: grpc.aio.Server | None = None
+        self.servicer: UsersExportServicer | None = None
         self.port = 0
 
     def _event_bus(self) -> EventBus:
@@ -68,21 +75,25 @@ class App:
     def _authenticator(self) -> Authenticator:
         settings = self.settings
         secret = settings.jwt_secret.encode() if settings.jwt_secret else None
-        if secret is None and not settings.jwt_jwks_file:
+        if secret is None and not settings.jwt_jwks_file and not settings.jwt_jwks_url:
             secret = load_or_create_secret(settings.data_dir / SECRET_FILENAME)
         return Authenticator(secret=secret, jwks_file=settings.jwt_jwks_file or None, issuer=settings.jwt_issuer,
                              audience=settings.jwt_audience, tenant_claim=settings.jwt_tenant_claim,
-                             leeway=settings.jwt_leeway_seconds)
+                             leeway=settings.jwt_leeway_seconds, jwks_url=settings.jwt_jwks_url or None,
+                             jwks_cache_seconds=settings.jwt_jwks_cache_seconds,
+                             jwks_cooldown_seconds=settings.jwt_jwks_refresh_cooldown_seconds)
 
     async def start(self) -> int:
         settings = self.settings
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
-        servicer = UsersExportServicer(
+        self.servicer = servicer = UsersExportServicer(
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,
             url_ttl=settings.url_ttl_seconds,
             page_secret=load_or_create_secret(settings.data_dir / "page_token_key"),
+            read_threads=settings.api_read_threads, write_threads=settings.api_write_threads,
         )
-        pb_grpc.add_UsersExportServiceServicer_to_server(servicer, self.server)
+        servicer.start()
+        add_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -91,11 +102,11 @@ class App:
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
         await self.server.start()
+        await asyncio.to_thread(self.bus.start)
         if self.workers is not None:
             self.workers.start()
         self.reaper.start()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self.monitor.start()
         log.info("server started listen=%s port=%d database=%s storage=%s workers=%d", settings.listen, self.port,
                  self.engine.url.render_as_string(hide_password=True), settings.storage, settings.workers)
         return self.port
@@ -104,11 +115,14 @@ class App:
         """Stop taking work, let running exports finish for `grace` seconds, hand back the rest."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         log.info("server stopping grace_seconds=%.1f", grace)
+        await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
         stopping = [self.server.stop(min(grace, 5.0))] if self.server is not None else []
         if self.workers is not None:
             stopping.append(asyncio.to_thread(self.workers.shutdown, grace))
         await asyncio.gather(*stopping)
+        if self.servicer is not None:
+            self.servicer.stop()
         await asyncio.to_thread(self.reaper.stop)
         self.storage.close()
         self.bus.close()

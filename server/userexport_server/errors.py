@@ -50,6 +50,28 @@ class ResourceExhausted(ServiceError):
     reason = "TOO_MANY_ACTIVE_JOBS"
 
 
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's quota is used up; `subject` and `limit` feed the google.rpc.QuotaFailure detail."""
+
+    reason = "RETAINED_BYTES_QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, subject: str, limit: str) -> None:
+        super().__init__(message)
+        self.subject, self.limit = subject, limit
+
+
+class Unavailable(ServiceError):
+    """The database is busy (a lock held past its timeout) or unreachable: the same call may work
+    shortly, so the caller is told when to retry (google.rpc.RetryInfo)."""
+
+    code = "UNAVAILABLE"
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
     reason = "INVALID_TOKEN"

@@ -42,6 +42,12 @@ class Settings:
     db_busy_timeout_seconds: float = 5.0
     db_statement_timeout_seconds: float = 30.0
     db_pool_timeout_seconds: float = 10.0
+    # Threads that run the API's blocking calls: reads (get, list, sign) apart from writes (create,
+    # cancel), so writers waiting on a database lock never hold up reads.
+    api_read_threads: int = 8
+    api_write_threads: int = 4
+    # How often health asks the workers, the database and the event listener whether they are alive.
+    health_interval_seconds: float = 1.0
     # Export worker threads in this process.
     workers: int = 2
     # gzip level of export files (1 fastest .. 9 smallest): 1 keeps a million-user CSV under 10 s on SQLite,
@@ -56,10 +62,23 @@ class Settings:
     job_timeout_seconds: int = 8 * 3600
     expired_retention_seconds: int = 7 * 24 * 3600
     reaper_interval_seconds: float = 30.0
+    # Claims a job gets when its runs hit transient database or storage errors; then it fails.
+    job_attempts: int = 3
+    # The reaper's orphan sweep leaves alone files younger than this (by last modification): a
+    # `.tmp-` file this fresh may be another replica's running export. An hour is far more than any
+    # export goes without writing a byte.
+    orphan_grace_seconds: float = 3600.0
     max_active_jobs_per_tenant: int = 2
+    # Bytes of completed export files one tenant may keep (0: no limit); more is RESOURCE_EXHAUSTED.
+    max_retained_bytes_per_tenant: int = 5 * 1024**3
     # Tokens: HS256 secret (empty: a generated one in data_dir), JWKS file for RS256/ES256.
     jwt_secret: str = ""
     jwt_jwks_file: str = ""
+    # JWKS URL (instead of a file): the key set is cached this many seconds, and a token with an unknown
+    # kid re-fetches it at most once per cooldown, so rotated keys work without a restart.
+    jwt_jwks_url: str = ""
+    jwt_jwks_cache_seconds: float = 300.0
+    jwt_jwks_refresh_cooldown_seconds: float = 30.0
     jwt_issuer: str = "userexport-local"
     jwt_audience: str = "userexport"
     jwt_tenant_claim: str = "tenant"

@@ -237,6 +237,10 @@ def test_cli_export_wait_downloads(
     assert cli(server, tenant, "--json", "jobs", "list", "--all") == 0
     assert [j["id"] for j in json.loads(capsys.readouterr().out)["jobs"]] == [job_id]
 
+    assert cli(server, tenant, "jobs", "delete", job_id) == 0
+    assert "expired" in capsys.readouterr().out
+    assert cli(server, tenant, "download", job_id, "--output", str(tmp_path / "again.gz")) == 1  # revoked
+
 
 def test_cli_token_is_accepted_by_the_server(
     server: Any, tenant: str, capsys: pytest.CaptureFixture[str]

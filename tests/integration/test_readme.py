@@ -45,6 +45,7 @@ def test_readme_grpcurl_examples_work_as_written(make_server, tmp_path: pathlib.
     assert created["status"] == "PENDING" and created["type"] == "users_export"
     assert '"status": "COMPLETED"' in out and '"location": "http' in out  # WatchJob ran to the end
     assert '"status": "CANCELLED"' in out
+    assert out.rstrip().endswith("}") and '"status": "EXPIRED"' in out.rsplit('"id"', 1)[-1]  # DeleteJob, last
 
 
 def test_readme_python_client_example_works(server: ServerHandle, tmp_path: pathlib.Path,

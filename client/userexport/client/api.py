@@ -218,6 +218,10 @@ class UsersExportClient:
         """Stop a pending or running job; it leaves no file."""
         return self._unary(self._stub.CancelJob, pb.CancelJobRequest(id=job_id))
 
+    def delete_job(self, job_id: str) -> pb.Job:
+        """Revoke a job before it expires: its file is deleted now and the job reads EXPIRED."""
+        return self._unary(self._stub.DeleteJob, pb.DeleteJobRequest(id=job_id))
+
     def download(self, job_or_url: pb.Job | str, dest_path: str | os.PathLike[str]) -> pathlib.Path:
         """Save the export file at `dest_path` (a directory: keep the server's file name).
 

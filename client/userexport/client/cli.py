@@ -101,12 +101,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     export.add_argument("--output", metavar="PATH", help="with --wait: file or directory (default: .)")
     export.set_defaults(handler=_cmd_export)
 
-    jobs = commands.add_parser("jobs", parents=[common], help="inspect and cancel jobs")
+    jobs = commands.add_parser("jobs", parents=[common], help="inspect, cancel and delete jobs")
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     for name, handler, help_text in (
         ("get", _cmd_get, "show a job"),
         ("watch", _cmd_watch, "print each state of a job until it ends"),
         ("cancel", _cmd_cancel, "cancel a pending or running job"),
+        ("delete", _cmd_delete, "delete a job's file now; the job reads expired"),
     ):
         action = job_commands.add_parser(name, parents=[common], help=help_text)
         action.add_argument("job_id", metavar="ID")
@@ -202,6 +203,12 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        _print_job(client.delete_job(args.job_id), args.json)
+    return EXIT_OK
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         job: pb.Job | None = None
@@ -269,6 +276,7 @@ def format_job(job: pb.Job) -> str:
         ("finished", _timestamp(job, "finished_at")),
         ("expires", _timestamp(job, "expires_at")),
         ("location", job.location),
+        ("size", f"{job.size_bytes} bytes" if job.size_bytes else ""),
         ("request id", job.request_id),
     ]
     return "\n".join(f"{key:<11} {value}" for key, value in rows if value)

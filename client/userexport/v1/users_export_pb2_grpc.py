@@ -60,6 +60,11 @@ class UsersExportServiceStub:
                 request_serializer=userexport_dot_v1_dot_users__export__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=userexport_dot_v1_dot_users__export__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/userexport.v1.UsersExportService/DeleteJob',
+                request_serializer=userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=userexport_dot_v1_dot_users__export__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class UsersExportServiceServicer:
@@ -103,6 +108,14 @@ class UsersExportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Revoke a job before it expires (AIP-135 soft delete): its file is deleted at once, and the
+        job is EXPIRED from then on (a running export stops). Deleting an EXPIRED job returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsersExportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_UsersExportServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=userexport_dot_v1_dot_users__export__pb2.CancelJobRequest.FromString,
+                    response_serializer=userexport_dot_v1_dot_users__export__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.FromString,
                     response_serializer=userexport_dot_v1_dot_users__export__pb2.Job.SerializeToString,
             ),
     }
@@ -267,6 +285,33 @@ class UsersExportService:
             target,
             '/userexport.v1.UsersExportService/CancelJob',
             userexport_dot_v1_dot_users__export__pb2.CancelJobRequest.SerializeToString,
+            userexport_dot_v1_dot_users__export__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userexport.v1.UsersExportService/DeleteJob',
+            userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.SerializeToString,
             userexport_dot_v1_dot_users__export__pb2.Job.FromString,
             options,
             channel_credentials,

@@ -2,19 +2,40 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from typing import TypeVar
 
 from google.protobuf import timestamp_pb2, unknown_fields
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from userexport.v1 import users_export_pb2 as pb
-from userexport_server.errors import InvalidArgument
+from userexport_server.errors import InvalidArgument, Violation
 from userexport_server.export.spec import Format
+from userexport_server.identifiers import control_character
 from userexport_server.jobs.model import Job, JobStatus
 
 _FORMATS = {pb.ExportRequest.CSV: Format.CSV, pb.ExportRequest.JSON: Format.JSON}
 _FORMAT_TO_PB = {v: k for k, v in _FORMATS.items()}
 _STATUS_TO_PB = {s: pb.Job.Status.Value(s.name) for s in JobStatus}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+M = TypeVar("M", bound=Message)
+
+
+def parse_request(message_class: type[M], raw: bytes) -> M:
+    """The request decoded from its wire bytes, refused whole (INVALID_ARGUMENT) when the bytes are not
+    such a message (invalid UTF-8 included), carry fields this server does not know, or hold text
+    with control characters."""
+    try:
+        request = message_class.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(f"The request is not a valid {message_class.DESCRIPTOR.full_name} message.",
+                              reason="MALFORMED_REQUEST") from exc
+    reject_unknown_fields(request)
+    violations = list(_control_characters(request))
+    if violations:
+        raise InvalidArgument("The request has control characters in " + ", ".join(v.field for v in violations)
+                              + ".", violations=violations)
+    return request
 
 
 def reject_unknown_fields(message: Message) -> None:
@@ -27,6 +48,18 @@ def reject_unknown_fields(message: Message) -> None:
             continue
         for item in value if field.is_repeated else (value,):
             reject_unknown_fields(item)
+
+
+def _control_characters(message: Message, prefix: str = "") -> Iterator[Violation]:
+    """A violation for each string field, at any depth, that holds a control character."""
+    for field, value in message.ListFields():
+        items = [(f"{prefix}{field.name}[{i}]", v) for i, v in enumerate(value)] if field.is_repeated \
+            else [(prefix + field.name, value)]
+        for where, item in items:
+            if isinstance(item, Message):
+                yield from _control_characters(item, where + ".")
+            elif isinstance(item, str) and (found := control_character(item)) is not None:
+                yield Violation(where, f"must not contain control characters (found {found})")
 
 
 def format_of(value: int) -> str | None:
@@ -59,7 +92,7 @@ def job_message(job: Job, location: tuple[str, dt.datetime] | None = None) -> pb
         fields=[pb.Field(name=f.name, export_as=f.export_as or "") for f in job.spec.fields],
         percentage_done=job.percentage_done, users_written=job.users_written, users_total=job.users_total,
         error=job.error or "", expires_at=timestamp(job.expires_at), started_at=timestamp(job.started_at),
-        finished_at=timestamp(job.finished_at), request_id=job.request_id or "",
+        finished_at=timestamp(job.finished_at), request_id=job.request_id or "", size_bytes=job.size_bytes,
     )
     if job.spec.limit is not None:
         message.limit = job.spec.limit

@@ -7,28 +7,38 @@ import datetime as dt
 import functools
 import inspect
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.api import convert, pagination
 from userexport_server.api.status import to_grpc_status
 from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principal
-from userexport_server.errors import InvalidArgument, NotFound, ServiceError, Violation
-from userexport_server.export.validation import CONNECTION_ID_PATTERN, InvalidExport, build_spec
+from userexport_server.db.faults import is_transient_db_error
+from userexport_server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, Violation
+from userexport_server.export.validation import InvalidExport, build_spec
+from userexport_server.identifiers import CONNECTION_ID, JOB_ID, REQUEST_ID, matches
 from userexport_server.jobs.events import EventBus
+from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.store import JobStore
 from userexport_server.jobs.worker import WorkerPool
+from userexport_server.logs import RateLimitedLog
 from userexport_server.storage.base import Storage
 
 log = logging.getLogger(__name__)
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,36}$")
-JOB_ID_PATTERN = re.compile(r"^job_[A-Za-z0-9]{16}$")
+SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
+# Repeated refusals and failures are logged at a bounded rate, keyed by method and reason.
+_limited_log = RateLimitedLog(log)
+P = ParamSpec("P")
+T = TypeVar("T")
+Pool = Literal["read", "write"]
 
 
 @contextlib.asynccontextmanager
@@ -42,56 +52,116 @@ async def _as_status(context: grpc.aio.ServicerContext, method: str) -> AsyncIte
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as error:
-        log.error("rpc failed method=%s error=%r", method, error, exc_info=error)
+        _limited_log.log(logging.ERROR, f"{method}:{type(error).__name__}", "rpc failed method=%s error=%r",
+                         method, error, exc_info=error)
         status = to_grpc_status(ServiceError("Internal error; it was logged. Retry later."))
         await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def rpc(scopes: frozenset[str]) -> Callable[..., Any]:
-    """Authenticate and authorise before the handler runs, and map every error to a gRPC status.
+    """Decode the request, authenticate and authorise before the handler runs, and map every error
+    to a gRPC status.
 
-    The one place that checks tokens and scopes; handlers receive the caller's Principal.
+    The one place that decodes requests (they arrive as bytes, see add_to_server) and checks tokens
+    and scopes; handlers receive the decoded request and the caller's Principal. The handler's name
+    is its RPC's name in the service descriptor, which gives the request type.
     """
 
     def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        method = handler.__name__
+        request_class = GetMessageClass(SERVICE.methods_by_name[method].input_type)
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
-            async def stream(self: UsersExportServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-                async with _as_status(context, handler.__name__):
-                    async for message in handler(self, request, context, self.principal(context, scopes)):
+            async def stream(self: UsersExportServicer, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                async with _as_status(context, method):
+                    request = _parse(method, request_class, raw, context)
+                    async for message in handler(self, request, context, await self.principal(context, scopes)):
                         yield message
             return stream
 
         @functools.wraps(handler)
-        async def unary(self: UsersExportServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _as_status(context, handler.__name__):
-                return await handler(self, request, context, self.principal(context, scopes))
+        async def unary(self: UsersExportServicer, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            async with _as_status(context, method):
+                request = _parse(method, request_class, raw, context)
+                return await handler(self, request, context, await self.principal(context, scopes))
         return unary
 
     return decorate
 
 
+def _parse(method: str, request_class: type[Message], raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+    """The decoded request; a refused one is logged (at a bounded rate) and raised as InvalidArgument."""
+    try:
+        return convert.parse_request(request_class, raw)
+    except InvalidArgument as error:
+        _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused method=%s reason=%s peer=%s "
+                         "bytes=%d", method, error.reason, context.peer(), len(raw))
+        raise
+
+
+def add_to_server(servicer: UsersExportServicer, server: grpc.aio.Server) -> None:
+    """Register every RPC of the service descriptor with requests left as bytes, for `rpc` to decode:
+    with grpc's own deserializer a bad message is UNKNOWN and a logged traceback. Responses use the
+    usual serializers; reflection reads the descriptor pool, so it is unaffected."""
+    handlers = {}
+    for method in SERVICE.methods:
+        assert not method.client_streaming, f"{method.name}: client streaming is not supported"
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=None,
+                                     response_serializer=GetMessageClass(method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+
+
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage,
-                 workers: WorkerPool | None, url_ttl: int, page_secret: bytes) -> None:
+                 workers: WorkerPool | None, url_ttl: int, page_secret: bytes, read_threads: int = 8,
+                 write_threads: int = 4) -> None:
         self.auth, self.store, self.bus, self.storage = auth, store, bus, storage
         self.workers, self.url_ttl, self.page_secret = workers, url_ttl, page_secret
+        self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
+        self._pools: dict[Pool, ThreadPoolExecutor] = {}
 
-    def principal(self, context: grpc.aio.ServicerContext, scopes: frozenset[str]) -> Principal:
-        principal = self.auth.authenticate(context.invocation_metadata())
+    def start(self) -> None:
+        self._pools = {kind: ThreadPoolExecutor(count, thread_name_prefix=f"api-{kind}")
+                       for kind, count in self.threads.items()}
+
+    def stop(self) -> None:
+        """After the server stopped: calls still stuck in the database are not waited for."""
+        for executor in self._pools.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def blocking(self, pool: Pool, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking call on the read or the write threads, so writers queued on a database lock
+        never hold up reads; a database that is busy past its timeout or unreachable is UNAVAILABLE."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pools[pool], functools.partial(function, *args, **kwargs))
+        except Exception as error:
+            if not is_transient_db_error(error):
+                raise
+            name = getattr(function, "__qualname__", pool)
+            _limited_log.log(logging.WARNING, f"unavailable:{name}", "database unavailable call=%s error=%s", name,
+                             next(iter(str(error).splitlines()), type(error).__name__))
+            raise Unavailable("The database is busy or unreachable; retry in a moment.") from error
+
+    async def principal(self, context: grpc.aio.ServicerContext, scopes: frozenset[str]) -> Principal:
+        metadata = context.invocation_metadata()
+        # Fetching keys from a JWKS URL blocks; verifying against keys at hand does not.
+        principal = await self.blocking("read", self.auth.authenticate, metadata) if self.auth.fetches_keys \
+            else self.auth.authenticate(metadata)
         principal.require(scopes)
         return principal
 
     @rpc(READ)
     async def CreateUsersExportJob(self, request: pb.ExportRequest, context: Any, principal: Principal) -> pb.Job:
-        convert.reject_unknown_fields(request)
         spec, connection_name, violations = None, None, []
         connection_id = request.connection_id if request.HasField("connection_id") else None
-        if connection_id is not None and re.fullmatch(CONNECTION_ID_PATTERN, connection_id):
-            connection_name = await asyncio.to_thread(self.store.connection_name, principal.tenant, connection_id)
+        if connection_id is not None and matches(CONNECTION_ID, connection_id):
+            connection_name = await self.blocking("read", self.store.connection_name, principal.tenant,
+                                                  connection_id)
             if connection_name is None:
                 violations.append(Violation("connection_id", "The connection does not exist."))
-        if request.request_id and not REQUEST_ID_PATTERN.match(request.request_id):
+        if request.request_id and not matches(REQUEST_ID, request.request_id):
             violations.append(Violation("request_id", "must be 1 to 36 characters of letters, digits and ._:- "
                                                       "(a UUID is recommended)"))
         try:
@@ -103,9 +173,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         if violations or spec is None:
             raise InvalidArgument("The export request is invalid: " + "; ".join(
                 f"{v.field}: {v.description}" for v in violations), violations=violations)
-        job, created = await asyncio.to_thread(self.store.create, principal.tenant, spec,
-                                               connection_name=connection_name,
-                                               request_id=request.request_id or None)
+        job, created = await self.blocking("write", self.store.create, principal.tenant, spec,
+                                           connection_name=connection_name, request_id=request.request_id or None)
         if created and self.workers is not None:
             self.workers.wake()
         return await self.render(job)
@@ -134,8 +203,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         status = convert.status_filter(request.status)
         cursor = pagination.decode(self.page_secret, principal.tenant, request.page_token) \
             if request.page_token else None
-        jobs, more = await asyncio.to_thread(self.store.list, principal.tenant, page_size=size, cursor=cursor,
-                                             status=status)
+        jobs, more = await self.blocking("read", self.store.list, principal.tenant, page_size=size, cursor=cursor,
+                                         status=status)
         token = pagination.encode(self.page_secret, principal.tenant, (jobs[-1].created_at, jobs[-1].id)) \
             if more else ""
         return pb.ListJobsResponse(jobs=[await self.render(job) for job in jobs], next_page_token=token)
@@ -143,29 +212,42 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     @rpc(READ)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any, principal: Principal) -> pb.Job:
         self.check_job_id(request.id)
-        job = await asyncio.to_thread(self.store.cancel, principal.tenant, request.id)
+        job = await self.blocking("write", self.store.cancel, principal.tenant, request.id)
         if job is None:
             raise NotFound(f"Job {request.id} not found.")
         if self.workers is not None:
             self.workers.cancel_local(job.id)
         return await self.render(job)
 
+    @rpc(READ)
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any, principal: Principal) -> pb.Job:
+        self.check_job_id(request.id)
+        job = await self.blocking("write", self.store.revoke, principal.tenant, request.id)
+        if job is None:
+            raise NotFound(f"Job {request.id} not found.")
+        if self.workers is not None:
+            self.workers.cancel_local(job.id)
+        # Revoked either way: an EXPIRED job's location is never signed again. A failed delete
+        # keeps the key, and the reaper retries it.
+        if await self.blocking("write", delete_export_file, self.store, self.storage, job):
+            job = job.evolve(storage_key=None, size_bytes=0)
+        return await self.render(job)
+
     async def find(self, principal: Principal, job_id: str) -> Job:
         self.check_job_id(job_id)
-        job = await asyncio.to_thread(self.store.get, principal.tenant, job_id)
+        job = await self.blocking("read", self.store.get, principal.tenant, job_id)
         if job is None:
             raise NotFound(f"Job {job_id} not found.")
         return job
 
     @staticmethod
     def check_job_id(job_id: str) -> None:
-        if not JOB_ID_PATTERN.match(job_id):
-            raise InvalidArgument("id must match ^job_[A-Za-z0-9]{16}$.",
-                                  violations=[Violation("id", "must match ^job_[A-Za-z0-9]{16}$")])
+        if not matches(JOB_ID, job_id):
+            raise InvalidArgument(f"id must match {JOB_ID}.", violations=[Violation("id", f"must match {JOB_ID}")])
 
     async def render(self, job: Job) -> pb.Job:
         """The Job message; a completed job's location is signed afresh every time."""
         location: tuple[str, dt.datetime] | None = None
         if job.storage_key and job.status == JobStatus.COMPLETED:
-            location = await asyncio.to_thread(self.storage.sign_url, job.storage_key, self.url_ttl)
+            location = await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
         return convert.job_message(job, location)

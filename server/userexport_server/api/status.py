@@ -1,24 +1,34 @@
 """Domain errors -> gRPC statuses with google.rpc details (ErrorInfo always, BadRequest for bad input)."""
 from __future__ import annotations
 
+import datetime as dt
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from userexport_server.errors import ServiceError
+from userexport_server.errors import QuotaExceeded, ServiceError, Unavailable
 
 DOMAIN = "userexport.v1"
 
 
 def to_grpc_status(error: ServiceError) -> grpc.Status:
-    details = []
+    details: list[Message] = []
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
     details.append(info)
     if error.violations:
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in error.violations]))
+    if isinstance(error, QuotaExceeded):
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.limit)]))
+    if isinstance(error, Unavailable):
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(dt.timedelta(seconds=error.retry_after_seconds))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
         holder = any_pb2.Any()

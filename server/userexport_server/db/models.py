@@ -66,6 +66,7 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_tenant_request", "tenant", "request_id", unique=True),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(20), primary_key=True)
@@ -93,3 +94,5 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The export file's size once completed; 0 when there is no file (the retained-bytes quota sums it).
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -76,6 +76,7 @@ class Job:
     request_id: str | None = None
     lease_owner: str | None = None
     attempts: int = 0
+    size_bytes: int = 0
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -92,6 +93,7 @@ class Job:
             users_total=row.users_total, users_written=row.users_written, percentage_done=row.percentage_done,
             time_left_seconds=row.time_left_seconds, error=row.error, storage_key=row.storage_key,
             request_id=row.request_id, lease_owner=row.lease_owner, attempts=row.attempts,
+            size_bytes=row.size_bytes,
         )
 
     def evolve(self, **changes: Any) -> Job:

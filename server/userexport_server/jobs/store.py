@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, selec
 from userexport_server.db.engine import write_transaction
 from userexport_server.db.models import Connection as ConnectionRow
 from userexport_server.db.models import Job as JobRow
-from userexport_server.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExceeded, ResourceExhausted
 from userexport_server.export.spec import ExportSpec
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
@@ -35,6 +35,8 @@ class Limits:
     expired_retention: dt.timedelta = dt.timedelta(days=7)
     lease: dt.timedelta = dt.timedelta(seconds=30)
     max_active_per_tenant: int = 2
+    # Bytes of completed export files a tenant may keep at once (0: no limit).
+    max_retained_bytes_per_tenant: int = 5 * 1024**3
 
 
 def request_fingerprint(tenant: str, spec: ExportSpec) -> str:
@@ -108,6 +110,7 @@ class JobStore:
                 raise ResourceExhausted(
                     f"Too many export jobs: at most {self.limits.max_active_per_tenant} may be pending or "
                     f"processing per tenant at once, and this tenant has {active}. Wait for one to finish.")
+            self._check_retained_bytes(conn, tenant)
             values = dict(
                 id=new_job_id(), tenant=tenant, status=JobStatus.PENDING.value, version=1,
                 format=spec.format.value, connection_id=spec.connection_id, connection_name=connection_name,
@@ -137,6 +140,39 @@ class JobStore:
                                               "lease_owner": None, "lease_expires_at": None,
                                               "time_left_seconds": None})
         return self._published(row, "job cancelled")
+
+    def revoke(self, tenant: str, job_id: str) -> Job | None:
+        """DeleteJob: the job becomes EXPIRED now, keeping its storage key until the file is gone
+        (the caller deletes it; if that fails the reaper retries). An expired job is returned as it is."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+            if row is None or row.status == JobStatus.EXPIRED.value:
+                return None if row is None else Job.from_row(row)
+            row = self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
+                                              "lease_expires_at": None, "time_left_seconds": None,
+                                              "finished_at": row.finished_at or now_utc()})
+        return self._published(row, "job revoked")
+
+    def forget_file(self, job_id: str, key: str) -> None:
+        """The file at `key` is deleted: clear the job's key (if it still names that file), so that
+        nothing signs, counts or deletes it again. Not an event: watchers see no change."""
+        with write_transaction(self.engine) as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.storage_key == key)
+                         .values(storage_key=None, size_bytes=0))
+
+    def _check_retained_bytes(self, conn: Connection, tenant: str) -> None:
+        """Refuse a new export while the tenant's completed files already fill its quota."""
+        limit = self.limits.max_retained_bytes_per_tenant
+        if not limit:
+            return
+        retained = conn.execute(select(func.coalesce(func.sum(jobs.c.size_bytes), 0)).where(
+            jobs.c.tenant == tenant, jobs.c.status == JobStatus.COMPLETED.value,
+            jobs.c.storage_key.is_not(None))).scalar_one()
+        if retained >= limit:
+            raise QuotaExceeded(
+                f"This tenant keeps {retained} bytes of completed export files, and at most {limit} are "
+                f"allowed. Delete jobs you no longer need (DeleteJob) or wait for them to expire.",
+                subject=f"tenant:{tenant}", limit=f"retained export bytes: {retained} of {limit}")
 
     # --- worker-side changes -------------------------------------------------------------------
 
@@ -178,9 +214,10 @@ class JobStore:
                 jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc() + self.limits.lease))
         return result.rowcount == 1
 
-    def complete(self, job: Job, *, storage_key: str, written: int) -> Job | None:
+    def complete(self, job: Job, *, storage_key: str, written: int, size_bytes: int = 0) -> Job | None:
         return self._worker_change(job, {
-            "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "users_written": written,
+            "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "size_bytes": size_bytes,
+            "users_written": written,
             "users_total": written, "percentage_done": 100, "time_left_seconds": 0, "finished_at": now_utc(),
             "lease_owner": None, "lease_expires_at": None,
         }, "job completed")

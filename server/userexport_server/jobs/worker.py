@@ -5,20 +5,34 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy import Engine
 
 from userexport_server.db.engine import unbounded_statements
+from userexport_server.db.faults import is_transient_db_error
 from userexport_server.errors import StorageError
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
 from userexport_server.export.sql import count_users
 from userexport_server.jobs.model import Job
+from userexport_server.jobs.retry import Backoff, retry_transient
 from userexport_server.jobs.store import JobStore
-from userexport_server.storage.base import Storage, object_key
+from userexport_server.storage.base import ObjectWriter, Storage, object_key
 
 log = logging.getLogger(__name__)
 
 FAILED_INTERNALLY = "The export failed because of an internal error; it is logged under this job's id."
+DATABASE_UNAVAILABLE = "the database was unavailable (unreachable, or locked for too long)"
+
+# A job's final write (complete, fail, release) is tried this often before the job is left to lease
+# rescue; with SQLite's busy timeout on each try, that rides out a lock of about 6 x busy + 12 s.
+FINAL_WRITE_ATTEMPTS = 6
+FINAL_WRITE_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+# Between two attempts of a job that hit a transient error, and between failed claims.
+JOB_RETRY_BACKOFF = Backoff(initial=1.0, maximum=30.0)
+CLAIM_BACKOFF = Backoff(initial=0.5, maximum=30.0)
+# After a failed progress write the export goes on, and writes progress again after this.
+PROGRESS_BACKOFF = Backoff(initial=1.0, maximum=10.0)
 
 
 def batch_rows(total: int) -> int:
@@ -35,25 +49,53 @@ class _Progress:
         self.store, self.job, self.total, self.stop = store, job, total, stop
         self.started = self.last_write = time.monotonic()
         self.last_percentage = 0
+        self.failures, self.retry_at = 0, 0.0
 
     def __call__(self, written: int) -> bool:
         if self.stop.is_set():
             return False
         now = time.monotonic()
         percentage = written * 100 // self.total if self.total else 100
-        if percentage > self.last_percentage or now - self.last_write >= 1.0:
+        if (percentage > self.last_percentage or now - self.last_write >= 1.0) and now >= self.retry_at:
             left = round((now - self.started) / written * (self.total - written)) if written else None
-            job = self.store.progress(self.job, written=written, total=self.total, time_left=left)
+            try:
+                job = self.store.progress(self.job, written=written, total=self.total, time_left=left)
+            except Exception as error:
+                if not is_transient_db_error(error):
+                    raise
+                # Progress is for watchers; the lease (heartbeat) and the final write are what
+                # count, so a stalled database slows the export down instead of stopping it.
+                self.failures += 1
+                self.retry_at = time.monotonic() + PROGRESS_BACKOFF.delay(self.failures)
+                log.warning("progress write failed, export goes on job_id=%s failures=%d error=%s", self.job.id,
+                            self.failures, type(error).__name__)
+                return True
             if job is None:
                 return False
-            self.job, self.last_write, self.last_percentage = job, now, percentage
+            self.job, self.last_write, self.last_percentage, self.failures = job, now, percentage, 0
         return True
 
 
+class _Counted:
+    """A storage writer that counts what passes through: the file's size, for the retained-bytes quota."""
+
+    def __init__(self, writer: ObjectWriter) -> None:
+        self.writer, self.size = writer, 0
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        self.size += len(data)
+
+
 class WorkerPool:
+    """Export threads that never die of an error: each is caught, logged with the job's id, and
+    the thread goes on (see healthy()). A job that hit a transient database or storage error runs
+    again, up to `attempts` claims, and then fails naming the cause."""
+
     def __init__(self, store: JobStore, engine: Engine, storage: Storage, *, workers: int,
-                 poll_interval: float, gzip_level: int, lease_seconds: float) -> None:
+                 poll_interval: float, gzip_level: int, lease_seconds: float, attempts: int = 3) -> None:
         self.store, self.engine, self.storage = store, engine, storage
+        self.attempts = attempts
         self.heartbeat_interval = lease_seconds / 3
         self.poll_interval, self.gzip_level = poll_interval, gzip_level
         self.owner = f"{uuid.uuid4().hex[:12]}"
@@ -64,10 +106,12 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._running: dict[str, tuple[threading.Event, list[str]]] = {}
         self._lock = threading.Lock()
+        self._started = False
 
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self._started = True
         log.info("workers started owner=%s count=%d", self.owner, len(self._threads))
 
     def wake(self) -> None:
@@ -79,6 +123,13 @@ class WorkerPool:
     def cancel_local(self, job_id: str) -> None:
         """Stop a job this replica runs, at once (other replicas notice at their next progress step)."""
         self._signal(job_id, "cancelled")
+
+    def healthy(self) -> str | None:
+        """None while every worker thread is alive, else why not (cheap: for a health check each second)."""
+        if not self._started or self._stopping.is_set():
+            return "export workers are not running (not started yet, or stopping)"
+        dead = sum(not thread.is_alive() for thread in self._threads)
+        return f"{dead} of {len(self._threads)} export workers are dead" if dead else None
 
     def running(self) -> list[str]:
         with self._lock:
@@ -105,16 +156,25 @@ class WorkerPool:
             entry[0].set()
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stopping.is_set():
             with self._condition:
                 seen = self._wakeups
             try:
                 job = self.store.claim(f"{self.owner}/{threading.current_thread().name}")
-            except Exception:
-                log.exception("claiming a job failed owner=%s", self.owner)
-                job = None
+            except Exception as error:
+                failures += 1
+                delay = CLAIM_BACKOFF.delay(failures)
+                log.error("claiming a job failed owner=%s failures=%d retry_in_seconds=%.1f error=%s", self.owner,
+                          failures, delay, type(error).__name__, exc_info=not is_transient_db_error(error))
+                self._stopping.wait(delay)
+                continue
+            failures = 0
             if job is not None:
-                self._run(job)
+                try:
+                    self._run(job)
+                except Exception:  # _run handles its errors; this is the last line, so the thread lives
+                    log.exception("export worker error job_id=%s tenant=%s", job.id, job.tenant)
                 continue
             with self._condition:
                 if self._wakeups == seen and not self._stopping.is_set():
@@ -130,24 +190,22 @@ class WorkerPool:
                                      name=f"heartbeat-{job.id}")
         heartbeat.start()
         try:
-            written = self._export(job, key, stop)
+            written, size = self._export(job, key, stop)
         except ExportCancelled:
             if "shutdown" in reasons:
-                self.store.release(job)
+                self._final_write(job, "release", lambda: self.store.release(job))
             log.info("export stopped job_id=%s tenant=%s reason=%s", job.id, job.tenant,
                      ",".join(reasons) or "job no longer held")
-        except StorageError as exc:
-            log.error("export failed job_id=%s tenant=%s error=%s", job.id, job.tenant, exc)
-            self.store.fail(job, f"Export failed: {exc}")
-        except Exception:
-            log.exception("export failed job_id=%s tenant=%s", job.id, job.tenant)
-            self.store.fail(job, FAILED_INTERNALLY)
+        except Exception as error:
+            self._failed(job, error)
         else:
             seconds = time.monotonic() - started
-            if self.store.complete(job, storage_key=key, written=written) is None:
-                # Cancelled, expired or timed out while the file was being committed: drop it.
-                self.storage.delete(key)
-                log.info("export discarded job_id=%s tenant=%s", job.id, job.tenant)
+            done = self._final_write(job, "complete", lambda: self.store.complete(
+                job, storage_key=key, written=written, size_bytes=size))
+            if done is _UNWRITTEN:
+                pass  # the file stays: a rescuing attempt deletes it before it starts, or the sweep does
+            elif done is None:
+                self._discard(job, key)
             else:
                 log.info("export done job_id=%s tenant=%s users=%d seconds=%.2f users_per_s=%.0f", job.id,
                          job.tenant, written, seconds, written / seconds if seconds else 0.0)
@@ -157,6 +215,55 @@ class WorkerPool:
             reasons.append("done")
             stop.set()
             heartbeat.join()
+
+    def _failed(self, job: Job, error: Exception) -> None:
+        """Retry a transient failure (after a backoff, by handing the job back) while attempts are
+        left; otherwise fail the job with a message naming the cause and nothing internal."""
+        if isinstance(error, StorageError):
+            cause = str(error)
+        elif is_transient_db_error(error):
+            cause = DATABASE_UNAVAILABLE
+        else:
+            log.exception("export failed job_id=%s tenant=%s", job.id, job.tenant)
+            self._final_write(job, "fail", lambda: self.store.fail(job, FAILED_INTERNALLY))
+            return
+        if job.attempts < self.attempts:
+            delay = JOB_RETRY_BACKOFF.delay(job.attempts)
+            log.warning("export attempt failed, will retry job_id=%s tenant=%s attempt=%d/%d retry_in_seconds=%.1f "
+                        "cause=%r error=%s", job.id, job.tenant, job.attempts, self.attempts, delay, cause,
+                        type(error).__name__)
+            self._stopping.wait(delay)  # the heartbeat keeps the lease meanwhile
+            self._final_write(job, "release", lambda: self.store.release(job))
+            return
+        log.error("export failed job_id=%s tenant=%s attempts=%d cause=%r error=%s", job.id, job.tenant,
+                  job.attempts, cause, type(error).__name__)
+        message = f"The export failed after {job.attempts} attempt{'s' * (job.attempts != 1)}: {cause}"
+        self._final_write(job, "fail", lambda: self.store.fail(job, message))
+
+    def _final_write(self, job: Job, what: str, write: Callable[[], Job | None]) -> Job | _Unwritten | None:
+        """A job's last write, retried over transient database errors; if it still cannot be made,
+        the job keeps its lease until it lapses and another claim (lease rescue) takes it."""
+        try:
+            return retry_transient(write, what=f"job {what} job_id={job.id}", attempts=FINAL_WRITE_ATTEMPTS,
+                                   backoff=FINAL_WRITE_BACKOFF)
+        except Exception as error:
+            log.error("job %s could not be written, left to lease rescue job_id=%s tenant=%s error=%s", what,
+                      job.id, job.tenant, type(error).__name__, exc_info=not is_transient_db_error(error))
+            return _UNWRITTEN
+
+    def _discard(self, job: Job, key: str) -> None:
+        """The job was cancelled, expired or timed out while its file was committed: delete the file,
+        unless the job holds it after all (a complete that committed though its reply was lost) or
+        another attempt runs it now (that attempt clears the key itself before it starts)."""
+        try:
+            current = self.store.get_any(job.id)
+            if current is not None and (current.storage_key == key or not current.status.is_terminal):
+                return
+            self.storage.delete(key)
+            log.info("export discarded job_id=%s tenant=%s", job.id, job.tenant)
+        except Exception as error:  # the orphan sweep deletes it later
+            log.error("discarding an export file failed job_id=%s tenant=%s error=%s", job.id, job.tenant,
+                      type(error).__name__)
 
     def _heartbeat(self, job: Job, stop: threading.Event, reasons: list[str]) -> None:
         """Renew the lease while the export runs, even when no progress is made (a long sort before
@@ -171,7 +278,8 @@ class WorkerPool:
                 reasons.append("lease lost")
                 stop.set()
 
-    def _export(self, job: Job, key: str, stop: threading.Event) -> int:
+    def _export(self, job: Job, key: str, stop: threading.Event) -> tuple[int, int]:
+        """Run the export into storage; returns the users written and the file's size in bytes."""
         with self.engine.connect() as conn:
             unbounded_statements(conn)
             total = count_users(conn, job.tenant, job.spec)
@@ -183,12 +291,20 @@ class WorkerPool:
                 # never overwritten, so clear the way (that file was whole, and so will this one be).
                 self.storage.delete(key)
             writer = self.storage.open_writer(key, job.filename)
+            counted = _Counted(writer)
             try:
-                written = run_export(conn, job.tenant, job.spec, writer, gzip_level=self.gzip_level,
+                written = run_export(conn, job.tenant, job.spec, counted, gzip_level=self.gzip_level,
                                      progress=_Progress(self.store, current, total, stop),
                                      batch_rows=batch_rows(total))
                 writer.commit()
             except BaseException:
                 writer.abort()
                 raise
-        return written
+        return written, counted.size
+
+
+class _Unwritten:
+    """A final write that could not be made (see WorkerPool._final_write)."""
+
+
+_UNWRITTEN = _Unwritten()

@@ -1,0 +1,29 @@
+"""Deleting a job's export file, in the one safe order: the file first, then the job's key.
+
+Clearing the key first (and failing to delete) would leave a file of user data that nothing
+knows of any more; deleting first means a failed delete leaves the key, and the reaper retries.
+"""
+from __future__ import annotations
+
+import logging
+
+from userexport_server.jobs.model import Job
+from userexport_server.jobs.store import JobStore
+from userexport_server.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+
+def delete_export_file(store: JobStore, storage: Storage, job: Job) -> bool:
+    """Delete `job`'s file and then forget its key; False (logged) when the delete failed."""
+    if not job.storage_key:
+        return True
+    try:
+        storage.delete(job.storage_key)
+    except Exception as exc:  # any backend's failure: the key stays, so the reaper retries
+        log.warning("deleting an export file failed job_id=%s tenant=%s key=%s error=%s; will retry",
+                    job.id, job.tenant, job.storage_key, exc)
+        return False
+    store.forget_file(job.id, job.storage_key)
+    log.info("export file deleted job_id=%s tenant=%s key=%s", job.id, job.tenant, job.storage_key)
+    return True
