@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -12,11 +12,15 @@ import jwt
 from jwt.types import Options
 
 from userexport_server.errors import PermissionDenied, Unauthenticated
+from userexport_server.identifiers import TENANT, matches
+from userexport_server.logs import RateLimitedLog
 
-TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+log = logging.getLogger(__name__)
+_fetch_failures = RateLimitedLog(log)
 READ = frozenset({"read:users"})
 READ_OR_CREATE = frozenset({"read:users", "create:users"})
 _ASYMMETRIC = ["RS256", "ES256"]
+_FETCH_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,15 +35,72 @@ class Principal:
             raise PermissionDenied(f"Insufficient scope; expected any of: {expected}.")
 
 
+class _KeyFile:
+    """Public keys read once from a JWKS file at startup."""
+
+    fetches = False
+
+    def __init__(self, path: pathlib.Path) -> None:
+        try:
+            self.keys = _signing_keys(jwt.PyJWKSet.from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError, jwt.PyJWKSetError, jwt.PyJWKError) as exc:
+            raise ValueError(f"USEREXPORT_JWT_JWKS_FILE={path}: cannot load the JWKS: {exc}") from exc
+        if not self.keys:
+            raise ValueError(f"USEREXPORT_JWT_JWKS_FILE={path}: the JWKS holds no signing key")
+
+    def key(self, kid: str | None) -> jwt.PyJWK:
+        return _pick(self.keys, kid)
+
+
+class _KeyUrl:
+    """Public keys fetched from a JWKS URL by PyJWT's client: the set is cached `cache_seconds`, and a
+    token with an unknown kid re-fetches it at most once per `cooldown_seconds`, so a rotated key
+    is picked up without a restart and a flood of made-up kids cannot flood the issuer."""
+
+    fetches = True
+
+    def __init__(self, url: str, *, cache_seconds: float, cooldown_seconds: float) -> None:
+        try:
+            self.client = jwt.PyJWKClient(url, lifespan=cache_seconds, cooldown_duration=cooldown_seconds,
+                                          timeout=_FETCH_TIMEOUT_SECONDS)
+        except jwt.PyJWKClientError as exc:
+            raise ValueError(f"USEREXPORT_JWT_JWKS_URL={url!r}: {exc}") from exc
+        self.url = url
+
+    def key(self, kid: str | None) -> jwt.PyJWK:
+        try:
+            keys = _signing_keys(self.client.get_jwk_set())
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
+            _fetch_failures.log(logging.WARNING, "jwks fetch", "jwks fetch failed url=%s error=%s", self.url, exc)
+            raise Unauthenticated("The token signing keys cannot be loaded; retry later.",
+                                  reason="KEYS_UNAVAILABLE") from exc
+        if kid is None or any(key.key_id == kid for key in keys):
+            return _pick(keys, kid)
+        try:  # unknown kid: perhaps a rotated key; the client refreshes the set if its cooldown allows
+            return self.client.get_signing_key(kid)
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
+            raise Unauthenticated(f"Token signed with unknown key id {kid!r}.", reason="UNKNOWN_KEY") from exc
+
+
 class Authenticator:
-    """Verifies HS256 tokens with a shared secret and RS256/ES256 tokens with keys from a JWKS file."""
+    """Verifies HS256 tokens with a shared secret, and RS256/ES256 tokens with keys from a JWKS file or URL."""
 
     def __init__(self, *, secret: bytes | None, jwks_file: str | pathlib.Path | None, issuer: str | None,
-                 audience: str | None, tenant_claim: str, leeway: float) -> None:
+                 audience: str | None, tenant_claim: str, leeway: float, jwks_url: str | None = None,
+                 jwks_cache_seconds: float = 300.0, jwks_cooldown_seconds: float = 30.0) -> None:
         self.secret = secret or None
-        self.keys = _load_jwks(pathlib.Path(jwks_file)) if jwks_file else {}
+        self.keys: _KeyFile | _KeyUrl | None = None
+        if jwks_file:
+            self.keys = _KeyFile(pathlib.Path(jwks_file))
+        elif jwks_url:
+            self.keys = _KeyUrl(jwks_url, cache_seconds=jwks_cache_seconds, cooldown_seconds=jwks_cooldown_seconds)
         self.issuer, self.audience = issuer or None, audience or None
         self.tenant_claim, self.leeway = tenant_claim, leeway
+
+    @property
+    def fetches_keys(self) -> bool:
+        """Whether authenticate() may block on the network (a JWKS URL), so callers run it in a thread."""
+        return self.keys is not None and self.keys.fetches
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         token = _bearer_token(metadata)
@@ -49,7 +110,7 @@ class Authenticator:
             raise Unauthenticated("Malformed token: not a JWT.") from exc
         key, algorithms = self._key_for(header)
         options: Options = {"require": ["exp"], "verify_aud": self.audience is not None,
-                                   "verify_iss": self.issuer is not None}
+                            "verify_iss": self.issuer is not None}
         try:
             claims = jwt.decode(token, key, algorithms=algorithms, audience=self.audience, issuer=self.issuer,
                                 leeway=self.leeway, options=options)
@@ -63,28 +124,30 @@ class Authenticator:
             raise Unauthenticated(f"Token issuer is not {self.issuer!r}.", reason="WRONG_ISSUER") from exc
         except jwt.InvalidSignatureError as exc:
             raise Unauthenticated("Token signature is invalid.", reason="BAD_SIGNATURE") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise Unauthenticated(f"Token algorithm {header.get('alg')!r} does not fit its key.",
+                                  reason="BAD_ALGORITHM") from exc
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthenticated(f"Token lacks the {exc.claim!r} claim.") from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"Invalid token: {exc}.") from exc
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. "exp": Infinity, which int() refuses
+            raise Unauthenticated("Invalid token: a claim has a value of the wrong type.") from exc
         tenant = claims.get(self.tenant_claim)
-        if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
+        if not isinstance(tenant, str) or not matches(TENANT, tenant):
             raise Unauthenticated(f"Token has no valid {self.tenant_claim!r} claim naming the tenant.",
                                   reason="NO_TENANT")
-        return Principal(tenant=tenant, scopes=_scopes(claims), subject=claims.get("sub"))
+        subject = claims.get("sub")
+        return Principal(tenant=tenant, scopes=_scopes(claims), subject=subject if isinstance(subject, str) else None)
 
-    def _key_for(self, header: dict[str, Any]) -> tuple[Any, list[str]]:
-        """The key and the one algorithm family it may verify: no HS/RS confusion, never `none`."""
+    def _key_for(self, header: dict[str, Any]) -> tuple[Any, list[str] | None]:
+        """The key and the algorithms it may verify: no HS/RS confusion, never `none`. A JWK carries
+        its own algorithm (from its `alg`, or its key type and curve), which PyJWT holds the token to."""
         algorithm = header.get("alg")
         if algorithm == "HS256" and self.secret is not None:
             return self.secret, ["HS256"]
-        if algorithm in _ASYMMETRIC and self.keys:
-            kid = header.get("kid")
-            key = self.keys.get(kid) if kid is not None else next(iter(self.keys.values())) \
-                if len(self.keys) == 1 else None
-            if key is None:
-                raise Unauthenticated(f"Token signed with unknown key id {kid!r}.", reason="UNKNOWN_KEY")
-            return key, [algorithm]
+        if algorithm in _ASYMMETRIC and self.keys is not None:
+            return self.keys.key(header.get("kid")), None
         raise Unauthenticated(f"Token algorithm {algorithm!r} is not accepted.", reason="BAD_ALGORITHM")
 
 
@@ -109,10 +172,15 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(scopes)
 
 
-def _load_jwks(path: pathlib.Path) -> dict[str | None, Any]:
-    """Public keys by `kid` from a JWKS file (RSA and EC keys)."""
-    try:
-        keyset = jwt.PyJWKSet.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, jwt.PyJWKSetError) as exc:
-        raise ValueError(f"cannot load JWKS file {path}: {exc}") from exc
-    return {key.key_id: key.key for key in keyset.keys}
+def _signing_keys(keyset: jwt.PyJWKSet) -> list[jwt.PyJWK]:
+    """The set's keys usable for signatures (`use` absent or "sig") of an accepted algorithm."""
+    return [key for key in keyset.keys if key.public_key_use in ("sig", None) and key.algorithm_name in _ASYMMETRIC]
+
+
+def _pick(keys: list[jwt.PyJWK], kid: str | None) -> jwt.PyJWK:
+    """The key named by `kid`; without a kid, the only key, if there is just one."""
+    found = [key for key in keys if key.key_id == kid] if kid is not None else keys[:1] if len(keys) == 1 else []
+    if not found:
+        raise Unauthenticated(f"Token signed with unknown key id {kid!r}." if kid is not None else
+                              "Token has no key id (kid) and the key set holds several keys.", reason="UNKNOWN_KEY")
+    return found[0]

@@ -1,7 +1,6 @@
 """Request validation: raw request values in, a validated ExportSpec out, or every violation at once."""
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,12 +15,10 @@ from userexport_server.export.paths import (
     parse_path,
 )
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
+from userexport_server.identifiers import CONNECTION_ID, matches
 
-CONNECTION_ID_PATTERN = r"^con_[A-Za-z0-9]{16}$"
 MAX_FIELDS = 30
 MAX_EXPORT_AS_LENGTH = 100
-
-_CONNECTION_ID = re.compile(CONNECTION_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +51,8 @@ def build_spec(
     """
     violations: list[Violation] = []
     fmt = _format(format, violations)
-    if connection_id and not _CONNECTION_ID.match(connection_id):
-        violations.append(Violation("connection_id", f"must match {CONNECTION_ID_PATTERN}"))
+    if connection_id and not matches(CONNECTION_ID, connection_id):
+        violations.append(Violation("connection_id", f"must match {CONNECTION_ID}"))
     if limit is not None and limit < 1:
         violations.append(Violation("limit", f"must be at least 1, got {limit}"))
     if len(fields) > MAX_FIELDS:
