@@ -133,6 +133,7 @@ class Authenticator:
             raise Unauthenticated(f"Invalid token: {exc}.") from exc
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. "exp": Infinity, which int() refuses
             raise Unauthenticated("Invalid token: a claim has a value of the wrong type.") from exc
+        _check_numeric_dates(claims)
         tenant = claims.get(self.tenant_claim)
         if not isinstance(tenant, str) or not matches(TENANT, tenant):
             raise Unauthenticated(f"Token has no valid {self.tenant_claim!r} claim naming the tenant.",
@@ -161,6 +162,14 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("Authorization metadata must be 'Bearer <token>'.", reason="MALFORMED_TOKEN")
     return token.strip()
+
+
+def _check_numeric_dates(claims: dict[str, Any]) -> None:
+    """RFC 7519 dates are JSON numbers; PyJWT also takes "1700000000" (a string int() accepts)."""
+    for claim in ("exp", "nbf", "iat"):
+        value = claims.get(claim)
+        if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise Unauthenticated(f"Token claim {claim!r} must be a number of seconds since the epoch.")
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

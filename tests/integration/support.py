@@ -84,3 +84,13 @@ def error_reason(error: grpc.RpcError) -> str | None:
             detail.Unpack(info)
             return info.reason
     return None
+
+
+def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[str, Any] | None = None) -> str:
+    """A JWT of any claims, signed as given: PyJWT's jwt.encode refuses some wrong types (a list `iss`),
+    and tests need to send them."""
+    import json
+
+    import jwt
+
+    return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm=algorithm, headers=headers)
