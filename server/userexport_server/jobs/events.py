@@ -74,5 +74,12 @@ class EventBus:
             except RuntimeError:  # the loop is closed: the server is shutting down
                 pass
 
+    def start(self) -> None:
+        """Start background work (the PostgreSQL listener); nothing to do in process."""
+
+    def healthy(self) -> str | None:
+        """Why cross-replica events are not flowing, or None; in process they always flow."""
+        return None
+
     def close(self) -> None:
         """Stop background work (the PostgreSQL listener); nothing to do in process."""

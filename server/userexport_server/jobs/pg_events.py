@@ -3,21 +3,35 @@
 A change is delivered to local watchers at once and announced with NOTIFY; each other replica's
 listener thread reads the job once (only if it has watchers for it) and fans it out locally. Payloads
 carry only ids, so no size limit applies, and the origin, so a replica ignores its own echoes.
+
+Any database role may NOTIFY on the channel, so payloads are untrusted: each is matched whole and
+handled in its own try. The listener never dies: a lost connection is made anew with backoff, and
+after every (re)connect each watched job is read again, since notifications sent meanwhile are gone.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable
 
 import psycopg
 
+from userexport_server.identifiers import JOB_ID
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import Job
+from userexport_server.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 CHANNEL = "userexport_jobs"
+# `<origin>:<job id>:<version>`, as publish() writes it; anything else is dropped.
+PAYLOAD = re.compile(rf"(?P<origin>[0-9a-f]{{12}}):(?P<job_id>{JOB_ID.strip('^$')}):(?P<version>[1-9][0-9]{{0,17}})")
+MAX_PAYLOAD_CHARS = 64
+# Reconnect backoff: quick after a blip, at most this long while the database stays away.
+RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS = 0.2, 5.0
+# How long one wait for notifications lasts; reloads that failed are retried this often.
+TICK_SECONDS = 0.5
 
 
 class PgEventBus(EventBus):
@@ -30,10 +44,21 @@ class PgEventBus(EventBus):
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
+        self._problem: str | None = "event listener not started"
+        self._stale: set[str] = set()  # watched jobs whose reload failed; retried every tick
+        self._limited_log = RateLimitedLog(log, limit=1)  # hostile payloads must not fill the disk
         self._thread = threading.Thread(target=self._listen_forever, name="pg-listener", daemon=True)
+
+    def start(self, ready_timeout: float = 5.0) -> None:
+        """Start listening; waits a moment for the first LISTEN so health starts out true."""
         self._thread.start()
-        if not self._ready.wait(10):
-            log.warning("pg listener not ready after 10 s; watchers on other replicas' jobs may lag")
+        if not self._ready.wait(ready_timeout):
+            log.warning("pg listener not ready after %.0f s; health says so until it is", ready_timeout)
+
+    def healthy(self) -> str | None:
+        if not self._thread.is_alive():
+            return "event listener thread is not running"
+        return self._problem
 
     def publish(self, job: Job) -> None:
         self.deliver(job)
@@ -42,7 +67,7 @@ class PgEventBus(EventBus):
             for attempt in (1, 2):
                 try:
                     if self._publisher is None or self._publisher.closed:
-                        self._publisher = psycopg.connect(self.dsn, autocommit=True)
+                        self._publisher = self._connect()
                     self._publisher.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
                     return
                 except psycopg.OperationalError as exc:
@@ -52,49 +77,91 @@ class PgEventBus(EventBus):
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         with self._publish_lock:
             if self._publisher is not None:
                 self._publisher.close()
 
+    def _connect(self) -> psycopg.Connection:
+        """Bounded connect; TCP keepalives notice a vanished database even when no notification is due."""
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, keepalives=1, keepalives_idle=10,
+                               keepalives_interval=5, keepalives_count=3)
+
     def _listen_forever(self) -> None:
-        delay = 0.5
+        """Returns only on close(): every error is logged and the connection made anew, with backoff."""
+        delay = RETRY_FIRST_SECONDS
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                with self._connect() as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if self._problem is not None:
+                        log.info("pg listener listening channel=%s origin=%s", CHANNEL, self.origin)
+                    self._problem = None
                     self._ready.set()
+                    delay = RETRY_FIRST_SECONDS
                     self._resync()
-                    delay = 0.5
                     while not self._stop.is_set():
-                        for notification in conn.notifies(timeout=0.5):
+                        for notification in conn.notifies(timeout=TICK_SECONDS):
                             self._handle(notification.payload)
+                        self._retry_stale()
             except psycopg.Error as exc:
-                log.warning("pg listener lost its connection error=%s retry_in=%.1fs", exc, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                error = " ".join(str(exc).split())  # libpq's messages span lines; a log line must not
+                self._problem = f"event listener has no database connection: {error}"
+                log.warning("pg listener lost its connection error=%s retry_in=%.1fs", error, delay)
+            except Exception as exc:
+                self._problem = f"event listener failed: {exc!r}"
+                log.exception("pg listener failed retry_in=%.1fs", delay)
+            if self._stop.wait(delay):
+                break
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+        self._problem = "event listener stopped"
 
     def _handle(self, payload: str) -> None:
-        origin, job_id, version = payload.split(":")
-        if origin == self.origin:
-            return
-        if version == "1" and self.on_created is not None:
-            self.on_created()
-        if self.watcher_count(job_id):
-            self._reload(job_id)
+        """One notification; whatever goes wrong with it stays with it."""
+        try:
+            found = PAYLOAD.fullmatch(payload) if len(payload) <= MAX_PAYLOAD_CHARS else None
+            if found is None:
+                self._limited_log.log(logging.WARNING, "malformed", "pg listener dropped a malformed notification "
+                                      "channel=%s payload=%r length=%d", CHANNEL, payload[:MAX_PAYLOAD_CHARS],
+                                      len(payload))
+                return
+            if found["origin"] == self.origin:
+                return
+            if found["version"] == "1" and self.on_created is not None:
+                self.on_created()
+            if self.watcher_count(found["job_id"]):
+                self._reload(found["job_id"])
+        except Exception as exc:
+            self._limited_log.log(logging.ERROR, "handle", "pg listener could not handle a notification payload=%r",
+                                  payload[:MAX_PAYLOAD_CHARS], exc_info=exc)
 
     def _resync(self) -> None:
-        """After (re)connecting, notifications may have been missed: refresh every watched job."""
+        """After (re)connecting, notifications may have been missed: refresh every watched job, so no
+        watcher misses a transition (above all the terminal one) that happened while we were away."""
         with self._lock:
             watched = list(self._subscriptions)
         for job_id in watched:
             self._reload(job_id)
 
+    def _retry_stale(self) -> None:
+        with self._lock:
+            self._stale.intersection_update(self._subscriptions)  # nobody watches the others any more
+            stale = list(self._stale)
+        for job_id in stale:
+            self._reload(job_id)
+
     def _reload(self, job_id: str) -> None:
+        """Read the job and hand it to its watchers; if the read fails, it is retried next tick."""
         try:
             job = self.load(job_id)
-        except Exception:
-            log.exception("reloading a job for its watchers failed job_id=%s", job_id)
+        except Exception as exc:
+            with self._lock:
+                self._stale.add(job_id)
+            self._limited_log.log(logging.WARNING, "reload", "reloading a job for its watchers failed job_id=%s "
+                                  "error=%r retry_in=%.1fs", job_id, exc, TICK_SECONDS)
             return
+        with self._lock:
+            self._stale.discard(job_id)
         if job is not None:
             self.deliver(job)

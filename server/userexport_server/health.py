@@ -1,0 +1,115 @@
+"""The health monitor: turns what is really alive into grpc.health.v1 statuses.
+
+Orchestrators (and the Dockerfile HEALTHCHECK through `userexport-server health`) only learn of a
+dead worker pool, an unreachable database or a dead event listener from health, so every few
+moments each part is asked, and the status of the whole server and of each service follows.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from grpc_health.v1 import health, health_pb2
+from sqlalchemy import Engine, text
+
+log = logging.getLogger(__name__)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+# A check that takes longer than this counts as failed (a database that hangs is as bad as a dead one).
+CHECK_TIMEOUT_SECONDS = 3.0
+
+Check = Callable[[], str | None]
+
+
+def database_problem(engine: Engine) -> str | None:
+    """Why the database cannot be used, or None: a cheap round trip through the engine's pool."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        first_line = next(iter(str(exc).splitlines()), "")
+        return f"unreachable: {type(exc).__name__}: {first_line}"
+    return None
+
+
+class HealthMonitor:
+    """Every `interval` seconds runs `checks` (name -> reason it is down, or None) off the loop and
+    sets `services` SERVING when none reports a reason, NOT_SERVING otherwise."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, services: Sequence[str], checks: Mapping[str, Check],
+                 interval: float) -> None:
+        self.servicer, self.services, self.checks, self.interval = servicer, tuple(services), dict(checks), interval
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: asyncio.Future[list[str]] | None = None
+        self._status: int | None = None
+        self._failing: frozenset[str] = frozenset()
+        self._last_error = ""
+
+    async def start(self) -> None:
+        """Checks once before returning, so the first answer is already the truth; then keeps checking."""
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="health")
+        await self._check_once()
+        self._task = asyncio.create_task(self._run(), name="health-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._check_once()
+
+    async def _check_once(self) -> None:
+        """One round; the monitor's own errors are logged (once per distinct error) and never end it."""
+        try:
+            reasons = await self._reasons()
+            await self._apply(reasons)
+            self._last_error = ""
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if repr(exc) != self._last_error:
+                log.exception("health check round failed error=%r", exc)
+            self._last_error = repr(exc)
+
+    async def _reasons(self) -> list[str]:
+        """Reasons the server is down; a round still stuck in a check from before counts as one."""
+        assert self._executor is not None
+        if self._running is None or self._running.done():
+            self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._ask_all)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._running), CHECK_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return [f"checks: no answer within {CHECK_TIMEOUT_SECONDS:.0f} s (database or listener hanging)"]
+
+    def _ask_all(self) -> list[str]:
+        reasons = []
+        for name, check in self.checks.items():
+            try:
+                reason = check()
+            except Exception as exc:
+                reason = f"check failed: {exc!r}"
+            if reason is not None:
+                reasons.append(f"{name}: {reason}")
+        return reasons
+
+    async def _apply(self, reasons: list[str]) -> None:
+        status = NOT_SERVING if reasons else SERVING
+        failing = frozenset(reason.split(":", 1)[0] for reason in reasons)
+        if status != self._status or failing != self._failing:
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            (log.warning if reasons else log.info)("health changed status=%s reasons=%s", name,
+                                                   "; ".join(reasons) or "none")
+            for service in self.services:
+                await self.servicer.set(service, status)
+            self._status, self._failing = status, failing
