@@ -12,8 +12,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.harness import ServerHandle
+from tests.harness import ServerHandle, new_tenant
 from tests.integration.pg_faults import connections_refused, eventually, terminate_all, terminate_listeners
+from tests.integration.support import Caller
+from tests.integration.test_read_starvation import retry_delay
+from userexport.v1 import users_export_pb2 as pb
 from userexport_server.app import SERVICE_NAME
 from userexport_server.health import HealthMonitor
 
@@ -59,19 +62,27 @@ def test_dead_workers_make_health_not_serving_and_the_health_command_exit_1(
 def test_database_refusing_connections_makes_health_not_serving_until_it_is_back(
         make_server, backend: str, caplog: pytest.LogCaptureFixture) -> None:
     """ALTER DATABASE .. ALLOW_CONNECTIONS false and every server connection terminated: the
-    database check and the listener fail, health is NOT_SERVING; connections allowed again, the
-    pool and the listener reconnect and health is SERVING."""
+    database check and the listener fail, health is NOT_SERVING, and a GetJob meanwhile is
+    UNAVAILABLE with a RetryInfo (not INTERNAL); connections allowed again, the pool and the
+    listener reconnect, health is SERVING and the job reads again."""
     if backend != "postgresql":
         pytest.skip("refusing connections is a PostgreSQL fault")
     caplog.set_level(logging.INFO, logger="userexport_server")
-    server = make_server(**FAST)
+    server = make_server(workers=0, **FAST)
     url = server.settings.database_url
+    caller = Caller(server, new_tenant())
+    job = caller.create(format=pb.ExportRequest.CSV)
     with connections_refused(url):
         terminate_all(url)
         eventually(lambda: statuses(server) == {NOT_SERVING}, "health turning NOT_SERVING")
         eventually(lambda: "database: unreachable" in caplog.text, "the database reason being logged")
+        with pytest.raises(grpc.RpcError) as refused:
+            caller.get(job.id)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert retry_delay(refused.value) == 1.0
     eventually(lambda: statuses(server) == {SERVING}, "health turning SERVING again")
     assert "health changed status=SERVING" in caplog.text
+    assert caller.get(job.id).id == job.id
 
 
 def test_event_listener_down_makes_health_not_serving_until_it_reconnects(
