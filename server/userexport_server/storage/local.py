@@ -8,30 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import hmac
-import http.server
 import logging
 import math
 import os
 import pathlib
-import shutil
-import socket
-import socketserver
 import tempfile
-import threading
 import time
 import urllib.parse
-from typing import Any, BinaryIO
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
 
 from userexport_server.errors import StorageError
-from userexport_server.storage.base import ObjectExistsError, validate_key, validate_writer_args
+from userexport_server.private_files import make_private_dirs
+from userexport_server.storage.base import ObjectExistsError, StoredEntry, validate_key, validate_writer_args
+from userexport_server.storage.download_server import PREFIX, DownloadLimits, DownloadServer
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "/files/"
-_COPY_CHUNK = 1024 * 1024
+# What marks a writer's unfinished file: `.<name>.tmp-<random>`, next to where the file goes.
+_PARTIAL = ".tmp-"
 
 
 class LocalStorage:
@@ -41,24 +38,18 @@ class LocalStorage:
     address (a proxy, a published port); by default it is http://<bound host>:<bound port>.
     """
 
-    def __init__(self, root: pathlib.Path, secret: bytes, listen: str, public_url: str = "") -> None:
+    def __init__(self, root: pathlib.Path, secret: bytes, listen: str, public_url: str = "",
+                 limits: DownloadLimits | None = None) -> None:
         self.root = root
         self._secret = secret
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.root)
         self._real_root = root.resolve()
-        host, port = _parse_listen(listen)
-        server_class = _Server6 if ":" in host else _Server
-        try:
-            self._server = server_class((host, port), functools.partial(_DownloadHandler, storage=self))
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve file downloads on {listen}: {exc.strerror}") from exc
-        bound_host, bound_port = self._server.server_address[:2]
+        self._server = DownloadServer(listen, self._authorize, self._open_for_download,
+                                      limits or DownloadLimits())
+        self._server.start()
+        bound_host, bound_port = self._server.address
         self.port: int = bound_port
         self.base_url = (public_url or f"http://{_url_host(str(bound_host))}:{bound_port}").rstrip("/")
-        # poll_interval bounds how long close() waits for the serving loop to notice.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="local-files-http", daemon=True)
-        self._thread.start()
         log.info("local storage serving root=%s listen=%s:%d base_url=%s", root, bound_host, bound_port,
                  self.base_url)
 
@@ -70,20 +61,26 @@ class LocalStorage:
         validate_key(key)
         expires = math.ceil(time.time()) + ttl_seconds  # whole seconds, never shorter than asked
         query = urllib.parse.urlencode({"expires": expires, "signature": self._signature(key, str(expires))})
-        return (f"{self.base_url}{_PREFIX}{key}?{query}",
+        return (f"{self.base_url}{PREFIX}{key}?{query}",
                 dt.datetime.fromtimestamp(expires, dt.UTC))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def sweep(self, keep: Callable[[StoredEntry], bool]) -> int:
+        """See Storage.sweep: regular files and `.tmp-` partial files in `<tenant>/<job id>/` folders."""
+        now, removed = time.time(), 0
+        for tenant_dir in _folders(self.root, required=True):
+            for job_dir in _folders(tenant_dir):
+                removed += _sweep_job_folder(tenant_dir.name, job_dir, keep, now)
+            removed += _remove_empty_folder(tenant_dir)
+        return removed
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join()
-        self._server.server_close()
+        self._server.stop()
 
     def _path(self, key: str) -> pathlib.Path:
         return self.root / validate_key(key)
@@ -91,7 +88,7 @@ class LocalStorage:
     def _signature(self, key: str, expires: str) -> str:
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def _authorize(self, key: str, query: dict[str, list[str]]) -> str | None:
+    def _authorize(self, key: str, query: Mapping[str, list[str]]) -> str | None:
         """Why a download must be refused (None: it may proceed)."""
         expires, signature = query.get("expires", [""])[0], query.get("signature", [""])[0]
         expected = self._signature(key, expires)
@@ -121,8 +118,8 @@ class LocalWriter:
     def __init__(self, path: pathlib.Path) -> None:
         self._path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            make_private_dirs(path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_PARTIAL}", dir=path.parent)
         except OSError as exc:
             raise _storage_error("creating", path, exc) from exc
         self._tmp = pathlib.Path(tmp)
@@ -162,87 +159,72 @@ class LocalWriter:
             log.warning("removing an aborted upload failed path=%s error=%s", self._tmp, exc)
 
 
-class _DownloadHandler(http.server.BaseHTTPRequestHandler):
-    """GET/HEAD `/files/<key>?expires=..&signature=..`: streams the file, never reading it whole."""
-
-    server_version = "userexport-files"
-    timeout = 60  # seconds a stalled client may hold its thread
-
-    def __init__(self, *args: Any, storage: LocalStorage, **kwargs: Any) -> None:
-        self.storage = storage
-        super().__init__(*args, **kwargs)
-
-    def do_GET(self) -> None:
-        self._download(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._download(send_body=False)
-
-    def _download(self, send_body: bool) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        if not url.path.startswith(_PREFIX):
-            self._reply_text(404, "not found")
-            return
-        # The key is taken verbatim, not percent-decoded: valid keys need no encoding, and an
-        # encoded "..%2F" then simply fails validation.
-        key = url.path[len(_PREFIX):]
-        refusal = self.storage._authorize(key, urllib.parse.parse_qs(url.query))
-        if refusal is not None:
-            self._reply_text(403, refusal)
-            return
-        file = self.storage._open_for_download(key)
-        if file is None:
-            self._reply_text(404, "file not found")
-            return
-        with file:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/gzip")
-            self.send_header("Content-Length", str(os.fstat(file.fileno()).st_size))
-            self.send_header("Content-Disposition", f'attachment; filename="{key.rsplit("/", 1)[-1]}"')
-            self.send_header("Cache-Control", "private, no-store")
-            self.end_headers()
-            if send_body:
-                try:
-                    shutil.copyfileobj(file, self.wfile, _COPY_CHUNK)
-                except (BrokenPipeError, ConnectionResetError):
-                    log.debug("download interrupted by client key=%s", key)
-
-    def _reply_text(self, status: int, message: str) -> None:
-        body = (message + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("files http client=%s " + format, self.address_string(), *args)
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 128  # the default listen backlog of 5 drops bursts of downloads for a second
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can stall on a slow resolver.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    """"host:port" or "[v6 host]:port"."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"files listen address {listen!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _folders(parent: pathlib.Path, required: bool = False) -> list[pathlib.Path]:
+    """The sub-folders of `parent` whose names are valid key segments (symlinks are not followed)."""
+    try:
+        with os.scandir(parent) as entries:
+            names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:  # removed meanwhile
+        if required:
+            raise StorageError("The storage folder is missing.") from None
+        return []
+    except OSError as exc:
+        raise _storage_error("listing", parent, exc) from exc
+    return [parent / name for name in names if _is_segment(name)]
+
+
+def _sweep_job_folder(tenant: str, job_dir: pathlib.Path, keep: Callable[[StoredEntry], bool], now: float) -> int:
+    removed = 0
+    try:
+        with os.scandir(job_dir) as listing:
+            entries = [(e.name, e.stat(follow_symlinks=False).st_mtime)
+                       for e in listing if e.is_file(follow_symlinks=False)]
+    except OSError as exc:  # vanished or unreadable: the next sweep looks again
+        log.warning("sweep could not list a job folder path=%s error=%s", job_dir, exc)
+        return 0
+    for name, modified in entries:
+        partial = name.startswith(".") and _PARTIAL in name
+        if not (partial or _is_segment(name)):
+            continue
+        if not keep(StoredEntry(tenant, job_dir.name, name, partial, now - modified)):
+            try:
+                (job_dir / name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("sweep could not delete a file path=%s error=%s", job_dir / name, exc)
+                continue
+            log.info("orphan file deleted tenant=%s job_id=%s file=%s partial=%s", tenant, job_dir.name, name, partial)
+            removed += 1
+    try:
+        with os.scandir(job_dir) as listing:
+            empty = next(listing, None) is None
+        modified = job_dir.stat().st_mtime
+    except OSError:
+        return removed
+    if empty and not keep(StoredEntry(tenant, job_dir.name, None, False, now - modified)):
+        removed += _remove_empty_folder(job_dir)
+    return removed
+
+
+def _remove_empty_folder(folder: pathlib.Path) -> int:
+    """1 if `folder` was empty and is gone; a folder just written into stays (rmdir refuses it)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        return 0
+    log.info("empty folder removed path=%s", folder)
+    return 1
+
+
+def _is_segment(name: str) -> bool:
+    try:
+        validate_key(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
