@@ -87,10 +87,17 @@ def error_reason(error: grpc.RpcError) -> str | None:
 
 
 def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[str, Any] | None = None) -> str:
-    """A JWT of any claims, signed as given: PyJWT's jwt.encode refuses some wrong types (a list `iss`),
-    and tests need to send them."""
+    """A JWT of any claims and header values, signed as given: PyJWT's encoders refuse some wrong types
+    (a list `iss`, a number `kid`), and tests need to send them."""
+    import base64
     import json
 
     import jwt
 
-    return jwt.api_jws.encode(json.dumps(claims).encode(), key, algorithm=algorithm, headers=headers)
+    def segment(value: dict[str, Any]) -> bytes:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
+
+    signer = jwt.algorithms.get_default_algorithms()[algorithm]
+    signing_input = segment({"alg": algorithm, "typ": "JWT", **(headers or {})}) + b"." + segment(claims)
+    signature = base64.urlsafe_b64encode(signer.sign(signing_input, signer.prepare_key(key))).rstrip(b"=")
+    return (signing_input + b"." + signature).decode()
