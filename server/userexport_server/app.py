@@ -50,7 +50,9 @@ class App:
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
                                   lease_seconds=settings.lease_seconds, attempts=settings.job_attempts) \
             if settings.workers > 0 else None
-        self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds)
+        self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
+                             orphan_grace=settings.orphan_grace_seconds,
+                             sweep_interval=settings.orphan_sweep_interval_seconds)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(self.health, ("", SERVICE_NAME), {
             **({"workers": self.workers.healthy} if self.workers is not None else {}),

@@ -6,15 +6,26 @@ directory, the gRPC API on 127.0.0.1:50051 and signed downloads on 127.0.0.1:500
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import pathlib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy.exc
+from sqlalchemy.engine import make_url
+
 from userexport_server.db.engine import Timeouts
+from userexport_server.listen import parse_listen
 
 PREFIX = "USEREXPORT_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used as given; the message names its environment variable."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,11 @@ class Settings:
     # Local backend: where its download endpoint listens, and the base URL put into signed URLs.
     files_listen: str = "127.0.0.1:50052"
     files_public_url: str = ""
+    # Local download endpoint bounds: the whole request head must arrive within this (slowloris),
+    # each body chunk must be taken by the client within this, at most this many connections.
+    files_head_timeout_seconds: float = 10.0
+    files_write_timeout_seconds: float = 30.0
+    files_max_connections: int = 512
     # GCS backend.
     gcs_bucket: str = ""
     gcs_endpoint: str = ""
@@ -68,6 +84,8 @@ class Settings:
     # `.tmp-` file this fresh may be another replica's running export. An hour is far more than any
     # export goes without writing a byte.
     orphan_grace_seconds: float = 3600.0
+    # How often the reaper sweeps storage for orphans (it also sweeps once at start).
+    orphan_sweep_interval_seconds: float = 600.0
     max_active_jobs_per_tenant: int = 2
     # Bytes of completed export files one tenant may keep (0: no limit); more is RESOURCE_EXHAUSTED.
     max_retained_bytes_per_tenant: int = 5 * 1024**3
@@ -85,6 +103,11 @@ class Settings:
     jwt_leeway_seconds: int = 30
     # Largest request message accepted, in bytes.
     max_request_bytes: int = 64 * 1024
+    # TLS on the gRPC port (PEM files): a certificate (chain) and its key turn it on; a client CA
+    # also requires every client to present a certificate it signed (mutual TLS). Empty: plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     # Seconds a SIGTERM waits for running exports before handing them back.
     shutdown_grace_seconds: float = 20.0
     log_level: str = "INFO"
@@ -108,7 +131,108 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f.type, raw, f.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that cannot work, so a bad deployment stops
+        at startup with one line instead of failing later (or half working)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                _check_number(f.name, value)
+        for name in ("listen", "files_listen"):
+            try:
+                parse_listen(getattr(self, name))
+            except ValueError as exc:
+                raise _error(name, getattr(self, name), str(exc).split(" ", 1)[1]) from None
+        if self.storage not in ("local", "gcs"):
+            raise _error("storage", self.storage, "must be 'local' or 'gcs'")
+        if self.storage == "gcs" and not self.gcs_bucket:
+            raise _error("gcs_bucket", "", f"must be set when {PREFIX}STORAGE=gcs")
+        if self.files_public_url:
+            url = urllib.parse.urlsplit(self.files_public_url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise _error("files_public_url", self.files_public_url, "must be an http:// or https:// URL")
+        _check_database_url(self.database_url)
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise _error("log_level", self.log_level, "must be DEBUG, INFO, WARNING or ERROR")
+        _check_data_dir(self.data_dir)
+        for name in ("jwt_jwks_file", "gcs_credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            _check_readable(name, getattr(self, name))
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            set_, unset = ("tls_cert_file", "tls_key_file") if self.tls_cert_file else ("tls_key_file", "tls_cert_file")
+            raise _error(unset, "", f"must be set with {PREFIX}{set_.upper()} (TLS needs a certificate and its key)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise _error("tls_cert_file", "", f"must be set with {PREFIX}TLS_CLIENT_CA_FILE (mutual TLS is TLS)")
+        for name, marker in (("tls_cert_file", b"-----BEGIN CERTIFICATE-----"),
+                             ("tls_client_ca_file", b"-----BEGIN CERTIFICATE-----"),
+                             ("tls_key_file", b"PRIVATE KEY-----")):
+            path = getattr(self, name)
+            if path and marker not in pathlib.Path(path).read_bytes():
+                raise _error(name, path, f"is not a PEM file (no {marker.decode().strip('-')} in it)")
+
+
+# Numbers that must be above zero, and numbers with a range; every other number must be >= 0.
+_POSITIVE = frozenset({
+    "url_ttl_seconds", "db_busy_timeout_seconds", "db_statement_timeout_seconds", "db_pool_timeout_seconds",
+    "api_read_threads", "api_write_threads", "health_interval_seconds", "poll_interval_seconds", "lease_seconds",
+    "job_ttl_seconds", "job_timeout_seconds", "reaper_interval_seconds", "job_attempts",
+    "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "jwt_jwks_cache_seconds", "max_request_bytes",
+    "files_head_timeout_seconds", "files_write_timeout_seconds", "files_max_connections",
+})
+_RANGES: dict[str, tuple[int, int]] = {
+    "gzip_level": (1, 9),
+    "url_ttl_seconds": (1, 7 * 24 * 3600),  # V4 signed URLs live at most 7 days
+}
+
+
+def _check_number(name: str, value: float) -> None:
+    low, high = _RANGES.get(name, (0, None))
+    if not math.isfinite(value):
+        raise _error(name, value, "must be a finite number")
+    if name in _POSITIVE and value <= 0:
+        raise _error(name, value, "must be greater than 0")
+    if value < low or (high is not None and value > high):
+        raise _error(name, value, f"must be {low}..{high}" if high is not None else f"must be at least {low}")
+
+
+def _check_database_url(url: str) -> None:
+    if not url:
+        return
+    try:
+        backend = make_url(url).get_backend_name()
+    except sqlalchemy.exc.ArgumentError:
+        raise _error("database_url", "<hidden>", "is not a database URL (postgresql://user@host:5432/db)") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise _error("database_url", f"{backend}://...", "must be a postgresql:// or sqlite:/// URL")
+
+
+def _check_data_dir(path: pathlib.Path) -> None:
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise _error("data_dir", path, f"cannot be used: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _error("data_dir", path, f"cannot be used: {existing} is not writable by this user")
+
+
+def _check_readable(name: str, path: str) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise _error(name, path, f"cannot be read: {exc.strerror or exc}") from None
+
+
+def _error(name: str, value: Any, problem: str) -> ConfigError:
+    shown = f"={value}" if value != "" else ""
+    return ConfigError(f"{PREFIX}{name.upper()}{shown} {problem}")
 
 
 def _convert(type_name: Any, raw: str, name: str) -> Any:
@@ -120,6 +244,6 @@ def _convert(type_name: Any, raw: str, name: str) -> Any:
             return float(raw)
         if "Path" in kind:
             return pathlib.Path(raw)
-    except ValueError as exc:
-        raise ValueError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from exc
+    except ValueError:
+        raise _error(name, raw, f"is not {'an integer' if kind == 'int' else 'a number'}") from None
     return raw

@@ -1,18 +1,35 @@
-"""The reaper: times out stuck exports, expires jobs after their lifetime, deletes files, purges."""
+"""The reaper: times out stuck exports, expires jobs after their lifetime, deletes files, purges, and
+sweeps storage for orphans (partial files of killed processes, files of jobs gone or finished).
+
+No step holds a transaction while it deletes files, and each step's error is logged and retried
+at the next round, so one failure neither stops the others nor kills the thread.
+"""
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 
+from userexport_server.jobs.files import delete_export_file
+from userexport_server.jobs.model import ACTIVE, Job, JobStatus
 from userexport_server.jobs.store import JobStore
-from userexport_server.storage.base import Storage
+from userexport_server.storage.base import Storage, StoredEntry
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, store: JobStore, storage: Storage, interval: float) -> None:
+    """Rounds every `interval` seconds, the first at start; the orphan sweep in the first round and
+    then every `sweep_interval` seconds. A partial file younger than `orphan_grace` seconds (by its
+    last write) is kept while its job is pending or processing: it may be another replica's
+    running export."""
+
+    def __init__(self, store: JobStore, storage: Storage, interval: float, *, orphan_grace: float = 3600.0,
+                 sweep_interval: float = 600.0) -> None:
         self.store, self.storage, self.interval = store, storage, interval
+        self.orphan_grace, self.sweep_interval = orphan_grace, sweep_interval
+        self._next_sweep = 0.0  # monotonic: the first round sweeps
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
 
@@ -24,15 +41,68 @@ class Reaper:
         self._thread.join()
 
     def run_once(self) -> None:
-        self.store.fail_timed_out()
-        for job in self.store.expire_due():
-            if job.storage_key:
-                self.storage.delete(job.storage_key)
-        self.store.purge_expired()
+        steps: tuple[tuple[str, Callable[[], object]], ...] = (
+            ("timeouts", self.store.fail_timed_out), ("expiry", self.store.expire_due),
+            ("file deletes", self.delete_expired_files), ("purge", self.store.purge_expired),
+            ("orphan sweep", self._sweep_when_due))
+        for name, step in steps:
+            try:
+                step()
+            except Exception:  # a database or storage hiccup: the next round retries this step
+                log.exception("reaper step failed step=%s", name)
+
+    def delete_expired_files(self) -> int:
+        """Delete the files of expired and revoked jobs; one that fails keeps its key and is retried."""
+        return sum(delete_export_file(self.store, self.storage, job) for job in self.store.expired_with_files())
+
+    def sweep(self) -> int:
+        """Remove what no job needs (see `_keep`); returns how many files and folders went."""
+        removed = self.storage.sweep(self._keeper())
+        if removed:
+            log.info("orphan sweep removed count=%d", removed)
+        return removed
+
+    def _sweep_when_due(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.sweep_interval
+            self.sweep()
+
+    def _keeper(self) -> Callable[[StoredEntry], bool]:
+        """The sweep's rule, with each job read once per sweep (terminal states never change back,
+        and an active job read as active is only kept, so a stale answer is always the safe one)."""
+        jobs: dict[tuple[str, str], Job | None] = {}
+
+        def keep(entry: StoredEntry) -> bool:
+            if (entry.tenant, entry.job_id) not in jobs:
+                jobs[entry.tenant, entry.job_id] = self.store.get(entry.tenant, entry.job_id)
+            return _keep(entry, jobs[entry.tenant, entry.job_id], self.orphan_grace)
+
+        return keep
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
             try:
                 self.run_once()
-            except Exception:  # a database hiccup must not kill the reaper; the next round retries
+            except Exception:  # run_once catches per step; this only guards the thread itself
                 log.exception("reaper round failed")
+            if self._stop.wait(self.interval):
+                return
+
+
+def _keep(entry: StoredEntry, job: Job | None, orphan_grace: float) -> bool:
+    """Whether the sweep leaves `entry` alone.
+
+    An empty job folder: while its job may still write into it (pending or processing). A partial
+    file: the same, and only for `orphan_grace` seconds after its last write (a killed process's
+    file of a job that was then rescued). A file: while its job is active (a committed file whose
+    `complete` is being written), or is the job's file (completed, or expired with the delete
+    still to do, which delete_expired_files owns). Anything of a job that is gone, failed or
+    cancelled goes.
+    """
+    active = job is not None and job.status in ACTIVE
+    if entry.name is None:
+        return active
+    if entry.partial:
+        return active and entry.age_seconds < orphan_grace
+    return job is not None and (active or (job.status in (JobStatus.COMPLETED, JobStatus.EXPIRED)
+                                           and job.storage_key == entry.key))

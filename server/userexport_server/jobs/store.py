@@ -238,21 +238,24 @@ class JobStore:
     # --- reaper --------------------------------------------------------------------------------
 
     def expire_due(self) -> builtins.list[Job]:
-        """Expire jobs past their lifetime; returns them (with the storage key whose file must go)."""
+        """Expire jobs past their lifetime; returns them. They keep their storage key until the file
+        is deleted (jobs/files.py), so a failed delete is retried rather than forgotten."""
         now = now_utc()
-        expired: builtins.list[tuple[Job, str | None]] = []
         with write_transaction(self.engine) as conn:
-            due = conn.execute(select(jobs.c.id, jobs.c.storage_key).where(
+            due = conn.execute(select(jobs.c.id).where(
                 jobs.c.expires_at <= now, jobs.c.status != JobStatus.EXPIRED.value)
-                .with_for_update(skip_locked=True)).all()
-            for job_id, key in due:
-                row = self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "storage_key": None,
-                                                  "lease_owner": None, "lease_expires_at": None,
-                                                  "time_left_seconds": None})
-                expired.append((Job.from_row(row), key))
-        for job, _ in expired:
-            self._published_job(job, "job expired")
-        return [job.evolve(storage_key=key) for job, key in expired]
+                .with_for_update(skip_locked=True)).scalars().all()
+            rows = [self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
+                                                "lease_expires_at": None, "time_left_seconds": None})
+                    for job_id in due]
+        return [self._published(row, "job expired") for row in rows]
+
+    def expired_with_files(self, limit: int = 1000) -> builtins.list[Job]:
+        """Expired (or revoked) jobs whose file is not deleted yet: just expired, or a delete failed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.EXPIRED.value,
+                                                   jobs.c.storage_key.is_not(None)).limit(limit)).all()
+        return [Job.from_row(row) for row in rows]
 
     def fail_timed_out(self) -> builtins.list[Job]:
         """Fail jobs processing longer than the timeout; their workers see it at the next progress step."""
@@ -270,11 +273,12 @@ class JobStore:
         return [self._published(row, "job timed out") for row in rows]
 
     def purge_expired(self) -> int:
-        """Delete expired jobs once their retention period is over."""
+        """Delete expired jobs once their retention period is over, and their file is gone (a job
+        whose file could not be deleted yet stays, so its key is not lost)."""
         cutoff = now_utc() - self.limits.expired_retention
         with write_transaction(self.engine) as conn:
             result = conn.execute(delete(jobs).where(jobs.c.status == JobStatus.EXPIRED.value,
-                                                     jobs.c.expires_at <= cutoff))
+                                                     jobs.c.expires_at <= cutoff, jobs.c.storage_key.is_(None)))
         if result.rowcount:
             log.info("jobs purged count=%d", result.rowcount)
         return result.rowcount

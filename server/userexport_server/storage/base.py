@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from userexport_server.errors import StorageError
@@ -31,6 +33,25 @@ class ObjectWriter(Protocol):
     def abort(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """One thing the orphan sweep found under `<tenant>/<job id>/`, for the caller to keep or not.
+
+    `name` is the file's name in the job's folder, None for the (empty) folder itself; `partial`
+    marks an unfinished upload a writer left behind (the local backend's `.tmp-` files).
+    """
+
+    tenant: str
+    job_id: str
+    name: str | None
+    partial: bool
+    age_seconds: float  # since its last modification
+
+    @property
+    def key(self) -> str | None:
+        return None if self.name is None or self.partial else f"{self.tenant}/{self.job_id}/{self.name}"
+
+
 class Storage(Protocol):
     def open_writer(self, key: str, filename: str) -> ObjectWriter:
         """Start writing object `key`; `filename` is what the downloader's file is called."""
@@ -45,6 +66,17 @@ class Storage(Protocol):
         ...
 
     def exists(self, key: str) -> bool: ...
+
+    def sweep(self, keep: Callable[[StoredEntry], bool]) -> int:
+        """Delete every file under `<tenant>/<job id>/` that `keep` refuses, then every empty job
+        folder that `keep` refuses and every empty tenant folder; return how many were removed.
+
+        Each folder is listed before `keep` is asked about what is in it, so a file written after
+        the answer is never seen. Anything of another shape (not a valid key, a directory where a
+        file belongs) is left alone. Raises StorageError when the listing fails; a failed delete
+        is logged and skipped (the next sweep tries again).
+        """
+        ...
 
     def close(self) -> None:
         """Release sockets and threads (the local backend's HTTP server)."""

@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import google.auth
@@ -24,7 +25,7 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from userexport_server.errors import StorageError
-from userexport_server.storage.base import ObjectExistsError, validate_key, validate_writer_args
+from userexport_server.storage.base import ObjectExistsError, StoredEntry, validate_key, validate_writer_args
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,35 @@ class GcsStorage:
     def delete(self, key: str) -> None:
         with contextlib.suppress(NotFound):
             self._bucket.blob(validate_key(key)).delete()
+
+    def sweep(self, keep: Callable[[StoredEntry], bool]) -> int:
+        """See Storage.sweep. Objects only: unfinished resumable uploads are no objects (GCS drops
+        them after a week), and folders do not exist."""
+        now, removed = dt.datetime.now(dt.UTC), 0
+        try:
+            blobs = [(b.name, b.updated) for b in self._client.list_blobs(self._bucket)]
+        except _TRANSFER_ERRORS as exc:
+            log.error("gcs listing failed bucket=%s error=%r", self._bucket.name, exc)
+            raise StorageError("Listing the Cloud Storage bucket failed.") from exc
+        for name, updated in blobs:
+            parts = name.split("/")
+            if len(parts) != 3:
+                continue
+            try:
+                validate_key(name)
+            except ValueError:
+                continue
+            age = (now - updated).total_seconds() if updated else 0.0
+            if keep(StoredEntry(parts[0], parts[1], parts[2], False, age)):
+                continue
+            try:
+                self.delete(name)
+            except _TRANSFER_ERRORS as exc:
+                log.warning("sweep could not delete an object bucket=%s key=%s error=%r", self._bucket.name, name, exc)
+                continue
+            log.info("orphan object deleted bucket=%s key=%s", self._bucket.name, name)
+            removed += 1
+        return removed
 
     def exists(self, key: str) -> bool:
         return bool(self._bucket.blob(validate_key(key)).exists())  # the library is untyped
