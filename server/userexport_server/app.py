@@ -20,9 +20,12 @@ from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.reaper import Reaper
 from userexport_server.jobs.store import JobStore, Limits
 from userexport_server.jobs.worker import WorkerPool
+from userexport_server.listen import check_free, describe_error
+from userexport_server.private_files import make_private_dirs
 from userexport_server.secrets import load_or_create_secret
-from userexport_server.settings import Settings
+from userexport_server.settings import PREFIX, ConfigError, Settings
 from userexport_server.storage.factory import make_storage
+from userexport_server.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
@@ -33,7 +36,9 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.validate()
+        _check_ports_free(settings)
+        make_private_dirs(settings.data_dir)
         self.engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
         upgrade(self.engine)
         self.bus = self._event_bus()
@@ -87,7 +92,11 @@ class App:
 
     async def start(self) -> int:
         settings = self.settings
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes)])
+        # Port reuse off: with it on (grpcio's default) a second server binds a port in use and
+        # takes half the calls.
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes),
+                                               ("grpc.so_reuseport", 0)])
+        self.port = _bind(self.server, settings)
         self.servicer = servicer = UsersExportServicer(
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,
             url_ttl=settings.url_ttl_seconds,
@@ -100,17 +109,15 @@ class App:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
-        self.port = self.server.add_insecure_port(settings.listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
         await self.server.start()
         await asyncio.to_thread(self.bus.start)
         if self.workers is not None:
             self.workers.start()
         self.reaper.start()
         await self.monitor.start()
-        log.info("server started listen=%s port=%d database=%s storage=%s workers=%d", settings.listen, self.port,
-                 self.engine.url.render_as_string(hide_password=True), settings.storage, settings.workers)
+        log.info("server started listen=%s port=%d tls=%s database=%s storage=%s workers=%d", settings.listen,
+                 self.port, _tls_mode(settings), self.engine.url.render_as_string(hide_password=True),
+                 settings.storage, settings.workers)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -130,3 +137,33 @@ class App:
         self.bus.close()
         self.engine.dispose()
         log.info("server stopped")
+
+
+def _check_ports_free(settings: Settings) -> None:
+    """A port in use ends startup here, with one line naming it, before migrations or any bind."""
+    addresses = {"listen": settings.listen, **({"files_listen": settings.files_listen}
+                                               if settings.storage == "local" else {})}
+    for name, address in addresses.items():
+        try:
+            check_free(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address}: {describe_error(exc)} ({PREFIX}{name.upper()})") from None
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    """The bound port, with TLS when configured; ConfigError if the address cannot be bound."""
+    credentials = server_credentials(settings)
+    try:
+        port = server.add_insecure_port(settings.listen) if credentials is None else \
+            server.add_secure_port(settings.listen, credentials)
+    except RuntimeError:  # grpc's "Failed to bind": a port taken since the check, or a name it cannot resolve
+        port = 0
+    if port == 0:
+        raise ConfigError(f"cannot listen on {settings.listen} ({PREFIX}LISTEN)")
+    return port
+
+
+def _tls_mode(settings: Settings) -> str:
+    if not settings.tls_cert_file:
+        return "off"
+    return "mutual" if settings.tls_client_ca_file else "on"

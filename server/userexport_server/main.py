@@ -4,14 +4,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 import signal
 import sys
 
+import sqlalchemy.exc
+
+from userexport.client.api import TlsConfig, open_channel
+from userexport.client.cli import add_tls_options, tls_config
 from userexport_server import logs
-from userexport_server.settings import Settings
+from userexport_server.settings import PREFIX, Settings
 
 log = logging.getLogger("userexport_server")
+# What a bad configuration or environment raises while the server starts: each ends the process
+# with one line (the traceback is logged at DEBUG), never a traceback on the operator's screen.
+_STARTUP_ERRORS = (ValueError, OSError, sqlalchemy.exc.SQLAlchemyError)
+EXIT_STARTUP_FAILED = 2
+
+
+class StartupFailed(Exception):
+    """The server could not start; the message says why in one line, naming the setting."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="export worker threads (env USEREXPORT_WORKERS)")
     check = commands.add_parser("health", help="exit 0 if the server at --target reports SERVING (for HEALTHCHECK)")
     check.add_argument("--target", help="HOST:PORT; default: the listen address, 0.0.0.0 read as 127.0.0.1")
+    add_tls_options(check, os.environ)  # against a TLS server, each defaults to fit its certificate
     seed = commands.add_parser("seed", help="create sample users")
     seed.add_argument("--users", type=int, default=10_000)
     seed.add_argument("--tenant", default="default")
@@ -35,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 async def serve(settings: Settings) -> None:
     from userexport_server.app import App
 
-    app = App(settings)
-    await app.start()
+    try:
+        app = App(settings)
+        await app.start()
+    except _STARTUP_ERRORS as exc:
+        log.debug("startup failed", exc_info=True)
+        raise StartupFailed(_startup_message(exc, settings)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -45,11 +63,33 @@ async def serve(settings: Settings) -> None:
     await app.stop()
 
 
-def health_check(target: str) -> int:
+def _startup_message(exc: BaseException, settings: Settings) -> str:
+    if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+        variable = "DATABASE_URL" if settings.database_url else "DATA_DIR"
+        return f"cannot open the database ({PREFIX}{variable}): {_first_line(getattr(exc, 'orig', None) or exc)}"
+    return _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"userexport-server: {exc}", file=sys.stderr)
+    return EXIT_STARTUP_FAILED
+
+
+def health_check(target: str, tls: TlsConfig | None = None) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    try:
+        channel = open_channel(target, tls)
+    except OSError as exc:
+        print(f"unhealthy: {target}: cannot read a TLS file: {exc}", file=sys.stderr)
+        return 1
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         except grpc.RpcError as exc:
@@ -66,23 +106,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:
-        print(f"userexport-server: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     logs.configure(settings.log_level)
     if args.command == "health":
-        return health_check(args.target or settings.listen.replace("0.0.0.0", "127.0.0.1"))
+        from userexport_server.tls import health_check_tls
+
+        try:
+            tls = health_check_tls(settings, tls_config(args))
+        except ValueError as exc:
+            return _fail(exc)
+        target = settings.listen.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+        return health_check(args.target or target, tls)
     if args.command == "seed":
         from userexport_server.db.engine import make_engine
         from userexport_server.db.migrate import upgrade
+        from userexport_server.private_files import make_private_dirs
         from userexport_server.seed import seed_users
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(settings.data_dir)
         engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
         upgrade(engine)
         connections = seed_users(engine, tenant=args.tenant, users=args.users, connections=args.connections)
         print(f"seeded {args.users} users for tenant {args.tenant} over connections {', '.join(connections)}")
         return 0
-    asyncio.run(serve(settings))
+    os.umask(0o077)  # besides the explicit modes: whatever else the server creates is private too
+    try:
+        asyncio.run(serve(settings))
+    except StartupFailed as exc:
+        return _fail(exc)
     return 0
 
 

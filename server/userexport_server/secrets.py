@@ -13,6 +13,8 @@ import pathlib
 import secrets
 import tempfile
 
+from userexport_server.private_files import make_private_dirs
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +25,7 @@ def load_or_create_secret(path: pathlib.Path) -> bytes:
     if the name exists: processes starting together all end up with the one secret that won.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # mode 0600
         try:
             with os.fdopen(fd, "w", encoding="ascii") as file:

@@ -11,17 +11,20 @@ import math
 import os
 import pathlib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy.exc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 from sqlalchemy.engine import make_url
 
 from userexport_server.db.engine import Timeouts
 from userexport_server.listen import parse_listen
 
 PREFIX = "USEREXPORT_"
+_Loaded = TypeVar("_Loaded")
 
 
 class ConfigError(ValueError):
@@ -169,12 +172,13 @@ class Settings:
             raise _error(unset, "", f"must be set with {PREFIX}{set_.upper()} (TLS needs a certificate and its key)")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise _error("tls_cert_file", "", f"must be set with {PREFIX}TLS_CLIENT_CA_FILE (mutual TLS is TLS)")
-        for name, marker in (("tls_cert_file", b"-----BEGIN CERTIFICATE-----"),
-                             ("tls_client_ca_file", b"-----BEGIN CERTIFICATE-----"),
-                             ("tls_key_file", b"PRIVATE KEY-----")):
-            path = getattr(self, name)
-            if path and marker not in pathlib.Path(path).read_bytes():
-                raise _error(name, path, f"is not a PEM file (no {marker.decode().strip('-')} in it)")
+        if self.tls_client_ca_file:
+            _load_pem("tls_client_ca_file", self.tls_client_ca_file, x509.load_pem_x509_certificates)
+        if self.tls_cert_file:
+            certificate = _load_pem("tls_cert_file", self.tls_cert_file, x509.load_pem_x509_certificates)[0]
+            key = _load_pem("tls_key_file", self.tls_key_file, lambda data: load_pem_private_key(data, None))
+            if _public_der(key.public_key()) != _public_der(certificate.public_key()):
+                raise _error("tls_key_file", self.tls_key_file, f"is not the key of {PREFIX}TLS_CERT_FILE")
 
 
 # Numbers that must be above zero, and numbers with a range; every other number must be >= 0.
@@ -218,6 +222,22 @@ def _check_data_dir(path: pathlib.Path) -> None:
         raise _error("data_dir", path, f"cannot be used: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise _error("data_dir", path, f"cannot be used: {existing} is not writable by this user")
+
+
+def _load_pem(name: str, path: str, load: Callable[[bytes], _Loaded]) -> _Loaded:
+    """Parse a PEM file now, so a wrong one stops startup instead of failing every handshake."""
+    try:
+        return load(pathlib.Path(path).read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise _error(name, path, f"is not a usable PEM file: {_first_sentence(exc)}") from None
+
+
+def _first_sentence(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def _public_der(key: Any) -> bytes:
+    return bytes(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
 
 
 def _check_readable(name: str, path: str) -> None:

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from http.client import HTTPResponse
 from types import TracebackType
 from typing import Protocol, TypeVar, cast
@@ -98,6 +99,39 @@ class DownloadError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the channel (PEM file paths). `ca_file`: the roots the server's certificate must
+    chain to (None: the system's); `cert_file` and `key_file`: this client's certificate, for a
+    server that requires one (mutual TLS); `server_name`: the name to check in the server's
+    certificate when the target's host is not in it (an IP address, a tunnel)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a TLS client certificate needs its key, and a key its certificate")
+
+    def open_channel(self, target: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read_optional(self.ca_file), private_key=_read_optional(self.key_file),
+            certificate_chain=_read_optional(self.cert_file))
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(target, credentials, options)
+
+
+def open_channel(target: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when `tls` is given."""
+    return grpc.insecure_channel(target) if tls is None else tls.open_channel(target)
+
+
+def _read_optional(path: str | None) -> bytes | None:
+    return pathlib.Path(path).read_bytes() if path else None
+
+
 def status_name(status: pb.Job.Status) -> str:
     """`pb.Job.COMPLETED` -> "completed", the spelling of the spec and the CLI."""
     return pb.Job.Status.Name(status).lower()
@@ -127,17 +161,22 @@ class UsersExportClient:
     """A connection to the users-export service, acting with one bearer token.
 
     `timeout` bounds each unary call; WatchJob streams are not bounded, as an export may run for
-    hours. Use as a context manager, or call close().
+    hours. `tls` None is plaintext. Use as a context manager, or call close().
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, token: str | None = None, *, timeout: float | None = 30
+        self,
+        target: str = DEFAULT_TARGET,
+        token: str | None = None,
+        *,
+        timeout: float | None = 30,
+        tls: TlsConfig | None = None,
     ) -> None:
         self._timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, tls)
         self._stub = pb_grpc.UsersExportServiceStub(self._channel)
 
     def __enter__(self) -> UsersExportClient:

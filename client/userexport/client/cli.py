@@ -24,6 +24,7 @@ from .api import (
     DEFAULT_TARGET,
     TERMINAL_STATUSES,
     DownloadError,
+    TlsConfig,
     UsersExportClient,
     UsersExportError,
     format_name,
@@ -65,6 +66,36 @@ _GLOBAL_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--data-dir", "USEREXPORT_DATA_DIR", "data", "the local server's data directory (default data)"),
     ("--tenant", "USEREXPORT_TENANT", "default", "tenant of minted tokens (default default)"),
 )
+# TLS options, also taken by `userexport-server health`; any of them turns TLS on.
+TLS_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("--tls-ca-file", "USEREXPORT_TLS_CA_FILE", None, "PEM roots the server's certificate must chain to"),
+    ("--tls-client-cert-file", "USEREXPORT_TLS_CLIENT_CERT_FILE", None, "PEM client certificate (mutual TLS)"),
+    ("--tls-client-key-file", "USEREXPORT_TLS_CLIENT_KEY_FILE", None, "PEM key of the client certificate"),
+    ("--tls-server-name", "USEREXPORT_TLS_SERVER_NAME", None, "name to verify in the server's certificate"),
+)
+_TLS_FLAG, _TLS_ENV = "--tls", "USEREXPORT_TLS"
+
+
+def add_tls_options(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None) -> None:
+    """The TLS flags, defaulting to their environment variables (environ None: hidden copies)."""
+    for flag, env, fallback, help_text in TLS_OPTIONS:
+        if environ is None:
+            parser.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, default=environ.get(env) or fallback, help=f"{help_text}; env {env}")
+    if environ is None:
+        parser.add_argument(_TLS_FLAG, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument(_TLS_FLAG, action="store_true",
+                            default=environ.get(_TLS_ENV, "").lower() in ("1", "true", "yes"),
+                            help=f"TLS trusting the system's roots (implied by the --tls-* options); env {_TLS_ENV}=1")
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS the options ask for, None for plaintext."""
+    config = TlsConfig(ca_file=args.tls_ca_file, cert_file=args.tls_client_cert_file,
+                       key_file=args.tls_client_key_file, server_name=args.tls_server_name)
+    return config if args.tls or config != TlsConfig() else None
 
 
 def _add_global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None) -> None:
@@ -74,10 +105,12 @@ def _add_global_options(parser: argparse.ArgumentParser, environ: Mapping[str, s
         for flag, *_ in _GLOBAL_OPTIONS:
             parser.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_tls_options(parser, None)
         return
     for flag, env, fallback, help_text in _GLOBAL_OPTIONS:
         parser.add_argument(flag, default=environ.get(env) or fallback, help=f"{help_text}; env {env}")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    add_tls_options(parser, environ)
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -138,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
+        args.tls_config = tls_config(args)
+    except ValueError as error:  # a client certificate without its key
+        _error(str(error))
+        return EXIT_USAGE
+    try:
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except UsersExportError as error:
@@ -163,7 +201,7 @@ def _connect(args: argparse.Namespace) -> UsersExportClient:
             token = mint_token(read_secret(args.data_dir), args.tenant, DEFAULT_SCOPES)
         except MissingSecretError:
             token = None
-    return UsersExportClient(args.server, token)
+    return UsersExportClient(args.server, token, tls=args.tls_config)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

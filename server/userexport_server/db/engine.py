@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, event, text
+
+from userexport_server.private_files import create_private_file
 
 
 def _compact_json(value: Any) -> str:
@@ -47,6 +50,10 @@ def make_engine(url: str, timeouts: Timeouts = Timeouts(), **kwargs: Any) -> Eng
     options.update(kwargs)
     engine = create_engine(url, **options)
     if is_sqlite:
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            with contextlib.suppress(FileNotFoundError):  # no folder: SQLite's own error will say so
+                create_private_file(pathlib.Path(database))  # else SQLite makes it 0644; -wal/-shm copy its mode
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_ms=round(timeouts.busy * 1000)))
         event.listen(engine, "begin", _sqlite_begin)
     return engine
