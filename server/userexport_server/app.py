@@ -25,6 +25,7 @@ from userexport_server.private_files import make_private_dirs
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import PREFIX, ConfigError, Settings
 from userexport_server.storage.factory import make_storage
+from userexport_server.storage.local import LocalStorage
 from userexport_server.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class App:
             **({"workers": self.workers.healthy} if self.workers is not None else {}),
             "database": lambda: database_problem(self.engine),
             "events": self.bus.healthy,
+            **({"downloads": self.storage.healthy} if isinstance(self.storage, LocalStorage) else {}),
         }, interval=settings.health_interval_seconds)
         self.server: grpc.aio.Server | None = None
         self.servicer: UsersExportServicer | None = None

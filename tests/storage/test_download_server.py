@@ -89,8 +89,9 @@ def thread_count() -> int:
 def test_200_slowloris_connections_use_no_threads_and_a_download_still_succeeds(storage: LocalStorage) -> None:
     """Each slowloris sends one more header byte a second; threads stay at the fixed bound, a
     normal download answers within seconds while all 200 are open, and they are still open."""
-    fetch(storage.sign_url(KEY, 60)[0])  # the read threads exist from here on
-    threads_before, os_threads_before = threading.active_count(), thread_count()
+    fetch(storage.sign_url(KEY, 60)[0])
+    # The read threads start lazily: allow for all of them on top of what runs now.
+    threads_before, os_threads_before = threading.active_count() + READ_THREADS, thread_count() + READ_THREADS
     sockets = [connect(storage) for _ in range(200)]
     try:
         for sock in sockets:
@@ -285,3 +286,15 @@ def test_stop_closes_open_connections(tmp_path: pathlib.Path) -> None:
         assert read_all(sock) == b""
     finally:
         sock.close()
+
+
+def test_a_dead_download_server_is_reported_for_health(storage: LocalStorage) -> None:
+    """Its loop thread ending (here: its loop stopped under it) is a reason, not a silent stop."""
+    assert storage.healthy() is None
+    loop = storage._server._loop
+    assert loop is not None
+    loop.call_soon_threadsafe(loop.stop)
+    deadline = time.monotonic() + 5
+    while storage.healthy() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert storage.healthy() == "the download server on 127.0.0.1:0 stopped"

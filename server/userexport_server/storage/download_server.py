@@ -89,6 +89,7 @@ class DownloadServer:
         self._stopping: asyncio.Event | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._reads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stopped = False
 
     def start(self) -> None:
         """Bind (OSError names the address when that fails) and serve until stop()."""
@@ -106,8 +107,15 @@ class DownloadServer:
         self._thread.start()
         ready.result(timeout=30)
 
+    def problem(self) -> str | None:
+        """Why downloads are not being served (for health), or None."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopped:
+            return f"the download server on {self.listen} stopped"
+        return None
+
     def stop(self) -> None:
         """Idempotent."""
+        self._stopped = True
         if self._thread is not None and self._thread.is_alive():
             assert self._loop is not None and self._stopping is not None
             self._loop.call_soon_threadsafe(self._stopping.set)

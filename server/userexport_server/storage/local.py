@@ -79,6 +79,10 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def healthy(self) -> str | None:
+        """Why downloads are not served (the health monitor asks), or None."""
+        return self._server.problem()
+
     def close(self) -> None:
         self._server.stop()
 
