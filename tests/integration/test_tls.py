@@ -165,3 +165,15 @@ def test_health_against_mutual_tls_needs_a_client_certificate(mtls_server: Serve
     result = health(mtls_server, USEREXPORT_TLS_CLIENT_CERT_FILE=pki["client"].cert_file,
                     USEREXPORT_TLS_CLIENT_KEY_FILE=pki["client"].key_file)
     assert (result.returncode, result.stdout.strip()) == (0, "SERVING"), result.stderr
+
+
+def test_grpcurl_with_the_readme_flags_reaches_a_mutual_tls_server(mtls_server: ServerHandle, pki: dict) -> None:
+    """The README's grpcurl line for TLS, with a real grpcurl: CA, client certificate and key."""
+    grpcurl = pathlib.Path(sys.executable).parent / "grpcurl"
+    base = [str(grpcurl), "-cacert", str(pki["server_ca"].cert_file), "-servername", SERVER_NAME]
+    identity = ["-cert", str(pki["client"].cert_file), "-key", str(pki["client"].key_file)]
+    listed = subprocess.run([*base, *identity, mtls_server.target, "list"], capture_output=True, text=True,
+                            timeout=30)
+    assert listed.returncode == 0 and "userexport.v1.UsersExportService" in listed.stdout, listed.stderr
+    refused = subprocess.run([*base, mtls_server.target, "list"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0  # no client certificate: the handshake fails
