@@ -14,7 +14,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from tests.harness import ServerHandle
-from tests.integration.support import TERMINAL, Caller, error_reason, violations
+from tests.integration.support import Caller, error_reason, violations
 from tests.integration.test_auth import call_get, hs256
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.api.servicer import SERVICE
