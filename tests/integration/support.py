@@ -4,9 +4,10 @@ from __future__ import annotations
 import gzip
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -14,6 +15,7 @@ from tests.harness import ServerHandle
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
+_Detail = TypeVar("_Detail", bound=Message)
 TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
 
 
@@ -64,26 +66,26 @@ def http_status(url: str) -> int:
         return error.code
 
 
+def detail(error: grpc.RpcError, kind: type[_Detail]) -> _Detail | None:
+    """The error's google.rpc detail of type `kind` (ErrorInfo, BadRequest, QuotaFailure ...), if any."""
+    status = rpc_status.from_call(error)
+    for packed in status.details if status else ():
+        if packed.Is(kind.DESCRIPTOR):
+            found = kind()
+            packed.Unpack(found)
+            return found
+    return None
+
+
 def violations(error: grpc.RpcError) -> dict[str, str]:
     """The google.rpc.BadRequest field violations of an error, by field."""
-    status = rpc_status.from_call(error)
-    found: dict[str, str] = {}
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            found.update({v.field: v.description for v in bad.field_violations})
-    return found
+    bad = detail(error, error_details_pb2.BadRequest)
+    return {v.field: v.description for v in bad.field_violations} if bad else {}
 
 
 def error_reason(error: grpc.RpcError) -> str | None:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return None
+    info = detail(error, error_details_pb2.ErrorInfo)
+    return info.reason if info else None
 
 
 def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[str, Any] | None = None) -> str:

@@ -7,10 +7,9 @@ import time
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import Caller, error_reason, http_status, violations
+from tests.integration.support import Caller, detail, error_reason, http_status, violations
 from userexport.v1 import users_export_pb2 as pb
 
 
@@ -20,16 +19,6 @@ def export_files(server: ServerHandle, job_id: str) -> list[str]:
 
 def delete(caller: Caller, job_id: str) -> pb.Job:
     return caller.stub.DeleteJob(pb.DeleteJobRequest(id=job_id), metadata=caller.metadata)
-
-
-def quota_failure(error: grpc.RpcError) -> error_details_pb2.QuotaFailure | None:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-            failure = error_details_pb2.QuotaFailure()
-            detail.Unpack(failure)
-            return failure
-    return None
 
 
 def test_delete_removes_the_file_at_once_and_the_job_reads_expired(server: ServerHandle, tenant: str) -> None:
@@ -97,7 +86,7 @@ def test_retained_bytes_quota_refuses_new_exports_until_a_file_is_deleted(make_s
         caller.create(format=pb.ExportRequest.CSV)
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_reason(error.value) == "RETAINED_BYTES_QUOTA_EXCEEDED"
-    failure = quota_failure(error.value)
+    failure = detail(error.value, error_details_pb2.QuotaFailure)
     assert failure is not None and failure.violations[0].subject == f"tenant:{tenant}"
     assert f"{first.size_bytes} of 1" in failure.violations[0].description
     assert len(caller.list().jobs) == 1  # the refused create made no job

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import grpc
 import psycopg
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from tests.harness import ServerHandle
-from tests.integration.support import Caller, error_reason
+from tests.integration.support import Caller, detail, error_reason
 from userexport.v1 import users_export_pb2 as pb
 
 CREATES = 8
@@ -42,13 +41,8 @@ def write_lock_held(server: ServerHandle, backend: str, tenant: str) -> Iterator
 
 def retry_delay(error: grpc.RpcError) -> float | None:
     """The google.rpc.RetryInfo delay of an error, in seconds."""
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToTimedelta().total_seconds()
-    return None
+    info = detail(error, error_details_pb2.RetryInfo)
+    return info.retry_delay.ToTimedelta().total_seconds() if info else None
 
 
 def test_creates_waiting_on_a_held_write_lock_do_not_delay_reads_and_end_unavailable_with_retry_info(
