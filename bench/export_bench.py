@@ -1,44 +1,99 @@
-"""Export benchmark: seed N users, export them as CSV and JSON through the running service, print figures.
+"""Export benchmark: the service against the honest peer, on PostgreSQL and SQLite, in one invocation.
 
-    python bench/export_bench.py                       # 1,000,000 users on SQLite
-    python bench/export_bench.py --users 200000        # smaller
-    python bench/export_bench.py --database postgresql://postgres@127.0.0.1:5432/postgres
-        # PostgreSQL: also times COPY ... TO STDOUT | gzip -6 and a plain SQLAlchemy+csv+gzip script
+    python bench/export_bench.py                          # 1,000,000 users, both databases
+    python bench/export_bench.py --users 200000 --backends sqlite
+    python bench/export_bench.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
-The server runs as its own process, so its peak RSS (VmHWM) is the service's alone.
+For each database: seed N users in a fresh database, start the server as its own process (so its
+peak RSS, VmHWM, is the service's alone), then run, interleaved and `--runs` times each, the
+service's export (CreateJob until COMPLETED, default fields) and the peer: what a user could do
+instead on the same data, with every core compressing at level 1:
+
+- PostgreSQL CSV:    psql -c "COPY (default CSV columns) TO STDOUT (FORMAT csv, FORCE_QUOTE *)" | pigz -1 -p$(nproc)
+- PostgreSQL NDJSON: psql -c "COPY (SELECT json_build_object(every root attribute)) TO STDOUT" | pigz ...
+- SQLite CSV:        sqlite3 -csv db "SELECT default CSV columns" | pigz ...
+- SQLite NDJSON:     sqlite3 db "SELECT json_object(every root attribute)" | pigz ...
+
+It prints medians, the ratio service/peer (below 1: the service is faster) and the server's peak RSS.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import os
 import pathlib
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-
-from sqlalchemy import text
-
-from userexport.v1 import users_export_pb2 as pb
+from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.databases import ADMIN_DSN  # noqa: E402
 from tests.harness import ServerProcess  # noqa: E402
 from tests.integration.support import Caller  # noqa: E402
+from userexport.v1 import users_export_pb2 as pb  # noqa: E402
 from userexport_server.db.engine import make_engine  # noqa: E402
 from userexport_server.db.migrate import upgrade  # noqa: E402
+from userexport_server.export.paths import ROOT_KINDS, Kind  # noqa: E402
 from userexport_server.seed import seed_users  # noqa: E402
 
-CSV_COLUMNS_PG = """user_id, email, email_verified, username, name, given_name, family_name, nickname, picture,
-  phone_number, to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-  to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-  to_char(last_login AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), logins_count, blocked,
-  identities #>> '{0,connection}'"""
+_PG_DATE = """to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+_CSV_ROOTS = ("user_id", "email", "email_verified", "username", "name", "given_name", "family_name", "nickname",
+              "picture", "phone_number", "created_at", "updated_at", "last_login", "logins_count", "blocked")
+
+
+def peer_sql(backend: str, fmt: str, tenant: str) -> str:
+    """The peer's SELECT: the service's default CSV columns, or every root attribute as one JSON object."""
+    if fmt == "csv":
+        date = _PG_DATE if backend == "postgresql" else "{c}"
+        cols = [date.format(c=c) if ROOT_KINDS[c] is Kind.DATETIME else c for c in _CSV_ROOTS]
+        cols.append("identities #>> '{0,connection}'" if backend == "postgresql"
+                    else "identities ->> '$[0].connection'")
+        select = ", ".join(cols)
+    else:
+        build = "json_build_object" if backend == "postgresql" else "json_object"
+        # SQLite keeps JSON as text: json() makes it a value rather than a string.
+        args = [f"'{name}', {f'json({name})' if backend == 'sqlite' and kind is Kind.JSON else name}"
+                for name, kind in ROOT_KINDS.items()]
+        select = f"{build}({', '.join(args)})"
+    return f"SELECT {select} FROM users WHERE tenant = '{tenant}' ORDER BY user_id"
+
+
+def peer_command(backend: str, fmt: str, tenant: str, target: str) -> str:
+    """The shell pipeline of the peer; its output is counted, not kept."""
+    sql = peer_sql(backend, fmt, tenant)
+    if backend == "postgresql":
+        options = " (FORMAT csv, FORCE_QUOTE *)" if fmt == "csv" else ""
+        source = f"psql {shlex.quote(target)} -qAt -c {shlex.quote(f'COPY ({sql}) TO STDOUT{options}')}"
+    else:
+        source = f"sqlite3 {'-csv ' if fmt == 'csv' else ''}{shlex.quote(target)} {shlex.quote(sql)}"
+    return f"{source} | pigz -1 -p{os.cpu_count() or 1} | wc -c"
+
+
+def run_peer(command: str) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - started, int(out.split()[0])
+
+
+def run_service(server: ServerProcess, tenant: str, fmt: str) -> tuple[float, int]:
+    caller = Caller(server, tenant)  # type: ignore[arg-type]
+    try:
+        started = time.perf_counter()
+        job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON)
+        final = caller.finish(job.id)
+        seconds = time.perf_counter() - started
+    finally:
+        caller.close()
+    if final.status != pb.Job.COMPLETED:
+        raise SystemExit(f"export failed: {final.error}")
+    return seconds, final.users_written
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -48,98 +103,83 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def export_through_service(server: ServerProcess, tenant: str, fmt: int) -> tuple[float, int, int]:
-    caller = Caller(server, tenant)  # type: ignore[arg-type]
-    started = time.perf_counter()
-    job = caller.create(format=fmt)
-    final = caller.finish(job.id)
-    seconds = time.perf_counter() - started
-    if final.status != pb.Job.COMPLETED:
-        raise SystemExit(f"export failed: {final.error}")
-    import urllib.request
-    with urllib.request.urlopen(final.location) as response:
-        size = len(response.read())
-    caller.close()
-    return seconds, final.users_written, size
+def bench_backend(backend: str, users: int, runs: int, postgres: str, gzip_level: str) -> list[str]:
+    """Seed, serve and time one database; the table rows it measured."""
+    data_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"userexport-bench-{backend}-"))
+    tenant = "bench" + uuid.uuid4().hex[:8]
+    env = {"USEREXPORT_GZIP_LEVEL": gzip_level}
+    dropdb: Callable[[], None] = lambda: None
+    if backend == "postgresql":
+        import psycopg
+        name = f"ue_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = f"{postgres.rsplit('/', 1)[0]}/{name}"
+        url, target = dsn.replace("postgresql://", "postgresql+psycopg://", 1), dsn
+        env["USEREXPORT_DATABASE_URL"] = url
 
-
-def copy_baseline(url: str, tenant: str) -> float:
-    """COPY (SELECT the same columns) TO STDOUT WITH CSV | gzip -6: the floor for a CSV export."""
-    dsn = url.replace("postgresql+psycopg://", "postgresql://")
-    query = f"COPY (SELECT {CSV_COLUMNS_PG} FROM users WHERE tenant = '{tenant}' ORDER BY user_id) TO STDOUT WITH CSV"
-    started = time.perf_counter()
-    subprocess.run(f"psql '{dsn}' -qAt -c \"{query.replace(chr(34), chr(92) + chr(34))}\" | gzip -6 > /dev/null",
-                   shell=True, check=True)
-    return time.perf_counter() - started
-
-
-def naive_script(url: str, tenant: str) -> float:
-    """What one would write first: SQLAlchemy rows -> csv.writer -> gzip."""
-    engine = make_engine(url)
-    started = time.perf_counter()
-    with engine.connect() as conn, gzip.open(os.devnull, "wt", compresslevel=6, newline="") as out:
-        writer = csv.writer(out)
-        result = conn.execution_options(stream_results=True, yield_per=10_000).execute(text(
-            "SELECT user_id, email, email_verified, username, name, given_name, family_name, nickname, picture, "
-            "phone_number, created_at, updated_at, last_login, logins_count, blocked, identities "
-            "FROM users WHERE tenant = :t ORDER BY user_id"), {"t": tenant})
-        for row in result:
-            identities = row.identities or []
-            writer.writerow([*row[:10], *(d.isoformat() if d else "" for d in row[10:13]), row.logins_count,
-                             row.blocked, identities[0].get("connection") if identities else ""])
-    engine.dispose()
-    return time.perf_counter() - started
+        def dropdb() -> None:
+            with psycopg.connect(postgres, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        target = str(data_dir / "userexport.db")
+        url = f"sqlite:///{target}"
+    rows = []
+    try:
+        engine = make_engine(url)
+        upgrade(engine)
+        started = time.perf_counter()
+        seed_users(engine, tenant=tenant, users=users)
+        engine.dispose()
+        print(f"{backend}: seeded {users:,} users in {time.perf_counter() - started:.1f} s", flush=True)
+        server = ServerProcess(data_dir, env)
+        try:
+            for fmt in ("csv", "json"):
+                command = peer_command(backend, fmt, tenant, target)
+                service, peer = [], []
+                for run in range(runs):  # interleaved, so load from elsewhere hits both alike
+                    seconds, written = run_service(server, tenant, fmt)
+                    assert written == users, (written, users)
+                    service.append(seconds)
+                    peer_seconds, size = run_peer(command)
+                    peer.append(peer_seconds)
+                    print(f"  {backend} {fmt} run {run + 1}: service {seconds:.2f} s, peer {peer_seconds:.2f} s "
+                          f"({size / 1e6:.0f} MB)", flush=True)
+                s, p = statistics.median(service), statistics.median(peer)
+                rows.append(f"| {backend} | {'CSV, default fields' if fmt == 'csv' else 'NDJSON, whole user'} "
+                            f"| {s:.2f} s ({min(service):.2f}-{max(service):.2f}) "
+                            f"| {p:.2f} s ({min(peer):.2f}-{max(peer):.2f}) | {s / p:.2f}x |")
+            rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB | | |")
+        finally:
+            server.signal(2)
+            server.wait(60)
+    finally:
+        dropdb()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--database", default="", help="SQLAlchemy URL of a PostgreSQL database (default SQLite)")
-    parser.add_argument("--gzip-level", default="1",
-                        help="the server's USEREXPORT_GZIP_LEVEL (default 1, as the server)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--backends", default="postgresql,sqlite")
+    parser.add_argument("--postgres", default=ADMIN_DSN, help="admin DSN; the bench makes and drops its database")
+    parser.add_argument("--gzip-level", default="1", help="the server's USEREXPORT_GZIP_LEVEL (default 1)")
     args = parser.parse_args()
-
-    data_dir = pathlib.Path(tempfile.mkdtemp(prefix="userexport-bench-"))
-    tenant = "bench" + uuid.uuid4().hex[:8]
-    url = args.database or f"sqlite:///{data_dir / 'userexport.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    started = time.perf_counter()
-    seed_users(engine, tenant=tenant, users=args.users)
-    seed_seconds = time.perf_counter() - started
-    engine.dispose()
-    backend = "postgresql" if args.database else "sqlite"
-    print(f"seeded {args.users:,} users on {backend} in {seed_seconds:.1f} s ({args.users / seed_seconds:,.0f}/s)")
-
-    env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level}  # the server logs to a file in the data dir
-    if args.database:
-        env["USEREXPORT_DATABASE_URL"] = args.database
-    server = ServerProcess(data_dir, env)
-    try:
-        for name, fmt in (("csv", pb.ExportRequest.CSV), ("json", pb.ExportRequest.JSON)):
-            seconds, users, size = export_through_service(server, tenant, fmt)
-            print(f"{backend} {name}: {users:,} users in {seconds:.2f} s = {users / seconds:,.0f} users/s, "
-                  f"file {size / 1e6:.1f} MB gzip")
-            if name == "csv":
-                csv_seconds = seconds
-        print(f"server peak RSS: {peak_rss_mb(server.process.pid):.0f} MB")
-    finally:
-        server.signal(2)
-        server.wait(60)
-    if args.database:
-        floor = copy_baseline(url, tenant)
-        print(f"COPY ... TO STDOUT WITH CSV | gzip -6: {floor:.2f} s; service/COPY ratio {csv_seconds / floor:.2f}")
-        naive = naive_script(url, tenant)
-        print(f"plain SQLAlchemy + csv + gzip script: {naive:.2f} s ({args.users / naive:,.0f} users/s)")
-        cleanup = make_engine(url)
-        with cleanup.begin() as conn:
-            conn.execute(text("DELETE FROM jobs WHERE tenant = :t"), {"t": tenant})
-            conn.execute(text("DELETE FROM users WHERE tenant = :t"), {"t": tenant})
-            conn.execute(text("DELETE FROM connections WHERE tenant = :t"), {"t": tenant})
-        cleanup.dispose()
-    if not args.keep:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    backends = [b for b in args.backends.split(",") if b]
+    packages = {"pigz": "pigz", "psql": "postgresql-client", "sqlite3": "sqlite3"}
+    needed = ["pigz", *(["psql"] if "postgresql" in backends else []), *(["sqlite3"] if "sqlite" in backends else [])]
+    for tool in needed:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: apt-get install {packages[tool]}")
+    rows = []
+    for backend in backends:
+        rows += bench_backend(backend, args.users, args.runs, args.postgres, args.gzip_level)
+    print(f"\n{args.users:,} users, medians of {args.runs} (min-max), {os.cpu_count()} cores, peer with pigz -1 "
+          f"-p{os.cpu_count()}")
+    print("| database | export | service | peer | service/peer |\n|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
