@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from userexport_server.db.faults import is_transient_db_error
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus
 from userexport_server.jobs.store import JobStore
@@ -48,8 +49,11 @@ class Reaper:
         for name, step in steps:
             try:
                 step()
-            except Exception:  # a database or storage hiccup: the next round retries this step
-                log.exception("reaper step failed step=%s", name)
+            except Exception as exc:  # a database or storage hiccup: the next round retries this step
+                if is_transient_db_error(exc):  # expected while the database is busy: no traceback
+                    log.warning("reaper step failed step=%s error=%s; retried next round", name, exc)
+                else:
+                    log.exception("reaper step failed step=%s", name)
 
     def delete_expired_files(self) -> int:
         """Delete the files of expired and revoked jobs; one that fails keeps its key and is retried."""
