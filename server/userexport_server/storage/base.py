@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +57,14 @@ class Storage(Protocol):
         """Start writing object `key`; `filename` is what the downloader's file is called."""
         ...
 
+    def combine(self, sources: Sequence[str], key: str, filename: str) -> None:
+        """Write object `key` as the bytes of `sources` concatenated in order (gzip members concatenated
+        make one valid gzip file: the export's slices are assembled this way). The object appears only
+        when whole and never replaces one (ObjectExistsError); `filename` is the download's name, the
+        key's last segment (validate_writer_args). Sources are left in place: the caller deletes them.
+        Raises StorageError (a missing source is a StorageError too)."""
+        ...
+
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         """A GET URL for `key` valid `ttl_seconds`, and the moment it stops being valid (UTC)."""
         ...
@@ -107,3 +115,19 @@ def validate_writer_args(key: str, filename: str) -> str:
     if filename != validate_key(key).rsplit("/", 1)[-1]:
         raise ValueError(f"filename {filename!r} must be the last segment of key {key!r}")
     return key
+
+
+def validate_combine_args(sources: Sequence[str], key: str, filename: str) -> list[str]:
+    """Check combine's arguments (every source a valid key; key and filename as for open_writer)
+    and return the sources, before any backend touches storage.
+
+    No sources is refused rather than made an empty file: GCS cannot compose nothing, and an
+    export always has at least one slice. A lone string is refused too: it is a Sequence[str] of
+    its characters, never what the caller meant.
+    """
+    if isinstance(sources, str):
+        raise TypeError("combine takes a sequence of source keys, not one string")
+    if not sources:
+        raise ValueError("combine needs at least one source")
+    validate_writer_args(key, filename)
+    return [validate_key(source) for source in sources]

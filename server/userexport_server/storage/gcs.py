@@ -1,15 +1,17 @@
 """Export files in a Google Cloud Storage bucket, downloaded through V4 signed URLs.
 
 Uploads are resumable uploads streamed chunk by chunk (memory stays at one chunk); GCS creates
-the object only when the last chunk is sent, so an unfinished export is never visible.
+the object only when the last chunk is sent, so an unfinished export is never visible. combine()
+assembles objects server-side (compose), which creates the destination in one step too.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import google.auth
@@ -25,7 +27,13 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from google.oauth2 import service_account
 
 from userexport_server.errors import StorageError
-from userexport_server.storage.base import ObjectExistsError, StoredEntry, validate_key, validate_writer_args
+from userexport_server.storage.base import (
+    ObjectExistsError,
+    StoredEntry,
+    validate_combine_args,
+    validate_key,
+    validate_writer_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,8 @@ SCOPES = ("https://www.googleapis.com/auth/devstorage.read_write",)
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
 # What a failed transfer raises after the library's retries (requests' errors are OSErrors).
 _TRANSFER_ERRORS = (GoogleAPIError, InvalidResponse, DataCorruption, GoogleAuthError, OSError)
+# The most source objects one compose request may name (a GCS limit).
+MAX_COMPOSE_SOURCES = 32
 
 
 class GcsStorage:
@@ -67,9 +77,47 @@ class GcsStorage:
         log.info("gcs storage bucket=%s endpoint=%s", bucket, self._client.api_endpoint)
 
     def open_writer(self, key: str, filename: str) -> GcsWriter:
-        blob = self._bucket.blob(validate_writer_args(key, filename))
-        blob.content_disposition = f'attachment; filename="{filename}"'
-        return GcsWriter(blob, self._chunk_size)
+        return GcsWriter(self._new_export_blob(key, filename), self._chunk_size)
+
+    def combine(self, sources: Sequence[str], key: str, filename: str) -> None:
+        """See Storage.combine: compose, in rounds of at most MAX_COMPOSE_SOURCES sources.
+
+        Each round composes groups into intermediate objects next to `key` (under the job's folder,
+        so the orphan sweep removes any a crash leaves), until one compose can write `key`. Only
+        that last request creates `key`, with ifGenerationMatch=0: it never replaces an object.
+        """
+        names = validate_combine_args(sources, key, filename)
+        destination = self._new_export_blob(key, filename)
+        folder, _, _ = key.rpartition("/")
+        token = secrets.token_hex(8)
+        intermediates: list[storage.Blob] = []
+        try:
+            blobs = [self._bucket.blob(name) for name in names]
+            round_number = 0
+            while len(blobs) > MAX_COMPOSE_SOURCES:
+                round_number += 1
+                next_round: list[storage.Blob] = []
+                for n, start in enumerate(range(0, len(blobs), MAX_COMPOSE_SOURCES)):
+                    group = blobs[start:start + MAX_COMPOSE_SOURCES]
+                    if len(group) == 1:  # a lone leftover goes on as it is rather than be copied
+                        next_round.extend(group)
+                        continue
+                    segment = f"compose-{token}-r{round_number}-{n}.gz"
+                    part = self._bucket.blob(f"{folder}/{segment}" if folder else segment)
+                    intermediates.append(part)  # before the request: it may create the object and still fail
+                    # No precondition: the name is ours alone, so a retry that writes it again is harmless.
+                    self._compose(part, group, if_generation_match=None)
+                    next_round.append(part)
+                blobs = next_round
+            self._compose(destination, blobs, if_generation_match=0)
+        finally:
+            for part in intermediates:
+                try:
+                    self.delete(part.name)
+                except _TRANSFER_ERRORS as exc:  # the orphan sweep deletes it later
+                    log.warning("deleting an intermediate compose object failed bucket=%s key=%s error=%r",
+                                self._bucket.name, part.name, exc)
+        log.debug("gcs object composed key=%s sources=%d rounds=%d", key, len(names), round_number + 1)
 
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         # Validity counts from the URL's X-Goog-Date: "now" truncated to the second, and taken a
@@ -121,6 +169,23 @@ class GcsStorage:
     def close(self) -> None:
         self._client.close()
 
+    def _new_export_blob(self, key: str, filename: str) -> storage.Blob:
+        """The blob of a new export file, with the metadata its downloads get: open_writer and
+        combine create objects the same way."""
+        blob = self._bucket.blob(validate_writer_args(key, filename))
+        blob.content_type = "application/gzip"
+        blob.content_disposition = f'attachment; filename="{filename}"'
+        return blob
+
+    def _compose(self, destination: storage.Blob, sources: list[storage.Blob], *,
+                 if_generation_match: int | None) -> None:
+        """One compose request, retried by the library like the writer's uploads (DEFAULT_RETRY:
+        each caller makes the request safe to repeat); a failure is a StorageError."""
+        try:
+            destination.compose(sources, if_generation_match=if_generation_match, retry=DEFAULT_RETRY)
+        except _TRANSFER_ERRORS as exc:
+            raise _storage_error(destination, exc, "Assembling the export file in Cloud Storage") from exc
+
     def _signing_args(self) -> dict[str, Any]:
         """generate_signed_url's arguments: a local signer, or an identity and token for IAM signBlob."""
         if isinstance(self._credentials, Signing) and not self._signer_email:
@@ -143,8 +208,9 @@ class GcsWriter:
         # ifGenerationMatch=0: the upload may only create the object, never replace one. That also
         # makes every request of it idempotent, so the library's default retry (exponential
         # backoff on 408/429/5xx and connection errors, up to 120 s) applies to each of them.
+        # The content type is the blob's own (GcsStorage sets it).
         self._file: BlobWriter = blob.open("wb", chunk_size=chunk_size, if_generation_match=0,
-                                           content_type="application/gzip", retry=DEFAULT_RETRY)
+                                           retry=DEFAULT_RETRY)
         self._finished = False
 
     def write(self, data: bytes) -> None:
@@ -180,14 +246,19 @@ class GcsWriter:
             log.warning("cancelling a gcs upload failed key=%s error=%r", self._blob.name, exc)
 
     def _error(self, exc: Exception) -> StorageError:
-        """A StorageError safe to show on the job; the details go to the log."""
-        status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "code", None)
-        if status == 412:
-            return ObjectExistsError("The export file already exists; it was not overwritten.")
-        log.error("gcs upload failed bucket=%s key=%s status=%s error=%r", self._blob.bucket.name,
-                  self._blob.name, status, exc)
-        detail = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
-        return StorageError(f"Uploading the export file to Cloud Storage failed ({detail}).")
+        return _storage_error(self._blob, exc, "Uploading the export file to Cloud Storage")
+
+
+def _storage_error(blob: storage.Blob, exc: Exception, action: str) -> StorageError:
+    """A StorageError safe to show on the job, "<action> failed (HTTP <status>)."; the details go to
+    the log. A 412 is the ifGenerationMatch=0 of a request that would have replaced `blob`."""
+    status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "code", None)
+    if status == 412:
+        return ObjectExistsError("The export file already exists; it was not overwritten.")
+    log.error("gcs request failed action=%r bucket=%s key=%s status=%s error=%r", action, blob.bucket.name,
+              blob.name, status, exc)
+    detail = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
+    return StorageError(f"{action} failed ({detail}).")
 
 
 def _load_credentials(credentials_file: str, endpoint: str) -> Credentials:
