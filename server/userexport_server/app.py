@@ -54,7 +54,8 @@ class App:
         ))
         self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
-                                  lease_seconds=settings.lease_seconds, attempts=settings.job_attempts) \
+                                  lease_seconds=settings.lease_seconds, attempts=settings.job_attempts,
+                                  slice_users=settings.slice_users) \
             if settings.workers > 0 else None
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
                              orphan_grace=settings.orphan_grace_seconds,

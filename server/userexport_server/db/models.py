@@ -96,3 +96,34 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The export file's size once completed; 0 when there is no file (the retained-bytes quota sums it).
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class JobSlice(Base):
+    """One key range of a job's users, exported as its own gzip member (jobs/slices.py).
+
+    A slice covers user_id in (after, through] (None: open), at most `rows` users; its part file is
+    `part_key` once done. Slices carry their own lease, so any worker on any replica takes the next
+    one, and a replica's death loses only the slices it was running.
+    """
+
+    __tablename__ = "job_slices"
+    __table_args__ = (
+        Index("ix_job_slices_status", "status"),
+        # Serves the claim's "tenant served least recently".
+        Index("ix_job_slices_tenant_claimed", "tenant", "claimed_at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    after: Mapped[str | None] = mapped_column(String(255).with_variant(String(255, collation="C"), "postgresql"))
+    through: Mapped[str | None] = mapped_column(String(255).with_variant(String(255, collation="C"), "postgresql"))
+    rows: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    users_written: Mapped[int] = mapped_column(BigInteger, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    part_key: Mapped[str | None] = mapped_column(String(512))

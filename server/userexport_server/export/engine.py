@@ -27,7 +27,7 @@ from isal import isal_zlib
 from sqlalchemy import Connection, TextClause
 
 from userexport_server.export.spec import ExportSpec
-from userexport_server.export.sql import compile_export
+from userexport_server.export.sql import KeyRange, compile_export
 
 # Compressed bytes are handed to the writer in pieces at least this big (fewer, larger uploads).
 WRITE_BYTES = 256 * 1024
@@ -67,19 +67,22 @@ def run_export(
     progress: Callable[[int], bool] | None = None,
     gzip_level: int = 6,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    key_range: KeyRange | None = None,
 ) -> int:
-    """Write `spec`'s export of `tenant` to `writer` as one gzip stream; return the users written.
+    """Write `spec`'s export of `tenant` (or one `key_range` of it) to `writer` as one gzip member;
+    return the users written. Only the first range (or the whole export) starts with the CSV header,
+    so members of consecutive ranges concatenate into the whole export.
 
     `progress(users_written)` is called after every `batch_rows` users; returning False stops the
     export with ExportCancelled. A writer error is raised here, in the caller's thread. The
     writer is neither committed nor aborted: that is the caller's decision.
     """
-    query = compile_export(spec, tenant, conn.dialect.name)
+    query = compile_export(spec, tenant, conn.dialect.name, key_range)
     end = query.line_end
     pipe = _GzipPipe(writer, gzip_level)
     written = 0
     try:
-        if query.header is not None:
+        if query.header is not None and (key_range is None or key_range.after is None):
             pipe.put(query.header + end)
         with contextlib.closing(_driver_batches(conn, query.statement, batch_rows)) as batches:
             for rows in batches:

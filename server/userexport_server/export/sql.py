@@ -296,6 +296,16 @@ class _Compiler:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Part of an export: the users with `after` < user_id <= `through` (None: unbounded), at most
+    `rows` of them (so a slice never writes more than was counted, and the job's limit holds)."""
+
+    after: str | None
+    through: str | None
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExportQuery:
     """The compiled export: a query of one column per user, its line as UTF-8 bytes (no terminator)."""
 
@@ -304,8 +314,9 @@ class ExportQuery:
     line_end: bytes
 
 
-def compile_export(spec: ExportSpec, tenant: str, dialect: str) -> ExportQuery:
-    """The query that renders `spec` for `tenant` on `dialect` ('sqlite' or 'postgresql')."""
+def compile_export(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange | None = None) -> ExportQuery:
+    """The query that renders `spec` for `tenant` on `dialect` ('sqlite' or 'postgresql'), all of
+    it or one `key_range` of it."""
     compiler = _Compiler(_DIALECTS[dialect])
     paths = [parse_path(f.name) for f in spec.fields]
     if spec.format is Format.CSV:
@@ -325,11 +336,19 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str) -> ExportQuery:
         parts = compiler.json_line(tree)
         header = None
     where, params = _where(tenant, spec)
+    limit = spec.limit
+    if key_range is not None:
+        for bound, op in ((key_range.after, ">"), (key_range.through, "<=")):
+            if bound is not None:
+                name = "after" if op == ">" else "through"
+                where += f" AND user_id {op} :{name}"
+                params[name] = bound
+        limit = key_range.rows
     line = compiler.dialect.utf8_bytes.format(x=compiler.dialect.assemble(parts))
     sql = f"SELECT {line} AS line FROM users WHERE {where} ORDER BY user_id"
-    if spec.limit is not None:
+    if limit is not None:
         sql += " LIMIT :limit"
-        params["limit"] = spec.limit
+        params["limit"] = limit
     statement = text(sql).bindparams(**compiler.params, **params)
     return ExportQuery(statement, header, b"\r\n" if spec.format is Format.CSV else b"\n")
 
@@ -342,6 +361,20 @@ def count_users(conn: Connection, tenant: str, spec: ExportSpec) -> int:
         sql += " LIMIT :limit"
         params["limit"] = spec.limit
     return int(conn.execute(text(sql + ") AS matched").bindparams(**params)).scalar_one())
+
+
+def key_ranges(conn: Connection, tenant: str, spec: ExportSpec, total: int, size: int) -> list[KeyRange]:
+    """Cut the export's first `total` users (see count_users) into ranges of `size` users, in
+    user_id order, by one walk of the index that serves the export; at least one range."""
+    if total <= size:
+        return [KeyRange(None, None, total)]
+    where, params = _where(tenant, spec)
+    sql = (f"SELECT user_id FROM (SELECT user_id, row_number() OVER (ORDER BY user_id) AS n FROM users "
+           f"WHERE {where} ORDER BY user_id LIMIT :total) AS ranked WHERE n % :size = 0 AND n < :total ORDER BY n")
+    bounds = list(conn.execute(text(sql).bindparams(**params, total=total, size=size)).scalars())
+    edges: list[str | None] = [None, *bounds, None]
+    return [KeyRange(edges[i], edges[i + 1], size if i < len(bounds) else total - size * len(bounds))
+            for i in range(len(edges) - 1)]
 
 
 def _where(tenant: str, spec: ExportSpec) -> tuple[str, dict[str, Any]]:

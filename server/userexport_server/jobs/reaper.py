@@ -1,5 +1,5 @@
-"""The reaper: times out stuck exports, expires jobs after their lifetime, deletes files, purges, and
-sweeps storage for orphans (partial files of killed processes, files of jobs gone or finished).
+"""The reaper: times out stuck exports, expires jobs after their lifetime, deletes files and the parts of
+ended jobs, purges, and sweeps storage for orphans (partial files of killed processes, files of jobs gone or finished).
 
 No step holds a transaction while it deletes files, and each step's error is logged and retried
 at the next round, so one failure neither stops the others nor kills the thread.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from userexport_server.db.faults import is_transient_db_error
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus
+from userexport_server.jobs.slices import SliceStore
 from userexport_server.jobs.store import JobStore
 from userexport_server.storage.base import Storage, StoredEntry
 
@@ -28,7 +29,7 @@ class Reaper:
 
     def __init__(self, store: JobStore, storage: Storage, interval: float, *, orphan_grace: float = 3600.0,
                  sweep_interval: float = 600.0) -> None:
-        self.store, self.storage, self.interval = store, storage, interval
+        self.store, self.slices, self.storage, self.interval = store, SliceStore(store), storage, interval
         self.orphan_grace, self.sweep_interval = orphan_grace, sweep_interval
         self._next_sweep = 0.0  # monotonic: the first round sweeps
         self._stop = threading.Event()
@@ -44,7 +45,8 @@ class Reaper:
     def run_once(self) -> None:
         steps: tuple[tuple[str, Callable[[], object]], ...] = (
             ("timeouts", self.store.fail_timed_out), ("expiry", self.store.expire_due),
-            ("file deletes", self.delete_expired_files), ("purge", self.store.purge_expired),
+            ("file deletes", self.delete_expired_files), ("slice parts", self.delete_finished_parts),
+            ("purge", self.store.purge_expired),
             ("orphan sweep", self._sweep_when_due))
         for name, step in steps:
             try:
@@ -58,6 +60,18 @@ class Reaper:
     def delete_expired_files(self) -> int:
         """Delete the files of expired and revoked jobs; one that fails keeps its key and is retried."""
         return sum(delete_export_file(self.store, self.storage, job) for job in self.store.expired_with_files())
+
+    def delete_finished_parts(self) -> int:
+        """Delete the parts and slices of jobs that ended without their assembler cleaning up
+        (cancelled, failed, expired mid-export, or an assembler that died); returns the jobs cleared."""
+        cleared = 0
+        for job_id, keys in self.slices.of_finished_jobs().items():
+            for key in keys:
+                self.storage.delete(key)
+            self.slices.forget(job_id)
+            log.info("slice parts deleted job_id=%s parts=%d", job_id, len(keys))
+            cleared += 1
+        return cleared
 
     def sweep(self) -> int:
         """Remove what no job needs (see `_keep`); returns how many files and folders went."""

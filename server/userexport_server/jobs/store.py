@@ -136,10 +136,10 @@ class JobStore:
                 return Job.from_row(row)
             if status.is_terminal:
                 raise FailedPrecondition(f"Job {job_id} is already {status.value} and cannot be cancelled.")
-            row = self._change(conn, job_id, {"status": JobStatus.CANCELLED.value, "finished_at": now_utc(),
+            row = change_row(conn, job_id, {"status": JobStatus.CANCELLED.value, "finished_at": now_utc(),
                                               "lease_owner": None, "lease_expires_at": None,
                                               "time_left_seconds": None})
-        return self._published(row, "job cancelled")
+        return self.publish(row, "job cancelled")
 
     def revoke(self, tenant: str, job_id: str) -> Job | None:
         """DeleteJob: the job becomes EXPIRED now, keeping its storage key until the file is gone
@@ -148,10 +148,10 @@ class JobStore:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
             if row is None or row.status == JobStatus.EXPIRED.value:
                 return None if row is None else Job.from_row(row)
-            row = self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
+            row = change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
                                               "lease_expires_at": None, "time_left_seconds": None,
                                               "finished_at": row.finished_at or now_utc()})
-        return self._published(row, "job revoked")
+        return self.publish(row, "job revoked")
 
     def forget_file(self, job_id: str, key: str) -> None:
         """The file at `key` is deleted: clear the job's key (if it still names that file), so that
@@ -177,7 +177,8 @@ class JobStore:
     # --- worker-side changes -------------------------------------------------------------------
 
     def claim(self, owner: str) -> Job | None:
-        """Take the oldest pending job, or a processing one whose worker stopped renewing its lease."""
+        """Take the oldest pending job to plan, or a processing one whose planner or assembler stopped
+        renewing its lease (its progress stays: finished slices are kept, see jobs/slices.py)."""
         now = now_utc()
         with write_transaction(self.engine) as conn:
             candidate = conn.execute(
@@ -188,12 +189,11 @@ class JobStore:
             ).first()
             if candidate is None:
                 return None
-            row = self._change(conn, candidate.id, {
-                "status": JobStatus.PROCESSING.value, "started_at": now, "lease_owner": owner,
-                "lease_expires_at": now + self.limits.lease, "attempts": jobs.c.attempts + 1,
-                "users_written": 0, "users_total": 0, "percentage_done": 0, "time_left_seconds": None,
+            row = change_row(conn, candidate.id, {
+                "status": JobStatus.PROCESSING.value, "started_at": func.coalesce(jobs.c.started_at, now),
+                "lease_owner": owner, "lease_expires_at": now + self.limits.lease, "attempts": jobs.c.attempts + 1,
             })
-        return self._published(row, "job claimed", rescued=candidate.status == JobStatus.PROCESSING.value)
+        return self.publish(row, "job claimed", rescued=candidate.status == JobStatus.PROCESSING.value)
 
     def progress(self, job: Job, *, written: int, total: int, time_left: int | None) -> Job | None:
         """Record progress and renew the lease; None means the job is no longer this worker's."""
@@ -214,6 +214,15 @@ class JobStore:
                 jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc() + self.limits.lease))
         return result.rowcount == 1
 
+    def lapse(self, job: Job) -> bool:
+        """Give up the lease of a job being assembled, so that the next claim (any replica) takes the
+        assembly over at once; False: the job is no longer ours. Not an event."""
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(update(jobs).where(
+                jobs.c.id == job.id, jobs.c.status == JobStatus.PROCESSING.value,
+                jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc()))
+        return result.rowcount == 1
+
     def complete(self, job: Job, *, storage_key: str, written: int, size_bytes: int = 0) -> Job | None:
         return self._worker_change(job, {
             "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "size_bytes": size_bytes,
@@ -229,7 +238,7 @@ class JobStore:
         }, "job failed")
 
     def release(self, job: Job) -> Job | None:
-        """Hand a job back (graceful shutdown) so another worker or replica starts it afresh."""
+        """Hand back a job being planned (graceful shutdown, a retry) so another worker starts it afresh."""
         return self._worker_change(job, {
             "status": JobStatus.PENDING.value, "started_at": None, "users_written": 0, "users_total": 0,
             "percentage_done": 0, "time_left_seconds": None, "lease_owner": None, "lease_expires_at": None,
@@ -245,10 +254,10 @@ class JobStore:
             due = conn.execute(select(jobs.c.id).where(
                 jobs.c.expires_at <= now, jobs.c.status != JobStatus.EXPIRED.value)
                 .with_for_update(skip_locked=True)).scalars().all()
-            rows = [self._change(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
+            rows = [change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
                                                 "lease_expires_at": None, "time_left_seconds": None})
                     for job_id in due]
-        return [self._published(row, "job expired") for row in rows]
+        return [self.publish(row, "job expired") for row in rows]
 
     def expired_with_files(self, limit: int = 1000) -> builtins.list[Job]:
         """Expired (or revoked) jobs whose file is not deleted yet: just expired, or a delete failed."""
@@ -265,12 +274,12 @@ class JobStore:
             due = conn.execute(select(jobs.c.id).where(
                 jobs.c.status == JobStatus.PROCESSING.value, jobs.c.started_at <= now - limit)
                 .with_for_update(skip_locked=True)).scalars().all()
-            rows = [self._change(conn, job_id, {
+            rows = [change_row(conn, job_id, {
                 "status": JobStatus.FAILED.value, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
                 "time_left_seconds": None,
                 "error": f"Timed out: the export ran longer than {int(limit.total_seconds())} seconds.",
             }) for job_id in due]
-        return [self._published(row, "job timed out") for row in rows]
+        return [self.publish(row, "job timed out") for row in rows]
 
     def purge_expired(self) -> int:
         """Delete expired jobs once their retention period is over, and their file is gone (a job
@@ -286,20 +295,14 @@ class JobStore:
     # --- helpers -------------------------------------------------------------------------------
 
     def _worker_change(self, job: Job, values: dict[str, Any], event: str) -> Job | None:
+        """A change by whoever holds `job`: its lease owner, or (None) the slices phase's workers."""
         with write_transaction(self.engine) as conn:
-            row = self._change(conn, job.id, values, and_(jobs.c.status == JobStatus.PROCESSING.value,
+            row = change_row(conn, job.id, values, and_(jobs.c.status == JobStatus.PROCESSING.value,
                                                           jobs.c.lease_owner == job.lease_owner))
-        return None if row is None else self._published(row, event)
+        return None if row is None else self.publish(row, event)
 
-    @staticmethod
-    def _change(conn: Connection, job_id: str, values: dict[str, Any], condition: Any = None) -> Any:
-        statement = update(jobs).where(jobs.c.id == job_id)
-        if condition is not None:
-            statement = statement.where(condition)
-        values = {**values, "version": jobs.c.version + 1, "updated_at": now_utc()}
-        return conn.execute(statement.values(**values).returning(*jobs.c)).first()
-
-    def _published(self, row: Any, event: str, **extra: Any) -> Job:
+    def publish(self, row: Any, event: str, **extra: Any) -> Job:
+        """The committed change `row` as a Job, logged and published to watchers."""
         return self._published_job(Job.from_row(row), event, **extra)
 
     def _published_job(self, job: Job, event: str, **extra: Any) -> Job:
@@ -311,3 +314,13 @@ class JobStore:
                     job.error, details)
         self.bus.publish(job)
         return job
+
+
+def change_row(conn: Connection, job_id: str, values: dict[str, Any], condition: Any = None) -> Any:
+    """Update a job, bumping its version (every change is an event); the new row, or None when
+    `condition` did not hold."""
+    statement = update(jobs).where(jobs.c.id == job_id)
+    if condition is not None:
+        statement = statement.where(condition)
+    values = {**values, "version": jobs.c.version + 1, "updated_at": now_utc()}
+    return conn.execute(statement.values(**values).returning(*jobs.c)).first()

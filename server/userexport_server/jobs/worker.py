@@ -1,11 +1,14 @@
-"""The worker pool: threads that claim jobs, run the export engine into storage, and report progress."""
+"""The worker pool: threads that plan jobs into slices, export slices into storage, assemble the parts,
+and report progress."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from sqlalchemy import Engine
 
@@ -13,9 +16,10 @@ from userexport_server.db.engine import unbounded_statements
 from userexport_server.db.faults import is_transient_db_error
 from userexport_server.errors import StorageError
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
-from userexport_server.export.sql import count_users
+from userexport_server.export.sql import count_users, key_ranges
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.retry import Backoff, retry_transient
+from userexport_server.jobs.slices import Slice, SliceStore
 from userexport_server.jobs.store import JobStore
 from userexport_server.storage.base import ObjectWriter, Storage, object_key
 
@@ -40,26 +44,25 @@ def batch_rows(total: int) -> int:
     return max(100, min(DEFAULT_BATCH_ROWS, total // 200))
 
 
-class _Progress:
-    """The engine's progress callback: writes progress at most once per 1% or per second, and says stop
-    when the job was cancelled here, or is no longer this worker's (cancelled, expired or timed out
-    elsewhere), or the server is shutting down."""
+class _SliceProgress:
+    """The engine's progress callback for one slice: writes progress at most once per 1% of the
+    job or per second, and says stop when the slice was cancelled here, or is no longer this
+    worker's (its job cancelled, expired or timed out elsewhere, its lease lost), or the server is
+    shutting down."""
 
-    def __init__(self, store: JobStore, job: Job, total: int, stop: threading.Event) -> None:
-        self.store, self.job, self.total, self.stop = store, job, total, stop
-        self.started = self.last_write = time.monotonic()
-        self.last_percentage = 0
+    def __init__(self, slices: SliceStore, piece: Slice, job_total: int, stop: threading.Event) -> None:
+        self.slices, self.piece, self.stop = slices, piece, stop
+        self.step = max(1, job_total // 100)
+        self.last_write, self.last_written = time.monotonic(), 0
         self.failures, self.retry_at = 0, 0.0
 
     def __call__(self, written: int) -> bool:
         if self.stop.is_set():
             return False
         now = time.monotonic()
-        percentage = written * 100 // self.total if self.total else 100
-        if (percentage > self.last_percentage or now - self.last_write >= 1.0) and now >= self.retry_at:
-            left = round((now - self.started) / written * (self.total - written)) if written else None
+        if (written - self.last_written >= self.step or now - self.last_write >= 1.0) and now >= self.retry_at:
             try:
-                job = self.store.progress(self.job, written=written, total=self.total, time_left=left)
+                job = self.slices.progress(self.piece, written)
             except Exception as error:
                 if not is_transient_db_error(error):
                     raise
@@ -67,12 +70,12 @@ class _Progress:
                 # count, so a stalled database slows the export down instead of stopping it.
                 self.failures += 1
                 self.retry_at = time.monotonic() + PROGRESS_BACKOFF.delay(self.failures)
-                log.warning("progress write failed, export goes on job_id=%s failures=%d error=%s", self.job.id,
-                            self.failures, type(error).__name__)
+                log.warning("progress write failed, export goes on job_id=%s slice=%d failures=%d error=%s",
+                            self.piece.job_id, self.piece.seq, self.failures, type(error).__name__)
                 return True
             if job is None:
                 return False
-            self.job, self.last_write, self.last_percentage, self.failures = job, now, percentage, 0
+            self.last_write, self.last_written, self.failures = now, written, 0
         return True
 
 
@@ -87,15 +90,30 @@ class _Counted:
         self.size += len(data)
 
 
+class _Run:
+    """One piece of work running here (a planning, a slice, an assembly), so that cancel and
+    shutdown can reach it."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id, self.stop, self.reasons = job_id, threading.Event(), list[str]()
+
+    def signal(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.stop.set()
+
+
 class WorkerPool:
     """Export threads that never die of an error: each is caught, logged with the job's id, and
-    the thread goes on (see healthy()). A job that hit a transient database or storage error runs
-    again, up to `attempts` claims, and then fails naming the cause."""
+    the thread goes on (see healthy()). Each thread claims, in turn, a job to plan or assemble
+    (JobStore.claim) or else a slice of a running job (SliceStore.claim), so the workers of every
+    replica share each job's slices. Work that hit a transient database or storage error runs
+    again, up to `attempts` claims, and then its job fails naming the cause."""
 
     def __init__(self, store: JobStore, engine: Engine, storage: Storage, *, workers: int,
-                 poll_interval: float, gzip_level: int, lease_seconds: float, attempts: int = 3) -> None:
-        self.store, self.engine, self.storage = store, engine, storage
-        self.attempts = attempts
+                 poll_interval: float, gzip_level: int, lease_seconds: float, attempts: int = 3,
+                 slice_users: int = 100_000) -> None:
+        self.store, self.slices, self.engine, self.storage = store, SliceStore(store), engine, storage
+        self.attempts, self.slice_users = attempts, max(1, slice_users)
         self.heartbeat_interval = lease_seconds / 3
         self.poll_interval, self.gzip_level = poll_interval, gzip_level
         self.owner = f"{uuid.uuid4().hex[:12]}"
@@ -104,7 +122,7 @@ class WorkerPool:
         self._wakeups = 0
         self._condition = threading.Condition()
         self._stopping = threading.Event()
-        self._running: dict[str, tuple[threading.Event, list[str]]] = {}
+        self._running: set[_Run] = set()
         self._lock = threading.Lock()
         self._started = False
 
@@ -112,17 +130,18 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
         self._started = True
-        log.info("workers started owner=%s count=%d", self.owner, len(self._threads))
+        log.info("workers started owner=%s count=%d slice_users=%d", self.owner, len(self._threads),
+                 self.slice_users)
 
     def wake(self) -> None:
-        """A job was created here: idle workers claim it now rather than at their next poll."""
+        """A job was created (or planned) here: idle workers claim it now rather than at their next poll."""
         with self._condition:
             self._wakeups += 1
             self._condition.notify_all()
 
     def cancel_local(self, job_id: str) -> None:
-        """Stop a job this replica runs, at once (other replicas notice at their next progress step)."""
-        self._signal(job_id, "cancelled")
+        """Stop a job's work on this replica at once (other replicas notice at their next heartbeat)."""
+        self._signal("cancelled", job_id)
 
     def healthy(self) -> str | None:
         """None while every worker thread is alive, else why not (cheap: for a health check each second)."""
@@ -132,36 +151,39 @@ class WorkerPool:
         return f"{dead} of {len(self._threads)} export workers are dead" if dead else None
 
     def running(self) -> list[str]:
+        """The jobs with work running on this replica."""
         with self._lock:
-            return list(self._running)
+            return sorted({run.job_id for run in self._running})
 
     def shutdown(self, grace: float) -> None:
-        """Stop claiming; let running exports finish for `grace` seconds, then hand the rest back."""
+        """Stop claiming; let running work finish for `grace` seconds, then hand the rest back."""
         self._stopping.set()
         self.wake()
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for job_id in self.running():
-            self._signal(job_id, "shutdown")
+        self._signal("shutdown")
         for thread in self._threads:
             thread.join()
         log.info("workers stopped owner=%s", self.owner)
 
-    def _signal(self, job_id: str, reason: str) -> None:
+    def _signal(self, reason: str, job_id: str | None = None) -> None:
         with self._lock:
-            entry = self._running.get(job_id)
-        if entry is not None:
-            entry[1].append(reason)
-            entry[0].set()
+            runs = [run for run in self._running if job_id is None or run.job_id == job_id]
+        for run in runs:
+            run.signal(reason)
+
+    # --- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        owner = f"{self.owner}/{threading.current_thread().name}"
         failures = 0
         while not self._stopping.is_set():
             with self._condition:
                 seen = self._wakeups
             try:
-                job = self.store.claim(f"{self.owner}/{threading.current_thread().name}")
+                job = self.store.claim(owner)
+                piece = None if job is not None else self.slices.claim(owner)
             except Exception as error:
                 failures += 1
                 delay = CLAIM_BACKOFF.delay(failures)
@@ -170,54 +192,172 @@ class WorkerPool:
                 self._stopping.wait(delay)
                 continue
             failures = 0
-            if job is not None:
+            if job is not None or piece is not None:
                 try:
-                    self._run(job)
-                except Exception:  # _run handles its errors; this is the last line, so the thread lives
-                    log.exception("export worker error job_id=%s tenant=%s", job.id, job.tenant)
+                    if job is not None:
+                        self._run_job(job)
+                    elif piece is not None:
+                        self._run_slice(*piece)
+                except Exception:  # the runs handle their errors; this is the last line, so the thread lives
+                    failed = job or (piece[1] if piece else None)
+                    log.exception("export worker error job_id=%s", failed.id if failed else None)
                 continue
             with self._condition:
                 if self._wakeups == seen and not self._stopping.is_set():
                     self._condition.wait(self.poll_interval)
 
-    def _run(self, job: Job) -> None:
-        stop, reasons = threading.Event(), list[str]()
+    @contextlib.contextmanager
+    def _running_as(self, job_id: str, renew: Callable[[], bool]) -> Iterator[_Run]:
+        """Register a run for cancel and shutdown, with a heartbeat that renews its lease even when no
+        progress is made (a long sort before the first row) and stops it when the lease is lost."""
+        run = _Run(job_id)
         with self._lock:
-            self._running[job.id] = (stop, reasons)
-        key = object_key(job.tenant, job.id, job.filename)
-        started = time.monotonic()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job, stop, reasons), daemon=True,
-                                     name=f"heartbeat-{job.id}")
+            self._running.add(run)
+        heartbeat = threading.Thread(target=self._heartbeat, args=(run, renew), daemon=True,
+                                     name=f"heartbeat-{job_id}")
         heartbeat.start()
         try:
-            written, size = self._export(job, key, stop)
-        except ExportCancelled:
-            if "shutdown" in reasons:
-                self._final_write(job, "release", lambda: self.store.release(job))
-            log.info("export stopped job_id=%s tenant=%s reason=%s", job.id, job.tenant,
-                     ",".join(reasons) or "job no longer held")
-        except Exception as error:
-            self._failed(job, error)
-        else:
-            seconds = time.monotonic() - started
-            done = self._final_write(job, "complete", lambda: self.store.complete(
-                job, storage_key=key, written=written, size_bytes=size))
-            if done is _UNWRITTEN:
-                pass  # the file stays: a rescuing attempt deletes it before it starts, or the sweep does
-            elif done is None:
-                self._discard(job, key)
-            else:
-                log.info("export done job_id=%s tenant=%s users=%d seconds=%.2f users_per_s=%.0f", job.id,
-                         job.tenant, written, seconds, written / seconds if seconds else 0.0)
+            yield run
         finally:
             with self._lock:
-                del self._running[job.id]
-            reasons.append("done")
-            stop.set()
+                self._running.discard(run)
+            run.signal("done")
             heartbeat.join()
 
-    def _failed(self, job: Job, error: Exception) -> None:
-        """Retry a transient failure (after a backoff, by handing the job back) while attempts are
+    def _heartbeat(self, run: _Run, renew: Callable[[], bool]) -> None:
+        while not run.stop.wait(self.heartbeat_interval):
+            try:
+                held = renew()
+            except Exception:  # a database hiccup: the next beat retries well within the lease
+                log.exception("lease renewal failed job_id=%s", run.job_id)
+                continue
+            if not held:
+                run.signal("lease lost")
+
+    # --- a job: planning or assembling ---------------------------------------------------------
+
+    def _run_job(self, job: Job) -> None:
+        with self._running_as(job.id, lambda: self.store.renew_lease(job)) as run:
+            planned = self.slices.is_planned(job.id)
+            try:
+                if planned:  # its assembler died: take the assembly over
+                    self._assemble(job)
+                else:
+                    self._plan(job, run)
+            except ExportCancelled:
+                if "shutdown" in run.reasons and not planned:
+                    self._final_write(job, "release", lambda: self.store.release(job))
+                log.info("job stopped job_id=%s tenant=%s reason=%s", job.id, job.tenant,
+                         ",".join(run.reasons) or "job no longer held")
+            except Exception as error:
+                self._failed(job, error, job.attempts, retry=lambda: self._hand_back_job(job, planned))
+
+    def _plan(self, job: Job, run: _Run) -> None:
+        """Count the users and cut them into slices, which every worker then takes."""
+        with self.engine.connect() as conn:
+            unbounded_statements(conn)
+            total = count_users(conn, job.tenant, job.spec)
+            ranges = key_ranges(conn, job.tenant, job.spec, total, self.slice_users)
+        if run.stop.is_set() or self.slices.plan(job, ranges) is None:
+            raise ExportCancelled()
+        self.wake()  # the other idle workers of this replica take slices at once
+
+    def _hand_back_job(self, job: Job, planned: bool) -> Job | bool | None:
+        """A retry: a plan starts over; an assembly is left to the next claim, here or elsewhere."""
+        return self.store.lapse(job) if planned else self.store.release(job)
+
+    def _assemble(self, job: Job) -> None:
+        """Join the parts (in key order) into the job's file, complete the job, delete the parts."""
+        started = time.monotonic()
+        key = object_key(job.tenant, job.id, job.filename)
+        parts = self.slices.parts(job.id)
+        sources = [part.key for part in parts]
+        if sources != [key]:  # one slice wrote the file itself
+            self.storage.delete(key)  # an earlier assembler's, whose complete never happened
+            self.storage.combine(sources, key, job.filename)
+        written, size = sum(part.users for part in parts), sum(part.size_bytes for part in parts)
+        done = self._final_write(job, "complete", lambda: self.store.complete(
+            job, storage_key=key, written=written, size_bytes=size))
+        if done is _UNWRITTEN:
+            return  # the file stays: the rescuing assembler replaces it, or the sweep deletes it
+        if done is None:
+            self._discard(job, key)
+        else:
+            log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
+                     job.tenant, written, len(parts), size, time.monotonic() - started)
+        self._delete_parts(job, [source for source in sources if source != key])
+
+    def _delete_parts(self, job: Job, keys: list[str]) -> None:
+        """Parts are not needed once the job's file exists or the job ended; a failed delete is left
+        to the reaper (its slices stay until their parts are gone)."""
+        try:
+            for key in keys:
+                self.storage.delete(key)
+            self.slices.forget(job.id)
+        except Exception as error:
+            log.warning("deleting export parts failed job_id=%s tenant=%s error=%s; the reaper retries", job.id,
+                        job.tenant, type(error).__name__)
+
+    # --- a slice -------------------------------------------------------------------------------
+
+    def _run_slice(self, piece: Slice, job: Job) -> None:
+        with self._running_as(job.id, lambda: self.slices.renew(piece)) as run:
+            started = time.monotonic()
+            whole = piece.key_range.after is None and piece.key_range.through is None
+            key = object_key(job.tenant, job.id, job.filename if whole else piece.name)
+            try:
+                written, size = self._export(job, piece, key, run.stop)
+            except ExportCancelled:
+                if "shutdown" in run.reasons:
+                    self._final_write(job, "slice hand back", lambda: self.slices.hand_back(piece))
+                log.info("slice stopped job_id=%s tenant=%s slice=%d reason=%s", job.id, job.tenant, piece.seq,
+                         ",".join(run.reasons) or "slice no longer held")
+                return
+            except Exception as error:
+                self._failed(job, error, piece.attempts, retry=lambda: self.slices.hand_back(piece))
+                return
+            outcome = self._final_write(job, "slice done", lambda: self.slices.finish(
+                piece, part_key=key, written=written, size_bytes=size))
+            if isinstance(outcome, _Unwritten):
+                return  # the slice's lease lapses and another worker exports it again
+            recorded, assemble = outcome
+            log.info("slice done job_id=%s tenant=%s slice=%d users=%d seconds=%.2f recorded=%s", job.id,
+                     job.tenant, piece.seq, written, time.monotonic() - started, recorded)
+            if not recorded:
+                self._discard(job, key) if whole else self._delete_parts(job, [key])
+                return
+        if assemble is not None:
+            with self._running_as(job.id, lambda: self.store.renew_lease(assemble)):
+                try:
+                    self._assemble(assemble)
+                except Exception as error:
+                    self._failed(assemble, error, assemble.attempts,
+                                 retry=lambda: self._hand_back_job(assemble, planned=True))
+
+    def _export(self, job: Job, piece: Slice, key: str, stop: threading.Event) -> tuple[int, int]:
+        """Export the slice into its part; returns the users written and the part's size in bytes."""
+        if piece.attempts > 1 and key.endswith(job.filename):
+            # An earlier attempt may have committed the file before its replica died; objects are
+            # never overwritten, so clear the way (that file was whole, and so will this one be).
+            self.storage.delete(key)
+        with self.engine.connect() as conn:
+            unbounded_statements(conn)
+            writer = self.storage.open_writer(key, key.rsplit("/", 1)[-1])
+            counted = _Counted(writer)
+            try:
+                written = run_export(conn, job.tenant, job.spec, counted, gzip_level=self.gzip_level,
+                                     progress=_SliceProgress(self.slices, piece, job.users_total, stop),
+                                     batch_rows=batch_rows(job.users_total), key_range=piece.key_range)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        return written, counted.size
+
+    # --- failures ------------------------------------------------------------------------------
+
+    def _failed(self, job: Job, error: Exception, attempts: int, retry: Callable[[], object]) -> None:
+        """Retry a transient failure (after a backoff, by handing the work back) while attempts are
         left; otherwise fail the job with a message naming the cause and nothing internal."""
         if isinstance(error, StorageError):
             cause = str(error)
@@ -227,27 +367,27 @@ class WorkerPool:
             log.exception("export failed job_id=%s tenant=%s", job.id, job.tenant)
             self._final_write(job, "fail", lambda: self.store.fail(job, FAILED_INTERNALLY))
             return
-        if job.attempts < self.attempts:
-            delay = JOB_RETRY_BACKOFF.delay(job.attempts)
+        if attempts < self.attempts:
+            delay = JOB_RETRY_BACKOFF.delay(attempts)
             log.warning("export attempt failed, will retry job_id=%s tenant=%s attempt=%d/%d retry_in_seconds=%.1f "
-                        "cause=%r error=%s", job.id, job.tenant, job.attempts, self.attempts, delay, cause,
+                        "cause=%r error=%s", job.id, job.tenant, attempts, self.attempts, delay, cause,
                         type(error).__name__)
             self._stopping.wait(delay)  # the heartbeat keeps the lease meanwhile
-            self._final_write(job, "release", lambda: self.store.release(job))
+            self._final_write(job, "hand back", retry)
             return
         log.error("export failed job_id=%s tenant=%s attempts=%d cause=%r error=%s", job.id, job.tenant,
-                  job.attempts, cause, type(error).__name__)
-        message = f"The export failed after {job.attempts} attempt{'s' * (job.attempts != 1)}: {cause}"
+                  attempts, cause, type(error).__name__)
+        message = f"The export failed after {attempts} attempt{'s' * (attempts != 1)}: {cause}"
         self._final_write(job, "fail", lambda: self.store.fail(job, message))
 
-    def _final_write(self, job: Job, what: str, write: Callable[[], Job | None]) -> Job | _Unwritten | None:
-        """A job's last write, retried over transient database errors; if it still cannot be made,
-        the job keeps its lease until it lapses and another claim (lease rescue) takes it."""
+    def _final_write(self, job: Job, what: str, write: Callable[[], _T]) -> _T | _Unwritten:
+        """A last write of some work, retried over transient database errors; if it still cannot be
+        made, the work keeps its lease until it lapses and another claim takes it over."""
         try:
-            return retry_transient(write, what=f"job {what} job_id={job.id}", attempts=FINAL_WRITE_ATTEMPTS,
+            return retry_transient(write, what=f"{what} job_id={job.id}", attempts=FINAL_WRITE_ATTEMPTS,
                                    backoff=FINAL_WRITE_BACKOFF)
         except Exception as error:
-            log.error("job %s could not be written, left to lease rescue job_id=%s tenant=%s error=%s", what,
+            log.error("%s could not be written, left to lease rescue job_id=%s tenant=%s error=%s", what,
                       job.id, job.tenant, type(error).__name__, exc_info=not is_transient_db_error(error))
             return _UNWRITTEN
 
@@ -265,46 +405,10 @@ class WorkerPool:
             log.error("discarding an export file failed job_id=%s tenant=%s error=%s", job.id, job.tenant,
                       type(error).__name__)
 
-    def _heartbeat(self, job: Job, stop: threading.Event, reasons: list[str]) -> None:
-        """Renew the lease while the export runs, even when no progress is made (a long sort before
-        the first row); if the job was taken away, tell the export to stop."""
-        while not stop.wait(self.heartbeat_interval):
-            try:
-                held = self.store.renew_lease(job)
-            except Exception:  # a database hiccup: the next beat retries well within the lease
-                log.exception("lease renewal failed job_id=%s", job.id)
-                continue
-            if not held:
-                reasons.append("lease lost")
-                stop.set()
-
-    def _export(self, job: Job, key: str, stop: threading.Event) -> tuple[int, int]:
-        """Run the export into storage; returns the users written and the file's size in bytes."""
-        with self.engine.connect() as conn:
-            unbounded_statements(conn)
-            total = count_users(conn, job.tenant, job.spec)
-            current = self.store.progress(job, written=0, total=total, time_left=None)
-            if current is None:
-                raise ExportCancelled()
-            if job.attempts > 1:
-                # An earlier attempt may have committed its file before its replica died; objects are
-                # never overwritten, so clear the way (that file was whole, and so will this one be).
-                self.storage.delete(key)
-            writer = self.storage.open_writer(key, job.filename)
-            counted = _Counted(writer)
-            try:
-                written = run_export(conn, job.tenant, job.spec, counted, gzip_level=self.gzip_level,
-                                     progress=_Progress(self.store, current, total, stop),
-                                     batch_rows=batch_rows(total))
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-        return written, counted.size
-
 
 class _Unwritten:
     """A final write that could not be made (see WorkerPool._final_write)."""
 
 
 _UNWRITTEN = _Unwritten()
+_T = TypeVar("_T")
