@@ -103,11 +103,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def bench_backend(backend: str, users: int, runs: int, postgres: str, gzip_level: str) -> list[str]:
-    """Seed, serve and time one database; the table rows it measured."""
+def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[str, str], *,
+                  peer: bool = True) -> list[str]:
+    """Seed, serve (with the server settings `env`) and time one database; the table rows it measured."""
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"userexport-bench-{backend}-"))
     tenant = "bench" + uuid.uuid4().hex[:8]
-    env = {"USEREXPORT_GZIP_LEVEL": gzip_level}
+    env = dict(env)
     dropdb: Callable[[], None] = lambda: None
     if backend == "postgresql":
         import psycopg
@@ -136,19 +137,19 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, gzip_level
         try:
             for fmt in ("csv", "json"):
                 command = peer_command(backend, fmt, tenant, target)
-                service, peer = [], []
+                service, peers = [], []
                 for run in range(runs):  # interleaved, so load from elsewhere hits both alike
                     seconds, written = run_service(server, tenant, fmt)
                     assert written == users, (written, users)
                     service.append(seconds)
-                    peer_seconds, size = run_peer(command)
-                    peer.append(peer_seconds)
+                    peer_seconds, size = run_peer(command) if peer else (float("nan"), 0)
+                    peers.append(peer_seconds)
                     print(f"  {backend} {fmt} run {run + 1}: service {seconds:.2f} s, peer {peer_seconds:.2f} s "
                           f"({size / 1e6:.0f} MB)", flush=True)
-                s, p = statistics.median(service), statistics.median(peer)
+                s, p = statistics.median(service), statistics.median(peers)
                 rows.append(f"| {backend} | {'CSV, default fields' if fmt == 'csv' else 'NDJSON, whole user'} "
                             f"| {s:.2f} s ({min(service):.2f}-{max(service):.2f}) "
-                            f"| {p:.2f} s ({min(peer):.2f}-{max(peer):.2f}) | {s / p:.2f}x |")
+                            f"| {p:.2f} s ({min(peers):.2f}-{max(peers):.2f}) | {s / p:.2f}x |")
             rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB | | |")
         finally:
             server.signal(2)
@@ -166,7 +167,12 @@ def main() -> None:
     parser.add_argument("--backends", default="postgresql,sqlite")
     parser.add_argument("--postgres", default=ADMIN_DSN, help="admin DSN; the bench makes and drops its database")
     parser.add_argument("--gzip-level", default="1", help="the server's USEREXPORT_GZIP_LEVEL (default 1)")
+    parser.add_argument("--workers", default="2", help="the server's USEREXPORT_WORKERS (default 2)")
+    parser.add_argument("--slice-users", default="100000", help="the server's USEREXPORT_SLICE_USERS (default 100000)")
+    parser.add_argument("--no-peer", action="store_true", help="time the service only (e.g. peak RSS at 10M users)")
     args = parser.parse_args()
+    env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level, "USEREXPORT_WORKERS": args.workers,
+           "USEREXPORT_SLICE_USERS": args.slice_users}
     backends = [b for b in args.backends.split(",") if b]
     packages = {"pigz": "pigz", "psql": "postgresql-client", "sqlite3": "sqlite3"}
     needed = ["pigz", *(["psql"] if "postgresql" in backends else []), *(["sqlite3"] if "sqlite" in backends else [])]
@@ -175,9 +181,9 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed: apt-get install {packages[tool]}")
     rows = []
     for backend in backends:
-        rows += bench_backend(backend, args.users, args.runs, args.postgres, args.gzip_level)
+        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer)
     print(f"\n{args.users:,} users, medians of {args.runs} (min-max), {os.cpu_count()} cores, peer with pigz -1 "
-          f"-p{os.cpu_count()}")
+          f"-p{os.cpu_count()}, server {' '.join(f'{k}={v}' for k, v in env.items())}")
     print("| database | export | service | peer | service/peer |\n|---|---|---|---|---|")
     print("\n".join(rows))
 

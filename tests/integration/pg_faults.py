@@ -3,8 +3,7 @@ send any NOTIFY payload; and polling with a deadline."""
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TypeVar
 
 import psycopg
@@ -62,15 +61,3 @@ def notify(url: str, *payloads: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for payload in payloads:
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-
-
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 20.0, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail saying `what` did not happen in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {value!r})")
-        time.sleep(every)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +17,7 @@ from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
 _Detail = TypeVar("_Detail", bound=Message)
+T = TypeVar("T")
 TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
 
 
@@ -103,3 +105,15 @@ def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[
     signing_input = segment({"alg": algorithm, "typ": "JWT", **(headers or {})}) + b"." + segment(claims)
     signature = base64.urlsafe_b64encode(signer.sign(signing_input, signer.prepare_key(key))).rstrip(b"=")
     return (signing_input + b"." + signature).decode()
+
+
+def eventually(probe: Callable[[], T | None], what: str, timeout: float = 20.0, every: float = 0.05) -> T:
+    """Poll `probe` until it returns something truthy; fail saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {value!r})")
+        time.sleep(every)

@@ -13,8 +13,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.pg_faults import connections_refused, eventually, terminate_all, terminate_listeners
-from tests.integration.support import Caller
+from tests.integration.pg_faults import connections_refused, terminate_all, terminate_listeners
+from tests.integration.support import Caller, eventually
 from tests.integration.test_read_starvation import retry_delay
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.app import SERVICE_NAME

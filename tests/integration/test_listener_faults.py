@@ -15,8 +15,8 @@ import pytest
 
 from tests.databases import BACKENDS, fresh_postgres_database
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.pg_faults import admin_execute, eventually, listener_pids, notify, terminate_listeners
-from tests.integration.support import Caller
+from tests.integration.pg_faults import admin_execute, listener_pids, notify, terminate_listeners
+from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade

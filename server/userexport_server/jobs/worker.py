@@ -285,15 +285,16 @@ class WorkerPool:
         else:
             log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
                      job.tenant, written, len(parts), size, time.monotonic() - started)
-        self._delete_parts(job, [source for source in sources if source != key])
+        self._delete_parts(job, [source for source in sources if source != key], then_forget_slices=True)
 
-    def _delete_parts(self, job: Job, keys: list[str]) -> None:
-        """Parts are not needed once the job's file exists or the job ended; a failed delete is left
-        to the reaper (its slices stay until their parts are gone)."""
+    def _delete_parts(self, job: Job, keys: list[str], *, then_forget_slices: bool = False) -> None:
+        """Parts are not needed once the job's file exists or the job ended. A failed delete is
+        logged and left to the reaper, which deletes the parts of ended jobs and then their slices."""
         try:
             for key in keys:
                 self.storage.delete(key)
-            self.slices.forget(job.id)
+            if then_forget_slices:
+                self.slices.forget(job.id)
         except Exception as error:
             log.warning("deleting export parts failed job_id=%s tenant=%s error=%s; the reaper retries", job.id,
                         job.tenant, type(error).__name__)
