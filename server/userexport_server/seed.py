@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, text
 
-from userexport_server.db.engine import make_engine, write_transaction
+from userexport_server.db.engine import make_engine, unbounded_statements, write_transaction
 from userexport_server.db.migrate import upgrade
 from userexport_server.settings import Settings
 
@@ -105,6 +105,7 @@ def seed_users(
     ]
     rows = _users(tenant, conns, users, seed, start_index)
     with write_transaction(engine) as conn:  # SQLite: BEGIN IMMEDIATE, so reading first cannot lose the write lock race
+        unbounded_statements(conn)  # one COPY of a million users takes longer than the statement timeout
         existing = set(
             conn.execute(text("SELECT id FROM connections WHERE tenant = :t"), {"t": tenant}).scalars()
         )

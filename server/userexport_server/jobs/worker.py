@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from sqlalchemy import Engine
 
-from userexport_server.db.engine import unbounded_statements
+from userexport_server.db.engine import export_reads
 from userexport_server.db.faults import is_transient_db_error
 from userexport_server.errors import StorageError
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, ExportCancelled, run_export
@@ -255,7 +255,7 @@ class WorkerPool:
     def _plan(self, job: Job, run: _Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
         with self.engine.connect() as conn:
-            unbounded_statements(conn)
+            export_reads(conn)
             total = count_users(conn, job.tenant, job.spec)
             ranges = key_ranges(conn, job.tenant, job.spec, total, self.slice_users)
         if run.stop.is_set() or self.slices.plan(job, ranges) is None:
@@ -342,7 +342,7 @@ class WorkerPool:
             # never overwritten, so clear the way (that file was whole, and so will this one be).
             self.storage.delete(key)
         with self.engine.connect() as conn:
-            unbounded_statements(conn)
+            export_reads(conn)
             writer = self.storage.open_writer(key, key.rsplit("/", 1)[-1])
             counted = _Counted(writer)
             try:
