@@ -87,7 +87,7 @@ def run_service(server: ServerProcess, tenant: str, fmt: str) -> tuple[float, in
     try:
         started = time.perf_counter()
         job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON)
-        final = caller.finish(job.id)
+        final = caller.finish(job.id, timeout=3600)
         seconds = time.perf_counter() - started
     finally:
         caller.close()

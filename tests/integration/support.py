@@ -45,9 +45,9 @@ class Caller:
     def list(self, **request: Any) -> pb.ListJobsResponse:
         return self.stub.ListJobs(pb.ListJobsRequest(**request), metadata=self.metadata)
 
-    def finish(self, job_id: str) -> pb.Job:
+    def finish(self, job_id: str, timeout: float = 120) -> pb.Job:
         """Watch until the stream ends; returns the final message."""
-        messages = self.watch(job_id)
+        messages = self.watch(job_id, timeout)
         assert messages[-1].status in TERMINAL, messages[-1]
         return messages[-1]
 

@@ -109,6 +109,9 @@ class _Dialect:
     text_at: str  # SQL text of the string at {p}
     type_at: str  # JSON type name of the value at {p}
     string_type: str  # what type_at calls a string
+    # Evaluate a CSV JSON cell's value once per row, in a LATERAL subquery (see _Compiler.extract),
+    # instead of extracting it again for its type, its guard test and its text.
+    extract_once: bool
     text_param: str  # a bound text parameter {p}
     path_param: str  # a bound JSON path parameter {p}
     path_value: Callable[[Sequence[Segment]], Any]  # the bound value of a JSON path
@@ -136,6 +139,7 @@ _DIALECTS: dict[str, _Dialect] = {
         text_at="({x} ->> {p})",
         type_at="json_type({x}, {p})",
         string_type="text",
+        extract_once=False,
         text_param="{p}",
         path_param="{p}",
         path_value=_sqlite_path,
@@ -156,6 +160,7 @@ _DIALECTS: dict[str, _Dialect] = {
         text_at="({x} #>> {p})",
         type_at="json_typeof({x} #> {p})",
         string_type="string",
+        extract_once=True,  # 4 extractions of a path from a json column: 1.28 s; once: 0.86 s (300k rows)
         text_param="CAST({p} AS TEXT)",
         path_param="CAST({p} AS TEXT[])",
         path_value=lambda segments: [str(s) for s in segments],
@@ -183,6 +188,7 @@ class _Compiler:
 
     dialect: _Dialect
     params: dict[str, Any] = field(default_factory=dict)
+    extracts: list[str] = field(default_factory=list)  # JSON values computed once per row, as x.j<n>
 
     def bind(self, value: Any, template: str | None = None) -> str:
         name = f"p{len(self.params)}"
@@ -219,16 +225,35 @@ class _Compiler:
         # A JSON value: strings by the string rule, objects and lists as quoted compact JSON,
         # numbers and booleans as written. The branch knows the value is present, so no NULL test.
         p = self.bind(d.path_value(path.segments), d.path_param)
-        at, string = d.json_at.format(x=col, p=p), d.text_at.format(x=col, p=p)
+        if d.extract_once:
+            value, text = self.extract(f"{col} #> {p}")
+            at, string, kind = f"CAST({value} AS TEXT)", text, f"json_typeof({value})"
+        else:
+            at, string, kind = d.json_at.format(x=col, p=p), d.text_at.format(x=col, p=p), d.type_at.format(x=col, p=p)
         quoted = d.assemble(self.csv_string(at, nullable=False))
         return [
             _Expr(
-                f"CASE {d.type_at.format(x=col, p=p)}"
+                f"CASE {kind}"
                 f" WHEN '{d.string_type}' THEN {d.assemble(self.csv_string(string, nullable=False))}"
                 f" WHEN 'object' THEN {quoted} WHEN 'array' THEN {quoted}"
                 f" WHEN 'null' THEN NULL ELSE {at} END"
             )
         ]
+
+    def extract(self, json_value: str) -> tuple[str, str]:
+        """Names for a JSON value and its text (#>> '{}'), computed once per row (see source())."""
+        n = len(self.extracts)
+        self.extracts.append(json_value)
+        return f"x.j{n}", f"x.s{n}"
+
+    def source(self) -> str:
+        """The FROM clause: users, with the extracted values beside each row. OFFSET 0 keeps the
+        planner from folding the subqueries into the select list, which would compute them again."""
+        if not self.extracts:
+            return "users"
+        inner = ", ".join(f"{value} AS j{n}" for n, value in enumerate(self.extracts))
+        outer = ", ".join(f"j{n}, j{n} #>> '{{}}' AS s{n}" for n in range(len(self.extracts)))
+        return f"users, LATERAL (SELECT {outer} FROM (SELECT {inner} OFFSET 0) AS e OFFSET 0) AS x"
 
     def json_leaf(self, path: FieldPath) -> _Leaf:
         """One value's JSON text (NULL when missing or null, so its key is left out)."""
@@ -345,7 +370,7 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRa
                 params[name] = bound
         limit = key_range.rows
     line = compiler.dialect.utf8_bytes.format(x=compiler.dialect.assemble(parts))
-    sql = f"SELECT {line} AS line FROM users WHERE {where} ORDER BY user_id"
+    sql = f"SELECT {line} AS line FROM {compiler.source()} WHERE {where} ORDER BY user_id"
     if limit is not None:
         sql += " LIMIT :limit"
         params["limit"] = limit
