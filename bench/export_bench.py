@@ -3,6 +3,8 @@
     python bench/export_bench.py                          # 1,000,000 users, both databases
     python bench/export_bench.py --users 200000 --backends sqlite
     python bench/export_bench.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/export_bench.py --users 10000000 --runs 1 --backends postgresql --no-peer   # peak RSS at 10M
+    python bench/export_bench.py --workers 4 --slice-users 50000                               # other server settings
 
 For each database: seed N users in a fresh database, start the server as its own process (so its
 peak RSS, VmHWM, is the service's alone), then run, interleaved and `--runs` times each, the

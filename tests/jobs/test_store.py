@@ -15,8 +15,10 @@ from tests.harness import new_tenant
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
+from userexport_server.export.sql import KeyRange
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import Job, JobStatus
+from userexport_server.jobs.slices import SliceStore
 from userexport_server.jobs.store import JobStore, Limits
 
 SPEC = ExportSpec(format=Format.CSV, fields=(FieldSpec("email"),))
@@ -57,7 +59,7 @@ def test_a_lapsed_lease_is_claimed_again_and_the_old_worker_is_fenced_off(engine
     first = jobs.claim("replica-a")
     assert first is not None and first.id == created.id and first.attempts == 1
     assert jobs.claim("replica-b") is None  # the lease holds
-    assert jobs.progress(first, written=10, total=100, time_left=5) is not None  # renews
+    assert jobs.renew_lease(first)
     for _ in range(3):  # heartbeats alone keep the job, with no progress at all
         time.sleep(0.3)
         assert jobs.renew_lease(first)
@@ -65,8 +67,7 @@ def test_a_lapsed_lease_is_claimed_again_and_the_old_worker_is_fenced_off(engine
     time.sleep(0.7)
     second = jobs.claim("replica-b")
     assert second is not None and second.id == created.id and second.attempts == 2
-    assert second.users_written == 10  # kept: a rescued job resumes from its finished slices, never goes back
-    assert jobs.progress(first, written=20, total=100, time_left=5) is None  # the old worker must stop
+    assert jobs.release(first) is None and not jobs.lapse(first)  # the old worker is fenced off
     assert not jobs.renew_lease(first) and jobs.renew_lease(second)
     assert jobs.complete(first, storage_key="x", written=100) is None
     done = jobs.complete(second, storage_key=f"{tenant}/{created.id}/{tenant}.csv.gz", written=100)
@@ -81,7 +82,7 @@ def test_cancel_fences_off_the_worker(engine: Engine) -> None:
     assert running is not None
     cancelled = jobs.cancel(tenant, created.id)
     assert cancelled is not None and cancelled.status == JobStatus.CANCELLED
-    assert jobs.progress(running, written=1, total=2, time_left=None) is None
+    assert jobs.release(running) is None
     assert jobs.complete(running, storage_key="k", written=2) is None
     assert jobs.get(tenant, created.id).status == JobStatus.CANCELLED  # type: ignore[union-attr]
 
@@ -95,7 +96,7 @@ def test_every_change_bumps_the_version_and_is_published(engine: Engine) -> None
     _created, _ = jobs.create(tenant, SPEC, connection_name=None)
     running = jobs.claim("w")
     assert running is not None
-    running = jobs.progress(running, written=1, total=2, time_left=1)
+    running = SliceStore(jobs).plan(running, [KeyRange(None, None, 2)])
     assert running is not None
     jobs.complete(running, storage_key="k", written=2)
     assert [j.version for j in published] == [1, 2, 3, 4]

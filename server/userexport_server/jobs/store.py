@@ -195,16 +195,8 @@ class JobStore:
             })
         return self.publish(row, "job claimed", rescued=candidate.status == JobStatus.PROCESSING.value)
 
-    def progress(self, job: Job, *, written: int, total: int, time_left: int | None) -> Job | None:
-        """Record progress and renew the lease; None means the job is no longer this worker's."""
-        percentage = 100 if total == 0 else min(100, written * 100 // total)
-        return self._worker_change(job, {
-            "users_written": written, "users_total": total, "percentage_done": percentage,
-            "time_left_seconds": time_left, "lease_expires_at": now_utc() + self.limits.lease,
-        }, "job progress")
-
     def renew_lease(self, job: Job) -> bool:
-        """Heartbeat between progress steps (a long sort, a slow upload); False: the job is no longer ours.
+        """Heartbeat of a planner or assembler; False: the job is no longer ours.
 
         Not an event: nothing a watcher sees has changed, so neither the version nor the bus hears of it.
         """
