@@ -115,8 +115,9 @@ def test_replica_killed_mid_export_resumes_on_the_survivor(postgres_with_users, 
         watcher = threading.Thread(target=lambda: seen.extend(stream))
         watcher.start()
         deadline = time.monotonic() + 60
-        while not (slices_done(first.log_text(), job.id) and "slice claimed" in second.log_text()):
-            assert time.monotonic() < deadline, "the replicas did not both take slices"
+        while not (slices_done(first.log_text(), job.id) and "slice claimed" in second.log_text()
+                   and any(m.users_written > 0 for m in seen)):
+            assert time.monotonic() < deadline, "the replicas did not both take slices, or B's watcher saw no progress"
             time.sleep(0.05)
         first.signal(signal.SIGKILL)
         first.wait(10)

@@ -1,6 +1,7 @@
 """Graceful shutdown of a real server process mid-export: exit 0, and no job or file is lost."""
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -62,13 +63,28 @@ def test_sigterm_hands_back_a_running_export_and_a_restart_finishes_it(seeded_di
         second.stop()
 
 
-def test_sigterm_with_grace_lets_the_running_export_finish(seeded_dir) -> None:
+def test_sigterm_with_grace_lets_the_running_slice_finish(seeded_dir) -> None:
+    """With grace, the slice running at SIGTERM is finished and recorded, nothing is cut short, and
+    the slices not started are left pending; a restarted server does only those."""
     data_dir, tenant = seeded_dir
-    server = ServerProcess(data_dir, {"USEREXPORT_SHUTDOWN_GRACE_SECONDS": "60"})
+    env = {"USEREXPORT_SHUTDOWN_GRACE_SECONDS": "60", "USEREXPORT_SLICE_USERS": "50000"}
+    server = ServerProcess(data_dir, env)
     try:
         _caller, job_id = start_export(server, tenant)
         server.signal(signal.SIGTERM)
         assert server.wait(90) == 0, server.log_text()
     finally:
         server.stop()
-    assert "export done job_id=" + job_id in server.log_text()
+    first = server.log_text()
+    assert re.search(rf"slice done job_id={job_id} \S+ slice=0 .* recorded=True", first), first
+    assert "slice stopped" not in first
+    second = ServerProcess(data_dir, env)
+    try:
+        final = Caller(second, tenant).finish(job_id)  # type: ignore[arg-type]
+        assert final.status == pb.Job.COMPLETED and final.users_written == USERS
+        assert len(download(final.location).splitlines()) == USERS
+        second.signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        second.stop()
+    assert f"slice claimed job_id={job_id} tenant={tenant} slice=0" not in second.log_text(), "slice 0 was redone"

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
-from tests.databases import fresh_postgres_database
+from tests.databases import BACKENDS, fresh_postgres_database
 from tests.export.support import MemoryWriter
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.harness import ServerHandle, new_tenant
@@ -166,7 +166,7 @@ FAIR_BIG = 300_000
 
 @pytest.fixture(scope="module")
 def tenant_with_many_users() -> Iterator[tuple[str, str]]:
-    """A PostgreSQL database whose tenant A has 300,000 users (seeded once for the module)."""
+    """A PostgreSQL database whose tenant A has 300,000 users."""
     from userexport_server.db.engine import make_engine
     from userexport_server.db.migrate import upgrade
     from userexport_server.seed import seed_users
@@ -180,14 +180,12 @@ def tenant_with_many_users() -> Iterator[tuple[str, str]]:
         yield url, tenant
 
 
-def test_a_small_export_of_another_tenant_is_not_stuck_behind_big_ones(tenant_with_many_users, tmp_path,
-                                                                      backend: str) -> None:
+@pytest.mark.skipif("postgresql" not in BACKENDS, reason="needs PostgreSQL")
+def test_a_small_export_of_another_tenant_is_not_stuck_behind_big_ones(tenant_with_many_users, tmp_path) -> None:
     """Tenant A's two whole-tenant exports of 300,000 users each hold both workers; tenant B's
     export of 1,000 users, created then, takes the next free worker (B was served least recently)
     and completes within seconds, while A's exports are still running (A's first may be finishing:
     A's slices go in the order of A's jobs)."""
-    if backend != "postgresql":
-        pytest.skip("one PostgreSQL database seeded once; the claim order is the same SQL on SQLite")
     url, big = tenant_with_many_users
     server = ServerHandle(tmp_path / "server", database_url=url, slice_users=25_000)
     try:
