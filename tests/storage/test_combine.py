@@ -37,18 +37,6 @@ EMULATOR_IGNORES_COMPOSE_PRECONDITION = pytest.mark.xfail(
                         "test_only_the_final_compose_creates_and_only_if_absent)")
 
 
-@pytest.fixture(params=["local", "gcs"])
-def storage(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Storage]:
-    backend: Storage
-    if request.param == "local":
-        backend = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")
-    else:
-        emulator: GcsEmulator = request.getfixturevalue("gcs_emulator")
-        backend = GcsStorage(emulator.bucket, endpoint=emulator.endpoint)
-    yield backend
-    backend.close()
-
-
 @pytest.fixture
 def local(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     backend = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")

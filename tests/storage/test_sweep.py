@@ -6,28 +6,12 @@ finished, as a killed process leaves them); GCS against the fake-gcs-server emul
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
-
-import pytest
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from userexport_server.storage.base import Storage, StoredEntry
-from userexport_server.storage.gcs import GcsStorage
 from userexport_server.storage.local import LocalStorage
 
 LIVE, ORPHAN = "job_LIVELIVELIVELIVE", "job_GONEGONEGONEGONE"
-
-
-@pytest.fixture(params=["local", "gcs"])
-def storage(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Storage]:
-    backend: Storage
-    if request.param == "local":
-        backend = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")
-    else:
-        emulator: GcsEmulator = request.getfixturevalue("gcs_emulator")
-        backend = GcsStorage(emulator.bucket, endpoint=emulator.endpoint)
-    yield backend
-    backend.close()
 
 
 def put(storage: Storage, key: str) -> None:
