@@ -5,6 +5,7 @@
     python bench/export_bench.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python bench/export_bench.py --users 10000000 --runs 1 --backends postgresql --no-peer   # peak RSS at 10M
     python bench/export_bench.py --workers 4 --slice-users 50000                               # other server settings
+    python bench/export_bench.py --csv-root-only --backends postgresql    # CSV of root columns: the COPY path
 
 For each database: seed N users in a fresh database, start the server as its own process (so its
 peak RSS, VmHWM, is the service's alone), then run, interleaved and `--runs` times each, the
@@ -50,13 +51,15 @@ _CSV_ROOTS = ("user_id", "email", "email_verified", "username", "name", "given_n
               "picture", "phone_number", "created_at", "updated_at", "last_login", "logins_count", "blocked")
 
 
-def peer_sql(backend: str, fmt: str, tenant: str) -> str:
-    """The peer's SELECT: the service's default CSV columns, or every root attribute as one JSON object."""
+def peer_sql(backend: str, fmt: str, tenant: str, root_only: bool = False) -> str:
+    """The peer's SELECT: the service's default CSV columns (without the JSON path's when
+    `root_only`), or every root attribute as one JSON object."""
     if fmt == "csv":
         date = _PG_DATE if backend == "postgresql" else "{c}"
         cols = [date.format(c=c) if ROOT_KINDS[c] is Kind.DATETIME else c for c in _CSV_ROOTS]
-        cols.append("identities #>> '{0,connection}'" if backend == "postgresql"
-                    else "identities ->> '$[0].connection'")
+        if not root_only:
+            cols.append("identities #>> '{0,connection}'" if backend == "postgresql"
+                        else "identities ->> '$[0].connection'")
         select = ", ".join(cols)
     else:
         build = "json_build_object" if backend == "postgresql" else "json_object"
@@ -67,9 +70,9 @@ def peer_sql(backend: str, fmt: str, tenant: str) -> str:
     return f"SELECT {select} FROM users WHERE tenant = '{tenant}' ORDER BY user_id"
 
 
-def peer_command(backend: str, fmt: str, tenant: str, target: str) -> str:
+def peer_command(backend: str, fmt: str, tenant: str, target: str, root_only: bool = False) -> str:
     """The shell pipeline of the peer; its output is counted, not kept."""
-    sql = peer_sql(backend, fmt, tenant)
+    sql = peer_sql(backend, fmt, tenant, root_only)
     if backend == "postgresql":
         options = " (FORMAT csv, FORCE_QUOTE *)" if fmt == "csv" else ""
         source = f"psql {shlex.quote(target)} -qAt -c {shlex.quote(f'COPY ({sql}) TO STDOUT{options}')}"
@@ -84,11 +87,12 @@ def run_peer(command: str) -> tuple[float, int]:
     return time.perf_counter() - started, int(out.split()[0])
 
 
-def run_service(server: ServerProcess, tenant: str, fmt: str) -> tuple[float, int]:
+def run_service(server: ServerProcess, tenant: str, fmt: str, root_only: bool = False) -> tuple[float, int]:
     caller = Caller(server, tenant)  # type: ignore[arg-type]
+    fields = [(name, "") for name in _CSV_ROOTS] if fmt == "csv" and root_only else []
     try:
         started = time.perf_counter()
-        job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON)
+        job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON, fields=fields)
         final = caller.finish(job.id, timeout=3600)
         seconds = time.perf_counter() - started
     finally:
@@ -106,7 +110,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[str, str], *,
-                  peer: bool = True) -> list[str]:
+                  peer: bool = True, root_only: bool = False) -> list[str]:
     """Seed, serve (with the server settings `env`) and time one database; the table rows it measured."""
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"userexport-bench-{backend}-"))
     tenant = "bench" + uuid.uuid4().hex[:8]
@@ -138,10 +142,10 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
         server = ServerProcess(data_dir, env)
         try:
             for fmt in ("csv", "json"):
-                command = peer_command(backend, fmt, tenant, target)
+                command = peer_command(backend, fmt, tenant, target, root_only)
                 service, peers = [], []
                 for run in range(runs):  # interleaved, so load from elsewhere hits both alike
-                    seconds, written = run_service(server, tenant, fmt)
+                    seconds, written = run_service(server, tenant, fmt, root_only)
                     assert written == users, (written, users)
                     service.append(seconds)
                     peer_seconds, size = run_peer(command) if peer else (float("nan"), 0)
@@ -149,7 +153,8 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
                     print(f"  {backend} {fmt} run {run + 1}: service {seconds:.2f} s, peer {peer_seconds:.2f} s "
                           f"({size / 1e6:.0f} MB)", flush=True)
                 s, p = statistics.median(service), statistics.median(peers)
-                rows.append(f"| {backend} | {'CSV, default fields' if fmt == 'csv' else 'NDJSON, whole user'} "
+                csv_fields = "root columns of the default" if root_only else "default fields"
+                rows.append(f"| {backend} | {f'CSV, {csv_fields}' if fmt == 'csv' else 'NDJSON, whole user'} "
                             f"| {s:.2f} s ({min(service):.2f}-{max(service):.2f}) "
                             f"| {p:.2f} s ({min(peers):.2f}-{max(peers):.2f}) | {s / p:.2f}x |")
             rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB | | |")
@@ -172,6 +177,8 @@ def main() -> None:
     parser.add_argument("--workers", default="2", help="the server's USEREXPORT_WORKERS (default 2)")
     parser.add_argument("--slice-users", default="100000", help="the server's USEREXPORT_SLICE_USERS (default 100000)")
     parser.add_argument("--no-peer", action="store_true", help="time the service only (e.g. peak RSS at 10M users)")
+    parser.add_argument("--csv-root-only", action="store_true",
+                        help="CSV of the default fields without identities[0].connection (PostgreSQL's COPY path)")
     args = parser.parse_args()
     env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level, "USEREXPORT_WORKERS": args.workers,
            "USEREXPORT_SLICE_USERS": args.slice_users}
@@ -183,7 +190,8 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed: apt-get install {packages[tool]}")
     rows = []
     for backend in backends:
-        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer)
+        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer,
+                              root_only=args.csv_root_only)
     print(f"\n{args.users:,} users, medians of {args.runs} (min-max), {os.cpu_count()} cores, peer with pigz -1 "
           f"-p{os.cpu_count()}, server {' '.join(f'{k}={v}' for k, v in env.items())}")
     print("| database | export | service | peer | service/peer |\n|---|---|---|---|---|")

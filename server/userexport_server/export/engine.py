@@ -24,10 +24,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from isal import isal_zlib
-from sqlalchemy import Connection, TextClause
+from sqlalchemy import Connection
 
 from userexport_server.export.spec import ExportSpec
-from userexport_server.export.sql import KeyRange, compile_export
+from userexport_server.export.sql import ExportQuery, KeyRange, compile_export
 
 # Compressed bytes are handed to the writer in pieces at least this big (fewer, larger uploads).
 WRITE_BYTES = 256 * 1024
@@ -84,10 +84,10 @@ def run_export(
     try:
         if query.header is not None and (key_range is None or key_range.after is None):
             pipe.put(query.header + end)
-        with contextlib.closing(_driver_batches(conn, query.statement, batch_rows)) as batches:
-            for rows in batches:
-                pipe.put(end.join([row[0] for row in rows]) + end)
-                written += len(rows)
+        with contextlib.closing(_driver_lines(conn, query, batch_rows)) as batches:
+            for lines in batches:
+                pipe.put(end.join(lines) + end)
+                written += len(lines)
                 if progress is not None and not progress(written):
                     raise ExportCancelled(f"export cancelled after {written} users")
         pipe.finish()
@@ -97,32 +97,38 @@ def run_export(
     return written
 
 
-def _driver_batches(conn: Connection, statement: TextClause, size: int) -> Generator[list[tuple[bytes]], None, None]:
-    """Rows in batches straight from the driver's cursor, streaming on both databases.
+def _driver_lines(conn: Connection, query: ExportQuery, size: int) -> Generator[list[bytes | memoryview], None, None]:
+    """Lines (without terminator) in batches straight from the driver, streaming on both databases.
 
     SQLAlchemy compiles the statement, but rows skip its Result layer: building a Row per user
     costs about a second per million, a tenth of the whole export. sqlite3 steps lazily. On
     PostgreSQL, psycopg's stream() (chunked rows mode) lets the server run ahead while Python
     compresses; a named cursor's FETCH round trips would leave the server idle half the time
     (measured: 10 s against 5 s for a million lines). Binary format makes the bytea lines raw bytes.
-    Leaving early cancels the query, which would abort the caller's transaction: a savepoint
-    around the stream keeps the connection usable.
+    A COPY's rows arrive as the buffers libpq received, each ending in a newline that is cut off
+    here (slicing a memoryview copies nothing). Leaving early cancels the query, which would abort
+    the caller's transaction: a savepoint around the stream keeps the connection usable.
     """
-    compiled = statement.compile(dialect=conn.dialect)
+    compiled = query.statement.compile(dialect=conn.dialect)
     params: Any = compiled.construct_params()
     if compiled.positional:
         params = tuple(params[name] for name in compiled.positiontup or ())
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        if conn.dialect.name == "postgresql":
+        if query.copy:
+            with conn.begin_nested(), cursor.copy(compiled.string, params) as copy:
+                rows = iter(copy)
+                while batch := list(itertools.islice(rows, size)):
+                    yield [row[:-1] for row in batch]
+        elif conn.dialect.name == "postgresql":
             stream = cursor.stream(compiled.string, params, binary=True, size=size)
             with conn.begin_nested(), contextlib.closing(stream) as rows:
                 while batch := list(itertools.islice(rows, size)):
-                    yield batch
+                    yield [row[0] for row in batch]
         else:
             cursor.execute(compiled.string, params)
             while batch := cursor.fetchmany(size):
-                yield batch
+                yield [row[0] for row in batch]
     finally:
         cursor.close()
 

@@ -112,6 +112,8 @@ class _Dialect:
     # Evaluate a CSV JSON cell's value once per row, in a LATERAL subquery (see _Compiler.extract),
     # instead of extracting it again for its type, its guard test and its text.
     extract_once: bool
+    # The database's COPY ... (FORMAT csv) can quote the cells of a CSV export of root attributes.
+    copy_csv: bool
     text_param: str  # a bound text parameter {p}
     path_param: str  # a bound JSON path parameter {p}
     path_value: Callable[[Sequence[Segment]], Any]  # the bound value of a JSON path
@@ -140,6 +142,7 @@ _DIALECTS: dict[str, _Dialect] = {
         type_at="json_type({x}, {p})",
         string_type="text",
         extract_once=False,
+        copy_csv=False,
         text_param="{p}",
         path_param="{p}",
         path_value=_sqlite_path,
@@ -161,6 +164,7 @@ _DIALECTS: dict[str, _Dialect] = {
         type_at="json_typeof({x} #> {p})",
         string_type="string",
         extract_once=True,  # 4 extractions of a path from a json column: 1.28 s; once: 0.86 s (300k rows)
+        copy_csv=True,
         text_param="CAST({p} AS TEXT)",
         path_param="CAST({p} AS TEXT[])",
         path_value=lambda segments: [str(s) for s in segments],
@@ -195,15 +199,19 @@ class _Compiler:
         self.params[name] = value
         return (template or self.dialect.text_param).format(p=":" + name)
 
-    def csv_string(self, x: str, nullable: bool) -> list[_Part]:
-        """The string-cell rule: quoted, inner quotes doubled, injection guard; NULL: empty cell."""
+    def guarded(self, x: str, then: tuple[str, str], missing: str = "") -> str:
+        """`then[1]` when {x} starts with a guard character, else `then[0]`: the guard's one test."""
         d = self.dialect
         codes = ", ".join(str(ord(c)) for c in sorted(GUARD_CHARS))
-        missing = f"WHEN {x} IS NULL THEN NULL " if nullable else ""
-        opening = (
-            f"""CASE WHEN {d.unguarded.format(x=x)} THEN '"' {missing}"""
-            f"""WHEN {d.first_code.format(x=x)} IN ({codes}) THEN '"''' ELSE '"' END"""
+        return (
+            f"CASE WHEN {d.unguarded.format(x=x)} THEN {then[0]} {missing}"
+            f"WHEN {d.first_code.format(x=x)} IN ({codes}) THEN {then[1]} ELSE {then[0]} END"
         )
+
+    def csv_string(self, x: str, nullable: bool) -> list[_Part]:
+        """The string-cell rule: quoted, inner quotes doubled, injection guard; NULL: empty cell."""
+        missing = f"WHEN {x} IS NULL THEN NULL " if nullable else ""
+        opening = self.guarded(x, ("""'"'""", """'"'''"""), missing)
         closing = _Expr(f"""CASE WHEN {x} IS NOT NULL THEN '"' END""") if nullable else '"'
         # printf's %w shows NULL as "(NULL)", hence the coalesce.
         return [_Expr(opening), _Expr(f"coalesce({x}, '')" if nullable else x, "%w"), closing]
@@ -239,6 +247,23 @@ class _Compiler:
                 f" WHEN 'null' THEN NULL ELSE {at} END"
             )
         ]
+
+    def copy_cell(self, path: FieldPath) -> tuple[str, bool]:
+        """One cell of a COPY (FORMAT csv) export: its value (the guard applied) and whether COPY
+        must quote it (strings: FORCE_QUOTE, which leaves NULL an empty cell)."""
+        d, col = self.dialect, _column(path.root)
+        match path.kind:
+            case _ if path.always_missing:
+                return "NULL", False
+            case Kind.STRING:
+                return self.guarded(col, (col, f"'''' || {col}")), True
+            case Kind.BOOL:
+                return d.bool_text.format(x=col), False
+            case Kind.INT:
+                return d.int_text.format(x=col), False
+            case Kind.DATETIME:
+                return d.iso_date.format(x=col, q=""), False
+        raise ValueError(f"{path.root} is not a COPY cell")
 
     def extract(self, json_value: str) -> tuple[str, str]:
         """Names for a JSON value and its text (#>> '{}'), computed once per row (see source())."""
@@ -332,11 +357,13 @@ class KeyRange:
 
 @dataclass(frozen=True, slots=True)
 class ExportQuery:
-    """The compiled export: a query of one column per user, its line as UTF-8 bytes (no terminator)."""
+    """The compiled export: a query of one column per user, its line as UTF-8 bytes (no terminator);
+    or, when `copy` is set, a COPY ... TO STDOUT whose every row is a line ending in a newline."""
 
     statement: TextClause
     header: bytes | None  # the CSV header line (no terminator); None for NDJSON
     line_end: bytes
+    copy: bool = False
 
 
 def compile_export(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange | None = None) -> ExportQuery:
@@ -344,22 +371,6 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRa
     it or one `key_range` of it."""
     compiler = _Compiler(_DIALECTS[dialect])
     paths = [parse_path(f.name) for f in spec.fields]
-    if spec.format is Format.CSV:
-        parts: list[_Part] = []
-        for i, path in enumerate(paths):
-            parts.extend([","] * bool(i) + compiler.csv_cell(path))
-        if len(paths) == 1:
-            # A one-column row whose cell is empty would be a blank line, which readers skip; write
-            # it as "" the way Python's csv module does.
-            parts = [_Expr(f"""coalesce(nullif({compiler.dialect.assemble(parts)}, ''), '""')""")]
-        header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
-    else:
-        tree: _Tree = {}
-        for f, path in zip(spec.fields, paths):
-            if not path.always_missing:
-                _insert(tree, output_keys(path, f.export_as), compiler.json_leaf(path))
-        parts = compiler.json_line(tree)
-        header = None
     where, params = _where(tenant, spec)
     limit = spec.limit
     if key_range is not None:
@@ -369,13 +380,50 @@ def compile_export(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRa
                 where += f" AND user_id {op} :{name}"
                 params[name] = bound
         limit = key_range.rows
-    line = compiler.dialect.utf8_bytes.format(x=compiler.dialect.assemble(parts))
-    sql = f"SELECT {line} AS line FROM {compiler.source()} WHERE {where} ORDER BY user_id"
+    rest = f"WHERE {where} ORDER BY user_id"
     if limit is not None:
-        sql += " LIMIT :limit"
+        rest += " LIMIT :limit"
         params["limit"] = limit
+    if spec.format is Format.CSV:
+        header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
+        if _copy_formats(compiler.dialect, paths):
+            return ExportQuery(text(_copy_csv(compiler, paths, rest)).bindparams(**params), header, b"\r\n", True)
+        parts: list[_Part] = []
+        for i, path in enumerate(paths):
+            parts.extend([","] * bool(i) + compiler.csv_cell(path))
+        if len(paths) == 1:
+            # A one-column row whose cell is empty would be a blank line, which readers skip; write
+            # it as "" the way Python's csv module does.
+            parts = [_Expr(f"""coalesce(nullif({compiler.dialect.assemble(parts)}, ''), '""')""")]
+    else:
+        tree: _Tree = {}
+        for f, path in zip(spec.fields, paths):
+            if not path.always_missing:
+                _insert(tree, output_keys(path, f.export_as), compiler.json_leaf(path))
+        parts = compiler.json_line(tree)
+        header = None
+    line = compiler.dialect.utf8_bytes.format(x=compiler.dialect.assemble(parts))
+    sql = f"SELECT {line} AS line FROM {compiler.source()} {rest}"
     statement = text(sql).bindparams(**compiler.params, **params)
     return ExportQuery(statement, header, b"\r\n" if spec.format is Format.CSV else b"\n")
+
+
+def _copy_formats(dialect: _Dialect, paths: Sequence[FieldPath]) -> bool:
+    """Whether COPY's own CSV formatter can write these cells exactly: root attributes only (a
+    JSON value's cell is quoted only when it is a string, which FORCE_QUOTE cannot say per row),
+    and more than one column (COPY writes a lone empty cell as a blank line)."""
+    kinds = (Kind.STRING, Kind.BOOL, Kind.INT, Kind.DATETIME)
+    return dialect.copy_csv and len(paths) > 1 and all(p.always_missing or p.kind in kinds for p in paths)
+
+
+def _copy_csv(compiler: _Compiler, paths: Sequence[FieldPath], rest: str) -> str:
+    """COPY of the cells as columns: the database quotes them in its C formatter, a fifth cheaper
+    than building each line with concat() and replace() (1M users, default root columns)."""
+    cells = [compiler.copy_cell(path) for path in paths]
+    columns = ", ".join(f"{value} AS c{i}" for i, (value, _) in enumerate(cells))
+    quoted = ", ".join(f"c{i}" for i, (_, force) in enumerate(cells) if force)
+    options = "FORMAT csv, ENCODING 'UTF8'" + (f", FORCE_QUOTE ({quoted})" if quoted else "")
+    return f"COPY (SELECT {columns} FROM users {rest}) TO STDOUT ({options})"
 
 
 def count_users(conn: Connection, tenant: str, spec: ExportSpec) -> int:
