@@ -30,6 +30,9 @@ from userexport_server.tls import server_credentials
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
+# After the workers are done: how long calls in flight (drained watchers sending their last
+# versions, unary calls) get before the server cancels them.
+DRAIN_SECONDS = 2.0
 
 
 class App:
@@ -124,15 +127,18 @@ class App:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking work, let running exports finish for `grace` seconds, hand back the rest."""
+        """Drain: stop taking jobs, let running slices finish for `grace` seconds and hand back the
+        rest (watchers still see those versions), then end every WatchJob stream with UNAVAILABLE so
+        that clients watch again on another replica, and stop the server."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        log.info("server stopping grace_seconds=%.1f", grace)
+        log.info("server stopping grace_seconds=%.1f watchers=%d", grace, self.bus.watcher_count())
         await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
-        stopping = [self.server.stop(min(grace, 5.0))] if self.server is not None else []
         if self.workers is not None:
-            stopping.append(asyncio.to_thread(self.workers.shutdown, grace))
-        await asyncio.gather(*stopping)
+            await asyncio.to_thread(self.workers.shutdown, grace)
+        self.bus.drain()
+        if self.server is not None:
+            await self.server.stop(DRAIN_SECONDS)
         if self.servicer is not None:
             self.servicer.stop()
         await asyncio.to_thread(self.reaper.stop)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +24,8 @@ READ = frozenset({"read:users"})
 READ_OR_CREATE = frozenset({"read:users", "create:users"})
 _ASYMMETRIC = ["RS256", "ES256"]
 _FETCH_TIMEOUT_SECONDS = 5.0
+# Verified tokens remembered (until their exp), so a caller's repeated calls skip the signature check.
+VERIFIED_TOKENS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +101,43 @@ class Authenticator:
             self.keys = _KeyUrl(jwks_url, cache_seconds=jwks_cache_seconds, cooldown_seconds=jwks_cooldown_seconds)
         self.issuer, self.audience = issuer or None, audience or None
         self.tenant_claim, self.leeway = tenant_claim, leeway
+        # token -> (its principal, its exp): a signature, once checked, holds until the token expires.
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._verified_lock = threading.Lock()
 
     @property
     def fetches_keys(self) -> bool:
         """Whether authenticate() may block on the network (a JWKS URL), so callers run it in a thread."""
         return self.keys is not None and self.keys.fetches
 
+    def remembered(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
+        """The principal of a token verified before and not yet expired; None: authenticate() it.
+        Never blocks, so the event loop calls it directly."""
+        try:
+            token = _bearer_token(metadata)
+        except Unauthenticated:
+            return None
+        with self._verified_lock:
+            found = self._verified.get(token)
+            if found is None:
+                return None
+            if time.time() >= found[1]:
+                del self._verified[token]
+                return None
+            self._verified.move_to_end(token)
+            return found[0]
+
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         token = _bearer_token(metadata)
+        principal, expires = self._verify(token)
+        with self._verified_lock:
+            self._verified[token] = (principal, expires)
+            while len(self._verified) > VERIFIED_TOKENS:
+                self._verified.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
+        """The token's principal and its exp, or Unauthenticated saying what is wrong."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -137,7 +171,9 @@ class Authenticator:
             raise Unauthenticated(f"Token has no valid {self.tenant_claim!r} claim naming the tenant.",
                                   reason="NO_TENANT")
         subject = claims.get("sub")
-        return Principal(tenant=tenant, scopes=_scopes(claims), subject=subject if isinstance(subject, str) else None)
+        principal = Principal(tenant=tenant, scopes=_scopes(claims),
+                              subject=subject if isinstance(subject, str) else None)
+        return principal, float(claims["exp"])
 
     def _key_for(self, header: dict[str, Any]) -> tuple[Any, list[str] | None]:
         """The key and the algorithms it may verify: no HS/RS confusion, never `none`. A JWK carries

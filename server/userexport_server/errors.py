@@ -61,14 +61,14 @@ class QuotaExceeded(ResourceExhausted):
 
 
 class Unavailable(ServiceError):
-    """The database is busy (a lock held past its timeout) or unreachable: the same call may work
-    shortly, so the caller is told when to retry (google.rpc.RetryInfo)."""
+    """The database is busy (a lock held past its timeout) or unreachable, or this server is shutting
+    down: the same call may work shortly, so the caller is told when to retry (google.rpc.RetryInfo)."""
 
     code = "UNAVAILABLE"
     reason = "DATABASE_UNAVAILABLE"
 
-    def __init__(self, message: str, *, retry_after_seconds: float = 1.0) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, reason: str | None = None, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message, reason=reason)
         self.retry_after_seconds = retry_after_seconds
 
 

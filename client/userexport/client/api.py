@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +34,9 @@ TERMINAL_STATUSES = frozenset({pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED
 # An expired signed URL: 403 from the local file server, 400 (ExpiredToken) from GCS V4 signatures.
 _EXPIRED_URL_STATUSES = frozenset({400, 403})
 _COPY_CHUNK_BYTES = 1 << 20
+# watch_job: how long to keep watching again after UNAVAILABLE, and the pauses between tries.
+REATTACH_SECONDS = 60.0
+REATTACH_BACKOFF_FIRST, REATTACH_BACKOFF_MAX = 0.1, 2.0
 _Resp = TypeVar("_Resp")
 
 
@@ -217,15 +221,33 @@ class UsersExportClient:
         """The job's current state; a completed job carries a freshly signed `location`."""
         return self._unary(self._stub.GetJob, pb.GetJobRequest(id=job_id))
 
-    def watch_job(self, job_id: str) -> Generator[pb.Job, None, None]:
-        """The job's state now, then every change until it ends; close() cancels the stream."""
-        call = self._stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=self._metadata)
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise UsersExportError.from_rpc_error(error) from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended; frees it when the caller stops early
+    def watch_job(self, job_id: str, *, reattach_seconds: float = REATTACH_SECONDS) -> Generator[pb.Job, None, None]:
+        """The job's state now, then every change until it ends; close() cancels the stream.
+
+        A stream that ends UNAVAILABLE (a replica shutting down, a connection lost) is watched again
+        from the last version received, for up to `reattach_seconds` without a message (0: never), so
+        the caller sees every version once, in order, whichever replica serves the rest. The target
+        picks the replica: a name with several addresses, or `ipv4:host1:port1,host2:port2`.
+        """
+        last, failures, gave_up_at = 0, 0, None
+        while True:
+            call = self._stub.WatchJob(pb.WatchJobRequest(id=job_id, after_version=last), metadata=self._metadata)
+            try:
+                for job in call:
+                    if job.version > last:  # a server without after_version repeats the current version
+                        last, failures, gave_up_at = job.version, 0, None
+                        yield job
+                return
+            except grpc.RpcError as error:
+                failure = UsersExportError.from_rpc_error(error)
+                now = time.monotonic()
+                gave_up_at = gave_up_at or now + reattach_seconds
+                if not failure.unreachable or now >= gave_up_at:
+                    raise failure from None
+            finally:
+                call.cancel()  # a no-op once the stream has ended; frees it when the caller stops early
+            time.sleep(min(REATTACH_BACKOFF_MAX, REATTACH_BACKOFF_FIRST * 2 ** min(failures, 8)))
+            failures += 1
 
     def list_jobs(
         self,

@@ -41,7 +41,7 @@ class ExportRequest(_message.Message):
     def __init__(self, connection_id: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "type", "status", "created_at", "updated_at", "connection_id", "connection", "format", "limit", "fields", "percentage_done", "time_left_seconds", "users_written", "users_total", "location", "location_expires_at", "error", "expires_at", "started_at", "finished_at", "request_id", "size_bytes")
+    __slots__ = ("id", "type", "status", "created_at", "updated_at", "connection_id", "connection", "format", "limit", "fields", "percentage_done", "time_left_seconds", "users_written", "users_total", "location", "location_expires_at", "error", "expires_at", "started_at", "finished_at", "request_id", "size_bytes", "version")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[Job.Status]
@@ -80,6 +80,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: str
     status: Job.Status
@@ -102,7 +103,8 @@ class Job(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     request_id: str
     size_bytes: int
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[Job.Status, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., connection: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., percentage_done: _Optional[int] = ..., time_left_seconds: _Optional[int] = ..., users_written: _Optional[int] = ..., users_total: _Optional[int] = ..., location: _Optional[str] = ..., location_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    version: int
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[Job.Status, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., connection: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., percentage_done: _Optional[int] = ..., time_left_seconds: _Optional[int] = ..., users_written: _Optional[int] = ..., users_total: _Optional[int] = ..., location: _Optional[str] = ..., location_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -111,10 +113,12 @@ class GetJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "after_version")
     ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    after_version: int
+    def __init__(self, id: _Optional[str] = ..., after_version: _Optional[int] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -88,7 +88,10 @@ class UsersExportServiceServicer:
 
     def WatchJob(self, request, context):
         """Stream the job: its current state at once, then every status transition and progress update,
-        ending after COMPLETED (with location), FAILED, CANCELLED or EXPIRED.
+        ending after COMPLETED (with location), FAILED, CANCELLED or EXPIRED. Progress a slow reader
+        has not taken yet is replaced by newer progress; status transitions are never dropped. A
+        server shutting down ends the stream UNAVAILABLE (reason SHUTTING_DOWN) after the versions it
+        had: watch again with after_version to continue.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

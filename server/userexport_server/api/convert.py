@@ -93,6 +93,7 @@ def job_message(job: Job, location: tuple[str, dt.datetime] | None = None) -> pb
         percentage_done=job.percentage_done, users_written=job.users_written, users_total=job.users_total,
         error=job.error or "", expires_at=timestamp(job.expires_at), started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at), request_id=job.request_id or "", size_bytes=job.size_bytes,
+        version=job.version,
     )
     if job.spec.limit is not None:
         message.limit = job.spec.limit

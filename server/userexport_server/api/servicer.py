@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import inspect
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -24,7 +25,7 @@ from userexport_server.db.faults import is_transient_db_error
 from userexport_server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, Violation
 from userexport_server.export.validation import InvalidExport, build_spec
 from userexport_server.identifiers import CONNECTION_ID, JOB_ID, REQUEST_ID, matches
-from userexport_server.jobs.events import EventBus
+from userexport_server.jobs.events import Draining, EventBus
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.store import JobStore
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
 # Repeated refusals and failures are logged at a bounded rate, keyed by method and reason.
 _limited_log = RateLimitedLog(log)
+# Jobs whose latest rendered version is kept for their watchers.
+SHARED_RENDERS = 1024
 P = ParamSpec("P")
 T = TypeVar("T")
 Pool = Literal["read", "write"]
@@ -108,8 +111,13 @@ def add_to_server(servicer: UsersExportServicer, server: grpc.aio.Server) -> Non
         assert not method.client_streaming, f"{method.name}: client streaming is not supported"
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=None,
-                                     response_serializer=GetMessageClass(method.output_type).SerializeToString)
+                                     response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+
+
+def _serialize(message: Message | bytes) -> bytes:
+    """Responses are messages, or already serialized (a version shared by every watcher of a job)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
@@ -120,6 +128,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         self.workers, self.url_ttl, self.page_secret = workers, url_ttl, page_secret
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
+        # job id -> (version, its serialized message): each version is rendered once for all watchers.
+        self._shared: OrderedDict[str, tuple[int, asyncio.Future[bytes]]] = OrderedDict()
 
     def start(self) -> None:
         self._pools = {kind: ThreadPoolExecutor(count, thread_name_prefix=f"api-{kind}")
@@ -146,9 +156,12 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     async def principal(self, context: grpc.aio.ServicerContext, scopes: frozenset[str]) -> Principal:
         metadata = context.invocation_metadata()
-        # Fetching keys from a JWKS URL blocks; verifying against keys at hand does not.
-        principal = await self.blocking("read", self.auth.authenticate, metadata) if self.auth.fetches_keys \
-            else self.auth.authenticate(metadata)
+        # A token verified before needs no check; fetching keys from a JWKS URL blocks, verifying
+        # against keys at hand does not.
+        principal = self.auth.remembered(metadata)
+        if principal is None:
+            principal = await self.blocking("read", self.auth.authenticate, metadata) if self.auth.fetches_keys \
+                else self.auth.authenticate(metadata)
         principal.require(scopes)
         return principal
 
@@ -185,17 +198,23 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     @rpc(READ_OR_CREATE)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any,
-                       principal: Principal) -> AsyncIterator[pb.Job]:
+                       principal: Principal) -> AsyncIterator[pb.Job | bytes]:
         # Subscribe before reading, so no change between the read and the first event is lost;
         # versions drop what the read already showed.
         with self.bus.subscribe(request.id) as subscription:
             job = await self.find(principal, request.id)
-            yield await self.render(job)
+            if job.version > request.after_version:
+                yield await self.render(job)
             while not job.status.is_terminal:
-                event = await subscription.get()
+                try:
+                    event = await subscription.get()
+                except Draining:
+                    raise Unavailable("The server is shutting down; watch the job again to continue: every version "
+                                      "up to now was sent.", reason="SHUTTING_DOWN") from None
                 if event.version > job.version and event.tenant == principal.tenant:
                     job = event
-                    yield await self.render(job)
+                    if job.version > request.after_version:
+                        yield await self.shared_render(job)
 
     @rpc(READ_OR_CREATE)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any, principal: Principal) -> pb.ListJobsResponse:
@@ -234,10 +253,16 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         return await self.render(job)
 
     async def find(self, principal: Principal, job_id: str) -> Job:
+        """The job at its newest version: from the event feed's cache when it holds it, else read."""
         self.check_job_id(job_id)
+        job = self.bus.latest(job_id)
+        if job is not None and job.tenant == principal.tenant:
+            return job
+        generation = self.bus.cache.generation
         job = await self.blocking("read", self.store.get, principal.tenant, job_id)
         if job is None:
             raise NotFound(f"Job {job_id} not found.")
+        self.bus.cache.offer(job, generation)
         return job
 
     @staticmethod
@@ -246,8 +271,27 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
             raise InvalidArgument(f"id must match {JOB_ID}.", violations=[Violation("id", f"must match {JOB_ID}")])
 
     async def render(self, job: Job) -> pb.Job:
-        """The Job message; a completed job's location is signed afresh every time."""
+        """The Job message; a completed job's location is signed afresh every time (inline when the
+        signature is local: a thread hop would cost twenty times more)."""
         location: tuple[str, dt.datetime] | None = None
         if job.storage_key and job.status == JobStatus.COMPLETED:
-            location = await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
+            location = self.storage.sign_url(job.storage_key, self.url_ttl) if self.storage.signs_locally \
+                else await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
         return convert.job_message(job, location)
+
+    async def shared_render(self, job: Job) -> bytes:
+        """`job` serialized once for every watcher that is sent this version (the terminal one's URL is
+        signed once too: watchers handed it together need no different expiry)."""
+        shared = self._shared.get(job.id)
+        if shared is None or shared[0] != job.version:
+            if shared is not None and shared[0] > job.version:
+                return (await self.render(job)).SerializeToString()
+            shared = (job.version, asyncio.ensure_future(self._serialized(job)))
+            self._shared[job.id] = shared
+            self._shared.move_to_end(job.id)
+            while len(self._shared) > SHARED_RENDERS:
+                self._shared.popitem(last=False)
+        return await asyncio.shield(shared[1])
+
+    async def _serialized(self, job: Job) -> bytes:
+        return (await self.render(job)).SerializeToString()

@@ -1,28 +1,66 @@
 """Job events: every committed change of a job is published here and fanned out to its watchers.
 
-Watchers live on the asyncio loop; publishers are worker threads and the loop itself, so delivery
-goes through call_soon_threadsafe. No watcher ever polls the database.
+Watchers live on the asyncio loop; publishers are worker threads and the loop itself. A version
+crosses to the loop once (one call_soon_threadsafe per loop, not per watcher) and is handed to each
+watcher's subscription there. A subscription holds at most one pending version per status: newer
+progress replaces older progress not yet sent, while status changes and the terminal version are
+kept, so a watcher that reads slowly costs a few Job references and never slows the publisher.
+The feed also keeps the JobCache current. No watcher ever polls the database.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 from collections import defaultdict
 
+from userexport_server.jobs.cache import JobCache
 from userexport_server.jobs.model import Job
 
 
+class Draining(Exception):
+    """The server is shutting down: the watcher has been given every version it had pending."""
+
+
 class Subscription:
-    """One watcher's queue of job snapshots; close() (or leaving the `with`) frees it."""
+    """One watcher's coalescing queue of job versions; close() (or leaving the `with`) frees it."""
 
     def __init__(self, bus: EventBus, job_id: str) -> None:
         self.job_id = job_id
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._pending: collections.deque[Job] = collections.deque()
+        self._newest = 0
+        self._draining = False
+        self._ready = asyncio.Event()
         self._bus = bus
 
+    def offer(self, job: Job) -> None:
+        """On the loop: queue a version; an older or repeated one is dropped, and progress (same status
+        as the last pending version, not terminal) replaces that version."""
+        if job.version <= self._newest:
+            return
+        self._newest = job.version
+        if self._pending and self._pending[-1].status == job.status and not job.status.is_terminal:
+            self._pending[-1] = job
+        else:
+            self._pending.append(job)
+        self._ready.set()
+
+    def drain(self) -> None:
+        """On the loop: after what is pending, get() raises Draining."""
+        self._draining = True
+        self._ready.set()
+
     async def get(self) -> Job:
-        return await self.queue.get()
+        while not self._pending:
+            if self._draining:
+                raise Draining(self.job_id)
+            self._ready.clear()
+            await self._ready.wait()
+        return self._pending.popleft()
+
+    def pending(self) -> int:
+        return len(self._pending)
 
     def close(self) -> None:
         self._bus._unsubscribe(self)
@@ -40,11 +78,15 @@ class EventBus:
     def __init__(self) -> None:
         self._subscriptions: dict[str, set[Subscription]] = defaultdict(set)
         self._lock = threading.Lock()
+        self._draining = False
+        self.cache = JobCache()
 
     def subscribe(self, job_id: str) -> Subscription:
         subscription = Subscription(self, job_id)
         with self._lock:
             self._subscriptions[job_id].add(subscription)
+            if self._draining:
+                subscription.drain()
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
@@ -66,13 +108,37 @@ class EventBus:
         self.deliver(job)
 
     def deliver(self, job: Job) -> None:
+        """Hand a version to the cache and to its watchers' loops, from any thread."""
+        self.cache.offer(job)
         with self._lock:
-            subscribers = list(self._subscriptions.get(job.id, ()))
-        for subscription in subscribers:
+            loops = {subscription.loop for subscription in self._subscriptions.get(job.id, ())}
+        for loop in loops:
             try:
-                subscription.loop.call_soon_threadsafe(subscription.queue.put_nowait, job)
+                loop.call_soon_threadsafe(self._fan_out, loop, job)
             except RuntimeError:  # the loop is closed: the server is shutting down
                 pass
+
+    def _fan_out(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
+        with self._lock:
+            subscribers = [s for s in self._subscriptions.get(job.id, ()) if s.loop is loop]
+        for subscription in subscribers:
+            subscription.offer(job)
+
+    def drain(self) -> None:
+        """Shutting down: every watcher, present or future, is sent what it has pending and then told
+        to go (its stream ends UNAVAILABLE, and the client watches again elsewhere). From any thread."""
+        with self._lock:
+            self._draining = True
+            subscribers = [s for group in self._subscriptions.values() for s in group]
+        for subscription in subscribers:
+            try:
+                subscription.loop.call_soon_threadsafe(subscription.drain)
+            except RuntimeError:
+                pass
+
+    def latest(self, job_id: str) -> Job | None:
+        """The job at its newest version if the feed vouches for it (see JobCache), else None."""
+        return self.cache.get(job_id) if self.healthy() is None else None
 
     def start(self) -> None:
         """Start background work (the PostgreSQL listener); nothing to do in process."""

@@ -1,7 +1,8 @@
 """Job events across replicas: PostgreSQL LISTEN/NOTIFY carries "job changed" to every replica.
 
 A change is delivered to local watchers at once and announced with NOTIFY; each other replica's
-listener thread reads the job once (only if it has watchers for it) and fans it out locally. Payloads
+listener thread drops older versions of the job from its cache, and reads the job once (only if it
+has watchers for it) and fans it out locally. Payloads
 carry only ids, so no size limit applies, and the origin, so a replica ignores its own echoes.
 
 Any database role may NOTIFY on the channel, so payloads are untrusted: each is matched whole and
@@ -95,6 +96,9 @@ class PgEventBus(EventBus):
             try:
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    # Notifications sent while no LISTEN was in place are gone: what the cache
+                    # holds may be old (it was bypassed meanwhile, as health was not None).
+                    self.cache.clear()
                     if self._problem is not None:
                         log.info("pg listener listening channel=%s origin=%s", CHANNEL, self.origin)
                     self._problem = None
@@ -128,6 +132,7 @@ class PgEventBus(EventBus):
                 return
             if found["origin"] == self.origin:
                 return
+            self.cache.outdate(found["job_id"], int(found["version"]))
             if found["version"] == "1" and self.on_created is not None:
                 self.on_created()
             if self.watcher_count(found["job_id"]):

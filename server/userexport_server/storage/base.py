@@ -53,6 +53,12 @@ class StoredEntry:
 
 
 class Storage(Protocol):
+    @property
+    def signs_locally(self) -> bool:
+        """True when sign_url does no I/O (the signing key is at hand), so a caller on the event loop
+        signs inline: a local signature takes microseconds, a thread hop about 180."""
+        ...
+
     def open_writer(self, key: str, filename: str) -> ObjectWriter:
         """Start writing object `key`; `filename` is what the downloader's file is called."""
         ...

@@ -119,6 +119,12 @@ class GcsStorage:
                                 self._bucket.name, part.name, exc)
         log.debug("gcs object composed key=%s sources=%d rounds=%d", key, len(names), round_number + 1)
 
+    @property
+    def signs_locally(self) -> bool:
+        """With a service-account key the signature is computed here; otherwise IAM signBlob is a call."""
+        return isinstance(self._credentials, AnonymousCredentials) or (
+            isinstance(self._credentials, Signing) and not self._signer_email)
+
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         # Validity counts from the URL's X-Goog-Date: "now" truncated to the second, and taken a
         # moment after this, so expires_at is at most a second early, never late.

@@ -56,6 +56,8 @@ class LocalStorage:
     address (a proxy, a published port); by default it is http://<bound host>:<bound port>.
     """
 
+    signs_locally = True  # an HMAC with the secret at hand
+
     def __init__(self, root: pathlib.Path, secret: bytes, listen: str, public_url: str = "",
                  limits: DownloadLimits | None = None) -> None:
         self.root = root
