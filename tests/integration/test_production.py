@@ -16,8 +16,9 @@ import pytest
 from tests.databases import fresh_postgres_database
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.harness import ServerProcess, new_tenant
-from tests.integration.support import Caller
+from tests.integration.support import Caller, eventually
 from tests.service_account import new_private_key, verify_v4_url, write_key_file
+from userexport.client.api import UsersExportClient
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
@@ -144,3 +145,58 @@ def test_replica_killed_mid_export_resumes_on_the_survivor(postgres_with_users, 
         if second is not None:
             second.signal(signal.SIGTERM)
             assert second.wait(60) == 0
+
+
+WATCHERS = 50
+
+
+def test_sigterm_drains_watchers_onto_the_other_replica(postgres_with_users, gcs_settings, tmp_path) -> None:
+    """Fifty clients watch one export through the first of two replicas (the client's target names
+    both). SIGTERM to the first: it hands its slices back and ends every stream UNAVAILABLE after the
+    versions it had; each client watches again on the second and finishes with COMPLETED, having
+    seen every version at most once, in order, and the transitions PROCESSING then COMPLETED."""
+    url, tenant = postgres_with_users
+    data_dir = tmp_path / "shared"
+    settings = {"USEREXPORT_SLICE_USERS": str(SLICE_USERS), "USEREXPORT_GZIP_LEVEL": "9"}
+    first = replica(data_dir, url, gcs_settings, USEREXPORT_SHUTDOWN_GRACE_SECONDS="0", **settings)
+    second = replica(data_dir, url, gcs_settings, **settings)
+    try:
+        target = f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}"  # pick_first: the first while it serves
+        job = Caller(first, tenant).create(format=pb.ExportRequest.JSON)  # type: ignore[arg-type]
+        seen: list[list[pb.Job]] = [[] for _ in range(WATCHERS)]
+        errors: list[BaseException] = []
+
+        def watch(messages: list[pb.Job]) -> None:
+            try:
+                with UsersExportClient(target, first.token(tenant)) as client:
+                    messages.extend(client.watch_job(job.id))
+            except BaseException as error:
+                errors.append(error)
+
+        watchers = [threading.Thread(target=watch, args=(messages,)) for messages in seen]
+        for thread in watchers:
+            thread.start()
+        eventually(lambda: all(any(m.users_written for m in messages) for messages in seen),
+                   "every watcher seeing progress", timeout=60)
+        first.signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+        at_stop = max(m.version for messages in seen for m in messages)
+        for thread in watchers:
+            thread.join(120)
+        assert not errors, errors[:3]
+        stopping = re.search(r"server stopping \S+ watchers=(\d+)", first.log_text())
+        assert stopping and int(stopping[1]) == WATCHERS
+        for messages in seen:
+            versions = [m.version for m in messages]
+            assert versions == sorted(set(versions)), "a version was repeated or out of order"
+            statuses = [s for i, s in enumerate(m.status for m in messages) if i == 0 or messages[i - 1].status != s]
+            assert statuses[-2:] == [pb.Job.PROCESSING, pb.Job.COMPLETED] and len(statuses) <= 3, statuses
+            assert versions[-1] > at_stop, "nothing arrived after the first replica stopped"
+        final = seen[0][-1]
+        ids = [json.loads(line)["user_id"] for line in gzip.decompress(fetch(final.location)).splitlines()]
+        assert len(ids) == USERS and ids == sorted(ids)
+        assert f"export done job_id={job.id}" in second.log_text()
+    finally:
+        first.stop()
+        second.signal(signal.SIGTERM)
+        assert second.wait(60) == 0

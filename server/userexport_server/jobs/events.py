@@ -10,7 +10,6 @@ The feed also keeps the JobCache current. No watcher ever polls the database.
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 from collections import defaultdict
 
@@ -23,15 +22,18 @@ class Draining(Exception):
 
 
 class Subscription:
-    """One watcher's coalescing queue of job versions; close() (or leaving the `with`) frees it."""
+    """One watcher's coalescing queue of job versions; close() (or leaving the `with`) frees it.
+    Slots, a list and a future made only while waiting keep an idle watcher to a few hundred bytes."""
+
+    __slots__ = ("_bus", "_draining", "_newest", "_pending", "_waiter", "job_id", "loop")
 
     def __init__(self, bus: EventBus, job_id: str) -> None:
         self.job_id = job_id
         self.loop = asyncio.get_running_loop()
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: list[Job] = []  # at most one version per status run: a few
         self._newest = 0
         self._draining = False
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._bus = bus
 
     def offer(self, job: Job) -> None:
@@ -44,26 +46,33 @@ class Subscription:
             self._pending[-1] = job
         else:
             self._pending.append(job)
-        self._ready.set()
+        self._wake()
 
     def drain(self) -> None:
         """On the loop: after what is pending, get() raises Draining."""
         self._draining = True
-        self._ready.set()
+        self._wake()
 
     async def get(self) -> Job:
         while not self._pending:
             if self._draining:
                 raise Draining(self.job_id)
-            self._ready.clear()
-            await self._ready.wait()
-        return self._pending.popleft()
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._pending.pop(0)
 
     def pending(self) -> int:
         return len(self._pending)
 
     def close(self) -> None:
         self._bus._unsubscribe(self)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def __enter__(self) -> Subscription:
         return self

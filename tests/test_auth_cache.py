@@ -1,0 +1,46 @@
+"""Verified tokens are remembered until their exp, so repeated calls skip the signature check, and
+never longer; tokens that fail are never remembered."""
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+
+from userexport.client.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
+from userexport_server.auth import Authenticator
+from userexport_server.errors import Unauthenticated
+
+SECRET = b"s" * 32
+
+
+def authenticator(secret: bytes = SECRET) -> Authenticator:
+    return Authenticator(secret=secret, jwks_file=None, issuer=DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE,
+                         tenant_claim="tenant", leeway=0)
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def test_a_verified_token_is_remembered_until_it_expires() -> None:
+    auth = authenticator()
+    token = mint_token(SECRET, "acme", ["read:users"], ttl_seconds=2)
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    assert auth.remembered(bearer(token)) is None  # never verified yet
+    principal = auth.authenticate(bearer(token))
+    assert auth.remembered(bearer(token)) == principal
+    assert auth.remembered(bearer(mint_token(SECRET, "acme", ["read:users"], ttl_seconds=5))) is None
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    assert auth.remembered(bearer(token)) is None
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(bearer(token))
+
+
+def test_a_token_that_fails_is_not_remembered() -> None:
+    auth = authenticator()
+    forged = mint_token(b"x" * 32, "acme", ["read:users"])
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(bearer(forged))
+    assert auth.remembered(bearer(forged)) is None
+    assert auth.remembered([]) is None and auth.remembered(bearer("")) is None
