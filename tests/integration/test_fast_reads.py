@@ -47,12 +47,15 @@ def test_a_change_on_another_replica_replaces_what_this_one_holds(pg_only: None,
         first = ServerHandle(tmp_path / "shared", workers=0, **database)
         second = ServerHandle(tmp_path / "shared", workers=0, **database)
         try:
-            on_first, on_second = Caller(first, tenant), Caller(second, tenant)  # type: ignore[arg-type]
+            on_first, on_second = Caller(first, tenant), Caller(second, tenant)
             job = on_first.create(format=pb.ExportRequest.JSON)
             assert on_second.get(job.id).status == pb.Job.PENDING  # now held by the second replica
             cancelled = on_first.cancel(job.id)
-            seen = eventually(lambda: (j := on_second.get(job.id)).status == pb.Job.CANCELLED and j,
-                              "the second replica serving the cancelled version", timeout=5)
+            def served_cancelled() -> pb.Job | None:
+                got = on_second.get(job.id)
+                return got if got.status == pb.Job.CANCELLED else None
+
+            seen = eventually(served_cancelled, "the second replica serving the cancelled version", timeout=5)
             assert seen.version == cancelled.version
             assert all(on_second.get(job.id).status == pb.Job.CANCELLED for _ in range(20))
         finally:
