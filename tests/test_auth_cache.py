@@ -44,3 +44,14 @@ def test_a_token_that_fails_is_not_remembered() -> None:
         auth.authenticate(bearer(forged))
     assert auth.remembered(bearer(forged)) is None
     assert auth.remembered([]) is None and auth.remembered(bearer("")) is None
+
+
+def test_tokens_verified_with_keys_from_a_url_are_not_remembered() -> None:
+    """A rotated-out key must refuse its tokens at once (test_auth_keys checks that end to end), so
+    tokens verified with a JWKS URL's keys are verified every time; the shared secret's still count."""
+    auth = Authenticator(secret=SECRET, jwks_file=None, issuer=DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE,
+                         tenant_claim="tenant", leeway=0, jwks_url="http://127.0.0.1:1/jwks.json")
+    assert auth.fetches_keys
+    token = mint_token(SECRET, "acme", ["read:users"])
+    auth.authenticate(bearer(token))
+    assert auth.remembered(bearer(token)) is not None

@@ -24,7 +24,8 @@ READ = frozenset({"read:users"})
 READ_OR_CREATE = frozenset({"read:users", "create:users"})
 _ASYMMETRIC = ["RS256", "ES256"]
 _FETCH_TIMEOUT_SECONDS = 5.0
-# Verified tokens remembered (until their exp), so a caller's repeated calls skip the signature check.
+# Verified tokens remembered (until their exp), so a caller's repeated calls skip the signature check;
+# only those verified with keys fixed at startup (the secret, a JWKS file), since a JWKS URL's keys rotate.
 VERIFIED_TOKENS = 10_000
 
 
@@ -130,6 +131,8 @@ class Authenticator:
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         token = _bearer_token(metadata)
         principal, expires = self._verify(token)
+        if self.fetches_keys and jwt.get_unverified_header(token).get("alg") != "HS256":
+            return principal  # keys at a URL rotate: a token is good only while its key is in the set
         with self._verified_lock:
             self._verified[token] = (principal, expires)
             while len(self._verified) > VERIFIED_TOKENS:

@@ -1,0 +1,40 @@
+"""WatchJob fan-out on a real server: many watchers of one export each get every version once, in order,
+and the versions they share are the same bytes (rendered once, the terminal URL signed once)."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from tests.harness import ServerHandle
+from userexport.v1 import users_export_pb2 as pb
+from userexport.v1 import users_export_pb2_grpc as pb_grpc
+
+WATCHERS = 200
+
+
+def test_two_hundred_watchers_of_one_export_share_each_version(make_server, tenant: str) -> None:
+    server: ServerHandle = make_server()
+    server.seed(20_000, tenant=tenant)
+
+    async def scenario() -> list[list[pb.Job]]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub, metadata = pb_grpc.UsersExportServiceStub(channel), server.metadata(tenant)
+            job = await stub.CreateUsersExportJob(pb.ExportRequest(format=pb.ExportRequest.CSV), metadata=metadata)
+
+            async def watch() -> list[pb.Job]:
+                return [m async for m in stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata, timeout=60)]
+
+            return await asyncio.gather(*(watch() for _ in range(WATCHERS)))
+
+    seen = asyncio.run(scenario())
+    finals = {messages[-1].SerializeToString() for messages in seen}
+    assert len(finals) == 1, "watchers were sent different COMPLETED messages: rendered or signed more than once"
+    final = seen[0][-1]
+    assert final.status == pb.Job.COMPLETED and final.users_written == 20_000 and final.location
+    by_version: dict[int, bytes] = {}
+    for messages in seen:
+        versions = [m.version for m in messages]
+        assert versions == sorted(set(versions)), "a version repeated or out of order"
+        for message in messages[1:]:  # the first is each watcher's own read
+            assert by_version.setdefault(message.version, message.SerializeToString()) == message.SerializeToString()
