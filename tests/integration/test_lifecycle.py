@@ -95,13 +95,15 @@ def test_many_watchers_see_every_transition(server: ServerHandle, big_tenant: st
     assert server.app.bus.watcher_count(job.id) == 0
 
 
-def test_progress_is_reported_at_least_every_percent(server: ServerHandle, big_tenant: str) -> None:
+def test_progress_is_reported_in_steps_that_never_go_back(server: ServerHandle, big_tenant: str) -> None:
+    """Progress comes per 1% but at most four times a second per slice (every message goes to every
+    watcher), so a fast export skips percentages; it never goes back, and the last one is whole."""
     caller = Caller(server, big_tenant)
     job = caller.create(format=pb.ExportRequest.CSV)
     stream = caller.watch(job.id)
     processing = [m for m in stream if m.status == pb.Job.PROCESSING and m.users_total]
     steps = [b.percentage_done - a.percentage_done for a, b in itertools.pairwise(processing)]
-    assert processing and max(steps, default=0) <= 1, steps
+    assert processing and min(steps, default=0) >= 0, steps
     assert any(m.HasField("time_left_seconds") for m in processing)
     assert stream[-1].users_written == BIG
 
