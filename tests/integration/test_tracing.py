@@ -2,13 +2,18 @@
 children of its creation span and carry the job's id, and tracing off builds no provider or interceptor."""
 from __future__ import annotations
 
+import io
+import json
+import logging
 import pathlib
 from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
 import pytest
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,6 +22,7 @@ from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
+from userexport_server.logs import JsonFormatter
 from userexport_server.settings import Settings
 from userexport_server.tracing import JOB_ID, Tracing
 
@@ -50,10 +56,17 @@ def test_an_export_is_one_trace_from_the_rpc_to_completed(traced: tuple[ServerHa
     tenant = new_tenant()
     server.seed(500, tenant=tenant)
     caller = Caller(server, tenant)
+    out, store_log = io.StringIO(), logging.getLogger("userexport_server.jobs.store")
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())  # formats as the line is logged, in the span current then
+    store_log.addHandler(handler)
+    store_log.setLevel(logging.INFO)
     try:
         job = caller.create(format=pb.ExportRequest.CSV, fields=[("user_id", "")])
         assert caller.finish(job.id).status == pb.Job.COMPLETED
     finally:
+        store_log.removeHandler(handler)
+        store_log.setLevel(logging.NOTSET)
         caller.close()
     eventually(lambda: named(spans, "export.completed", job.id), "the completed span")
 
@@ -62,6 +75,8 @@ def test_an_export_is_one_trace_from_the_rpc_to_completed(traced: tuple[ServerHa
     assert rpc.kind == trace.SpanKind.SERVER and rpc.parent is None
     assert rpc.attributes == {"rpc.system": "grpc", "rpc.service": "userexport.v1.UsersExportService",
                               "rpc.method": "CreateUsersExportJob", "rpc.grpc.status_code": 0}
+    logged, = (line for line in map(json.loads, out.getvalue().splitlines()) if line["event"] == "job created")
+    assert logged["job_id"] == job.id and logged["trace_id"] == f"{rpc.context.trace_id:032x}"  # on an API thread
     stages = {name: named(spans, f"export.{name}", job.id) for name in ("claimed", "planned", "slice", "upload",
                                                                        "completed")}
     assert [len(found) for found in stages.values()] == [1, 1, 3, 1, 1]  # the last slice's worker assembles
@@ -124,3 +139,36 @@ def test_an_endpoint_builds_a_provider_whose_exporter_waits_for_start() -> None:
     tracing.start()
     assert tracing.provider._active_span_processor._span_processors
     tracing.stop()
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace collector that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
+               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_reach_an_otlp_collector_by_stop(tmp_path: pathlib.Path) -> None:
+    collector, receiver = _Collector(), grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    receiver.start()
+    try:
+        server = ServerHandle(tmp_path, otlp_endpoint=f"http://127.0.0.1:{port}")
+        try:
+            with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError):
+                pb_grpc.UsersExportServiceStub(channel).GetJob(pb.GetJobRequest(id="job_AAAAAAAAAAAAAAAA"),
+                                                               metadata=server.metadata())
+        finally:
+            server.stop()  # flushes the batch
+    finally:
+        receiver.stop(None)
+    exported = [(resource.resource, span) for request in collector.requests for resource in request.resource_spans
+                for scope in resource.scope_spans for span in scope.spans]
+    assert [span.name for _, span in exported] == ["userexport.v1.UsersExportService/GetJob"]
+    assert {a.key: a.value.string_value for a in exported[0][0].attributes}["service.name"] == "userexport"
