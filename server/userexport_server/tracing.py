@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -95,31 +94,32 @@ class Tracing:
 
     @contextlib.contextmanager
     def span(self, stage: str, job_id: str, attributes: Attributes = None) -> Iterator[trace.Span]:
-        """The span `export.<stage>` of a job's export, current while it runs (so log lines carry its trace id)."""
-        with self.tracer.start_as_current_span(f"export.{stage}", context=self._parent(job_id),
-                                               attributes={JOB_ID: job_id, **(attributes or {})}) as span:
+        """A stage of a job's export, current while it runs (so log lines carry its trace id); an exception
+        is recorded and sets status ERROR."""
+        with trace.use_span(self._start(stage, job_id, attributes), end_on_exit=True) as span:
             yield span
 
     def mark(self, stage: str, job_id: str, attributes: Attributes = None) -> None:
         """A moment of a job's export (claimed), as a span of no length."""
-        self.tracer.start_span(f"export.{stage}", context=self._parent(job_id),
-                               attributes={JOB_ID: job_id, **(attributes or {})}).end()
+        self._start(stage, job_id, attributes).end()
 
     def ended(self, outcome: Literal["completed", "failed"], job_id: str,
               attributes: Attributes = None, error: str | None = None) -> None:
         """The export's last span; the job's creation context is no longer needed."""
-        span = self.tracer.start_span(f"export.{outcome}", context=self._parent(job_id),
-                                      attributes={JOB_ID: job_id, **(attributes or {})})
+        span = self._start(outcome, job_id, attributes)
         if error is not None:
             span.set_status(trace.StatusCode.ERROR, error)
         span.end()
         with self._lock:
             self._created.pop(job_id, None)
 
-    def _parent(self, job_id: str) -> Context | None:
+    def _start(self, stage: str, job_id: str, attributes: Attributes) -> trace.Span:
+        """`export.<stage>`, a child of the job's creation span when that was here (else of the current span)."""
         with self._lock:
             created = self._created.get(job_id)
-        return trace.set_span_in_context(trace.NonRecordingSpan(created)) if created is not None else None
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(created)) if created is not None else None
+        return self.tracer.start_span(f"export.{stage}", context=parent,
+                                      attributes={JOB_ID: job_id, **(attributes or {})})
 
 
 class _RpcSpans(grpc.aio.ServerInterceptor):

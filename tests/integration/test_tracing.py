@@ -22,6 +22,8 @@ from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
+from userexport_server.jobs import worker
+from userexport_server.jobs.worker import FAILED_INTERNALLY
 from userexport_server.logs import JsonFormatter
 from userexport_server.settings import Settings
 from userexport_server.tracing import JOB_ID, Tracing
@@ -90,6 +92,30 @@ def test_an_export_is_one_trace_from_the_rpc_to_completed(traced: tuple[ServerHa
     watch = [s for s in named(spans, "userexport.v1.UsersExportService/WatchJob")
              if attribute(s, "rpc.grpc.status_code") == 0]
     assert watch, "the stream's span ends with its status"
+
+
+def test_a_failed_export_ends_in_a_failed_span(traced: tuple[ServerHandle, InMemorySpanExporter],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    server, spans = traced
+    tenant = new_tenant()
+    server.seed(10, tenant=tenant)
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("the engine broke")
+    monkeypatch.setattr(worker, "run_export", broken)
+    caller = Caller(server, tenant)
+    try:
+        job = caller.create(format=pb.ExportRequest.JSON)
+        assert caller.finish(job.id).status == pb.Job.FAILED
+    finally:
+        caller.close()
+    failed, = eventually(lambda: named(spans, "export.failed", job.id), "the failed span")
+    created, = named(spans, "export.created", job.id)
+    assert failed.status.status_code == trace.StatusCode.ERROR and failed.status.description == FAILED_INTERNALLY
+    assert failed.parent is not None and failed.parent.span_id == created.context.span_id
+    piece, = named(spans, "export.slice", job.id)
+    assert piece.status.status_code == trace.StatusCode.ERROR and piece.events[0].name == "exception"
+    assert not named(spans, "export.completed", job.id)
 
 
 def test_the_callers_traceparent_is_continued_and_errors_keep_their_code(
