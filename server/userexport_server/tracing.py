@@ -28,6 +28,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
+from userexport_server.export.engine import ExportCancelled
+
 JOB_ID = "userexport.job_id"
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent/tracestate, whatever OTEL_PROPAGATORS says
 # Creation contexts of jobs created here whose export has not ended; past this many the oldest are
@@ -94,10 +96,19 @@ class Tracing:
 
     @contextlib.contextmanager
     def span(self, stage: str, job_id: str, attributes: Attributes = None) -> Iterator[trace.Span]:
-        """A stage of a job's export, current while it runs (so log lines carry its trace id); an exception
-        is recorded and sets status ERROR."""
-        with trace.use_span(self._start(stage, job_id, attributes), end_on_exit=True) as span:
-            yield span
+        """A stage of a job's export, current while it runs (so log lines carry its trace id). An error is
+        recorded with status ERROR; a stop (cancel, shutdown, lease lost) is no error, only an event."""
+        span = self._start(stage, job_id, attributes)
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            try:
+                yield span
+            except ExportCancelled:
+                span.add_event("stopped")
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                raise
 
     def mark(self, stage: str, job_id: str, attributes: Attributes = None) -> None:
         """A moment of a job's export (claimed), as a span of no length."""

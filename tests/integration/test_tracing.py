@@ -22,6 +22,7 @@ from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
+from userexport_server.export.engine import ExportCancelled
 from userexport_server.jobs import worker
 from userexport_server.jobs.worker import FAILED_INTERNALLY
 from userexport_server.logs import JsonFormatter
@@ -198,3 +199,14 @@ def test_spans_reach_an_otlp_collector_by_stop(tmp_path: pathlib.Path) -> None:
                 for scope in resource.scope_spans for span in scope.spans]
     assert [span.name for _, span in exported] == ["userexport.v1.UsersExportService/GetJob"]
     assert {a.key: a.value.string_value for a in exported[0][0].attributes}["service.name"] == "userexport"
+
+
+def test_a_stopped_stage_is_an_event_not_an_error() -> None:
+    spans, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracing = Tracing(provider)
+    with pytest.raises(ExportCancelled), tracing.span("slice", "job_S"):
+        raise ExportCancelled()
+    stopped, = spans.get_finished_spans()
+    assert stopped.status.is_unset and [event.name for event in stopped.events] == ["stopped"]
+    assert attribute(stopped, JOB_ID) == "job_S" and stopped.parent is None  # created elsewhere: a root
