@@ -64,8 +64,8 @@ class JsonFormatter(logging.Formatter):
 
 def parse_message(message: str) -> tuple[str, dict[str, str]]:
     """The event phrase (the text before the first `key=`) and the pairs. A value runs to the next
-    ` key=`, unless it is a quoted Python literal (what %r gives a string), which is unquoted whole, so
-    spaces and `=` inside it survive."""
+    ` key=`, unless it is what %r writes: a quoted string (unquoted) or a call such as an exception's
+    repr, each taken whole, so spaces and `=` inside them survive."""
     found = _KEY.search(message)
     if found is None:
         return message, {}
