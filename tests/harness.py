@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from userexport.client.tokens import SECRET_FILENAME, mint_token
 from userexport_server.app import App
 from userexport_server.seed import seed_users
@@ -34,8 +36,8 @@ class _MintsTokens:
 class ServerHandle(_MintsTokens):
     """Starts App on a private loop thread; `target` is what gRPC clients dial."""
 
-    def __init__(self, data_dir: pathlib.Path, **overrides: Any) -> None:
-        self.data_dir = data_dir
+    def __init__(self, data_dir: pathlib.Path, tracer_provider: TracerProvider | None = None, **overrides: Any) -> None:
+        self.data_dir, self.tracer_provider = data_dir, tracer_provider
         self.settings = Settings(**{**TEST_DEFAULTS, "data_dir": data_dir, **overrides})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
@@ -45,7 +47,7 @@ class ServerHandle(_MintsTokens):
         self.target = f"127.0.0.1:{self.port}"
 
     async def _build(self) -> App:
-        return App(self.settings)
+        return App(self.settings, self.tracer_provider)
 
     def call(self, coroutine: Any) -> Any:
         if not asyncio.iscoroutine(coroutine):
@@ -93,7 +95,7 @@ class ServerProcess(_MintsTokens):
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(rb"server started .*? port=(\d+)", self.log_path.read_bytes())
+            found = re.search(rb'server started.*? "?port"?(?:=|: )(\d+)', self.log_path.read_bytes())  # text or JSON
             if found:
                 return int(found.group(1))
             if self.process.poll() is not None:

@@ -8,6 +8,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from userexport.client.tokens import SECRET_FILENAME
 from userexport.v1 import users_export_pb2 as pb
@@ -27,6 +28,7 @@ from userexport_server.settings import PREFIX, ConfigError, Settings
 from userexport_server.storage.factory import make_storage
 from userexport_server.storage.local import LocalStorage
 from userexport_server.tls import server_credentials
+from userexport_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
@@ -36,11 +38,13 @@ DRAIN_SECONDS = 2.0
 
 
 class App:
-    """One server process: build with Settings, then start() and stop()."""
+    """One server process: build with Settings (and, in tests, a TracerProvider of its own), then start() and
+    stop()."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
         self.settings = settings
         settings.validate()
+        self.tracing = Tracing.configured(settings.otlp_endpoint, tracer_provider)
         _check_ports_free(settings)
         make_private_dirs(settings.data_dir)
         self.engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
@@ -58,7 +62,7 @@ class App:
         self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
                                   lease_seconds=settings.lease_seconds, attempts=settings.job_attempts,
-                                  slice_users=settings.slice_users) \
+                                  slice_users=settings.slice_users, tracing=self.tracing) \
             if settings.workers > 0 else None
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
                              orphan_grace=settings.orphan_grace_seconds,
@@ -100,14 +104,16 @@ class App:
         settings = self.settings
         # Port reuse off: with it on (grpcio's default) a second server binds a port in use and
         # takes half the calls.
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes),
+        self.tracing.start()
+        self.server = grpc.aio.server(interceptors=self.tracing.interceptors(),
+                                      options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                                                ("grpc.so_reuseport", 0)])
         self.port = _bind(self.server, settings)
         self.servicer = servicer = UsersExportServicer(
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,
             url_ttl=settings.url_ttl_seconds,
             page_secret=load_or_create_secret(settings.data_dir / "page_token_key"),
-            read_threads=settings.api_read_threads, write_threads=settings.api_write_threads,
+            read_threads=settings.api_read_threads, write_threads=settings.api_write_threads, tracing=self.tracing,
         )
         servicer.start()
         add_to_server(servicer, self.server)
@@ -145,6 +151,7 @@ class App:
         self.storage.close()
         self.bus.close()
         self.engine.dispose()
+        self.tracing.stop()  # last: the spans of the exports that just stopped are flushed too
         log.info("server stopped")
 
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:
         return _fail(exc)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "health":
         from userexport_server.tls import health_check_tls
 

@@ -118,6 +118,13 @@ class Settings:
     # Seconds a SIGTERM waits for running exports before handing them back.
     shutdown_grace_seconds: float = 20.0
     log_level: str = "INFO"
+    # "text" (key=value lines, for terminals and grep) or "json" (one object a line, for log pipelines).
+    # Text by default, so existing log scraping keeps working; deployments opt into json.
+    log_format: str = "text"
+    # Traces: the OTLP/gRPC collector (http://collector:4317). Empty: the standard
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT; none set: tracing is off.
+    # OTEL_SDK_DISABLED=true turns it off whatever is set.
+    otlp_endpoint: str = ""
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -138,6 +145,7 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f.type, raw, f.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values["otlp_endpoint"] = _otlp_endpoint(environ, values.get("otlp_endpoint", ""))
         settings = cls(**values)
         settings.validate()
         return settings
@@ -158,13 +166,13 @@ class Settings:
             raise _error("storage", self.storage, "must be 'local' or 'gcs'")
         if self.storage == "gcs" and not self.gcs_bucket:
             raise _error("gcs_bucket", "", f"must be set when {PREFIX}STORAGE=gcs")
-        if self.files_public_url:
-            url = urllib.parse.urlsplit(self.files_public_url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                raise _error("files_public_url", self.files_public_url, "must be an http:// or https:// URL")
+        _check_http_url("files_public_url", self.files_public_url)
+        _check_http_url("otlp_endpoint", self.otlp_endpoint)
         _check_database_url(self.database_url)
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise _error("log_level", self.log_level, "must be DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("text", "json"):
+            raise _error("log_format", self.log_format, "must be 'text' or 'json'")
         _check_data_dir(self.data_dir)
         for name in ("jwt_jwks_file", "gcs_credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             _check_readable(name, getattr(self, name))
@@ -207,6 +215,21 @@ def _check_number(name: str, value: float) -> None:
         raise _error(name, value, "must be greater than 0")
     if value < low or (high is not None and value > high):
         raise _error(name, value, f"must be {low}..{high}" if high is not None else f"must be at least {low}")
+
+
+def _otlp_endpoint(environ: Mapping[str, str], own: str) -> str:
+    """Ours, else the standard OpenTelemetry variables' endpoint; none at all when OTEL_SDK_DISABLED=true."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ""
+    return own or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+
+
+def _check_http_url(name: str, url: str) -> None:
+    if not url:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _error(name, url, "must be an http:// or https:// URL")
 
 
 def _check_database_url(url: str) -> None:

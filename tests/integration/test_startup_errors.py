@@ -66,6 +66,10 @@ BAD_ENVIRONMENTS: dict[str, tuple[dict[str, str], str, str]] = {
     "unreachable database": ({"USEREXPORT_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"},
                              "USEREXPORT_DATABASE_URL", "cannot open the database"),
     "log level": ({"USEREXPORT_LOG_LEVEL": "LOUD"}, "USEREXPORT_LOG_LEVEL", ""),
+    "log format": ({"USEREXPORT_LOG_FORMAT": "xml"}, "USEREXPORT_LOG_FORMAT", "'text' or 'json'"),
+    "otlp endpoint": ({"USEREXPORT_OTLP_ENDPOINT": "collector:4317"}, "USEREXPORT_OTLP_ENDPOINT", "http"),
+    "standard otlp endpoint": ({"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector"}, "USEREXPORT_OTLP_ENDPOINT",
+                               "http"),
     "data dir is a file": ({"USEREXPORT_DATA_DIR": "/etc/hostname/data"}, "USEREXPORT_DATA_DIR", "not a directory"),
 }
 

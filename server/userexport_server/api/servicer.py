@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import functools
 import inspect
@@ -32,6 +33,7 @@ from userexport_server.jobs.store import JobStore
 from userexport_server.jobs.worker import WorkerPool
 from userexport_server.logs import RateLimitedLog
 from userexport_server.storage.base import Storage
+from userexport_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
@@ -123,8 +125,8 @@ def _serialize(message: Message | bytes) -> bytes:
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage,
                  workers: WorkerPool | None, url_ttl: int, page_secret: bytes, read_threads: int = 8,
-                 write_threads: int = 4) -> None:
-        self.auth, self.store, self.bus, self.storage = auth, store, bus, storage
+                 write_threads: int = 4, tracing: Tracing) -> None:
+        self.auth, self.store, self.bus, self.storage, self.tracing = auth, store, bus, storage, tracing
         self.workers, self.url_ttl, self.page_secret = workers, url_ttl, page_secret
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
@@ -142,10 +144,12 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     async def blocking(self, pool: Pool, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking call on the read or the write threads, so writers queued on a database lock
-        never hold up reads; a database that is busy past its timeout or unreachable is UNAVAILABLE."""
+        never hold up reads; a database that is busy past its timeout or unreachable is UNAVAILABLE. The call
+        runs in the RPC's context, so its log lines carry the RPC's trace id."""
         loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
         try:
-            return await loop.run_in_executor(self._pools[pool], functools.partial(function, *args, **kwargs))
+            return await loop.run_in_executor(self._pools[pool], call)
         except Exception as error:
             if not is_transient_db_error(error):
                 raise
@@ -188,6 +192,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
                 f"{v.field}: {v.description}" for v in violations), violations=violations)
         job, created = await self.blocking("write", self.store.create, principal.tenant, spec,
                                            connection_name=connection_name, request_id=request.request_id or None)
+        if created:
+            self.tracing.created(job.id)
         if created and self.workers is not None:
             self.workers.wake()
         return await self.render(job)

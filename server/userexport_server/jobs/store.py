@@ -120,8 +120,8 @@ class JobStore:
             )
             row = conn.execute(jobs.insert().values(**values).returning(*jobs.c)).one()
         job = Job.from_row(row)
-        log.info("job created job_id=%s tenant=%s format=%s connection_id=%s limit=%s fields=%d",
-                 job.id, tenant, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
+        log.info("job created job_id=%s tenant=%s request_id=%s format=%s connection_id=%s limit=%s fields=%d",
+                 job.id, tenant, request_id, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
         self.bus.publish(job)
         return job, True
 

@@ -22,6 +22,7 @@ from userexport_server.jobs.retry import Backoff, retry_transient
 from userexport_server.jobs.slices import Slice, SliceStore
 from userexport_server.jobs.store import JobStore
 from userexport_server.storage.base import ObjectWriter, Storage, object_key
+from userexport_server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ class WorkerPool:
 
     def __init__(self, store: JobStore, engine: Engine, storage: Storage, *, workers: int,
                  poll_interval: float, gzip_level: int, lease_seconds: float, attempts: int = 3,
-                 slice_users: int = 100_000) -> None:
+                 slice_users: int = 100_000, tracing: Tracing) -> None:
         self.store, self.slices, self.engine, self.storage = store, SliceStore(store), engine, storage
+        self.tracing = tracing
         self.attempts, self.slice_users = attempts, max(1, slice_users)
         self.heartbeat_interval = lease_seconds / 3
         self.poll_interval, self.gzip_level = poll_interval, gzip_level
@@ -270,6 +272,8 @@ class WorkerPool:
     def _run_job(self, job: Job) -> None:
         with self._running_as(job.id, lambda: self.store.renew_lease(job)) as run:
             planned = self.slices.is_planned(job.id)
+            self.tracing.mark("claimed", job.id, {"userexport.attempt": job.attempts,
+                                                  "userexport.work": "assemble" if planned else "plan"})
             try:
                 if planned:  # its assembler died: take the assembly over
                     self._assemble(job)
@@ -285,10 +289,11 @@ class WorkerPool:
 
     def _plan(self, job: Job, run: _Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
-        with self.engine.connect() as conn:
+        with self.tracing.span("planned", job.id) as span, self.engine.connect() as conn:
             export_reads(conn)
             total = count_users(conn, job.tenant, job.spec)
             ranges = key_ranges(conn, job.tenant, job.spec, total, self.slice_users)
+            span.set_attributes({"userexport.users": total, "userexport.slices": len(ranges)})
         if run.stop.is_set() or self.slices.plan(job, ranges) is None:
             raise ExportCancelled()
         self.wake()  # the other idle workers of this replica take slices at once
@@ -303,9 +308,11 @@ class WorkerPool:
         key = object_key(job.tenant, job.id, job.filename)
         parts = self.slices.parts(job.id)
         sources = [part.key for part in parts]
-        if sources != [key]:  # one slice wrote the file itself
-            self.storage.delete(key)  # an earlier assembler's, whose complete never happened
-            self.storage.combine(sources, key, job.filename)
+        # The file is whole in storage once this span ends (one slice wrote it itself, else it joins the parts).
+        with self.tracing.span("upload", job.id, {"userexport.parts": len(sources)}):
+            if sources != [key]:
+                self.storage.delete(key)  # an earlier assembler's, whose complete never happened
+                self.storage.combine(sources, key, job.filename)
         written, size = sum(part.users for part in parts), sum(part.size_bytes for part in parts)
         done = self._final_write(job, "complete", lambda: self.store.complete(
             job, storage_key=key, written=written, size_bytes=size))
@@ -314,6 +321,7 @@ class WorkerPool:
         if done is None:
             self._discard(job, key)
         else:
+            self.tracing.ended("completed", job.id, {"userexport.users": written, "userexport.bytes": size})
             log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
                      job.tenant, written, len(parts), size, time.monotonic() - started)
         self._delete_parts(job, [source for source in sources if source != key], then_forget_slices=True)
@@ -338,7 +346,10 @@ class WorkerPool:
             whole = piece.key_range.after is None and piece.key_range.through is None
             key = object_key(job.tenant, job.id, job.filename if whole else piece.name)
             try:
-                written, size = self._export(job, piece, key, run.stop)
+                with self.tracing.span("slice", job.id, {"userexport.slice": piece.seq,
+                                                         "userexport.attempt": piece.attempts}) as span:
+                    written, size = self._export(job, piece, key, run.stop)
+                    span.set_attributes({"userexport.users": written, "userexport.bytes": size})
             except ExportCancelled:
                 if "shutdown" in run.reasons:
                     self._final_write(job, "slice hand back", lambda: self.slices.hand_back(piece))
@@ -397,7 +408,7 @@ class WorkerPool:
             cause = DATABASE_UNAVAILABLE
         else:
             log.exception("export failed job_id=%s tenant=%s", job.id, job.tenant)
-            self._final_write(job, "fail", lambda: self.store.fail(job, FAILED_INTERNALLY))
+            self._fail(job, FAILED_INTERNALLY)
             return
         if attempts < self.attempts:
             delay = JOB_RETRY_BACKOFF.delay(attempts)
@@ -409,7 +420,10 @@ class WorkerPool:
             return
         log.error("export failed job_id=%s tenant=%s attempts=%d cause=%r error=%s", job.id, job.tenant,
                   attempts, cause, type(error).__name__)
-        message = f"The export failed after {attempts} attempt{'s' * (attempts != 1)}: {cause}"
+        self._fail(job, f"The export failed after {attempts} attempt{'s' * (attempts != 1)}: {cause}")
+
+    def _fail(self, job: Job, message: str) -> None:
+        self.tracing.ended("failed", job.id, error=message)
         self._final_write(job, "fail", lambda: self.store.fail(job, message))
 
     def _final_write(self, job: Job, what: str, write: Callable[[], _T]) -> _T | _Unwritten:

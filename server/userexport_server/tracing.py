@@ -1,0 +1,195 @@
+"""OpenTelemetry traces: a SERVER span for each RPC, continued from the caller's W3C trace context, and a
+span for each stage of each export, all carrying the job's id.
+
+An export's spans are children of its `export.created` span (in the CreateUsersExportJob RPC's trace)
+when the job was created in this process; on another replica they start traces of their own, and the
+`userexport.job_id` attribute is what joins them. (Keeping the creation's context in the job row would
+join them across replicas too, at the price of a migration; not done yet.)
+
+Tracing is off unless an OTLP endpoint is configured: no interceptor is installed then, and the export
+spans are the API's no-op spans, a few calls per export stage and nothing per row or per RPC.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
+
+from userexport_server.export.engine import ExportCancelled
+
+JOB_ID = "userexport.job_id"
+_PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent/tracestate, whatever OTEL_PROPAGATORS says
+# Creation contexts of jobs created here whose export has not ended; past this many the oldest are
+# dropped (a job cancelled or expired before any worker took it never ends in a worker).
+_REMEMBERED_JOBS = 10_000
+# Codes that are the server's fault, so the span's status is ERROR (OpenTelemetry's gRPC conventions).
+_SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.DATA_LOSS})
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Tracing:
+    """An App's traces: its own TracerProvider (never the global one, so several Apps in one process keep
+    their spans apart) or none (off). Building it starts nothing; start() attaches the exporter, stop()
+    flushes and shuts it down."""
+
+    def __init__(self, provider: TracerProvider | None = None,
+                 exporter: Callable[[], SpanExporter] | None = None) -> None:
+        self.provider, self._exporter = provider, exporter
+        self.tracer: trace.Tracer = provider.get_tracer(__name__) if provider is not None else trace.NoOpTracer()
+        self._created: OrderedDict[str, trace.SpanContext] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def configured(cls, otlp_endpoint: str, provider: TracerProvider | None = None) -> Tracing:
+        """The given provider (tests pass one with an in-memory exporter); else an OTLP/gRPC export to the
+        endpoint; else off."""
+        if provider is not None or not otlp_endpoint:
+            return cls(provider)
+        # OTEL_SERVICE_NAME, when set, names the service; OTEL_EXPORTER_OTLP_HEADERS, _CERTIFICATE, _TIMEOUT
+        # and the like are read by the exporter itself.
+        resource = Resource.create({} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: "userexport"})
+
+        def exporter() -> SpanExporter:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter(endpoint=otlp_endpoint)
+        return cls(TracerProvider(resource=resource), exporter)
+
+    def start(self) -> None:
+        if self.provider is not None and self._exporter is not None:
+            self.provider.add_span_processor(BatchSpanProcessor(self._exporter()))
+
+    def stop(self) -> None:
+        """Export what is still queued, then shut the exporter down."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        return [_RpcSpans(self.tracer)] if self.provider is not None else []
+
+    # --- export spans --------------------------------------------------------------------------
+
+    def created(self, job_id: str) -> None:
+        """Mark a job's creation, as a child of the current (RPC) span, and keep it as the parent of the
+        job's export spans in this process."""
+        with self.tracer.start_as_current_span("export.created", attributes={JOB_ID: job_id}) as span:
+            if self.provider is not None:
+                with self._lock:
+                    self._created[job_id] = span.get_span_context()
+                    while len(self._created) > _REMEMBERED_JOBS:
+                        self._created.popitem(last=False)
+
+    @contextlib.contextmanager
+    def span(self, stage: str, job_id: str, attributes: Attributes = None) -> Iterator[trace.Span]:
+        """A stage of a job's export, current while it runs (so log lines carry its trace id). An error is
+        recorded with status ERROR; a stop (cancel, shutdown, lease lost) is no error, only an event."""
+        span = self._start(stage, job_id, attributes)
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            try:
+                yield span
+            except ExportCancelled:
+                span.add_event("stopped")
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                raise
+
+    def mark(self, stage: str, job_id: str, attributes: Attributes = None) -> None:
+        """A moment of a job's export (claimed), as a span of no length."""
+        self._start(stage, job_id, attributes).end()
+
+    def ended(self, outcome: Literal["completed", "failed"], job_id: str,
+              attributes: Attributes = None, error: str | None = None) -> None:
+        """The export's last span; the job's creation context is no longer needed."""
+        span = self._start(outcome, job_id, attributes)
+        if error is not None:
+            span.set_status(trace.StatusCode.ERROR, error)
+        span.end()
+        with self._lock:
+            self._created.pop(job_id, None)
+
+    def _start(self, stage: str, job_id: str, attributes: Attributes) -> trace.Span:
+        """`export.<stage>`, a child of the job's creation span when that was here (else of the current span)."""
+        with self._lock:
+            created = self._created.get(job_id)
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(created)) if created is not None else None
+        return self.tracer.start_span(f"export.{stage}", context=parent,
+                                      attributes={JOB_ID: job_id, **(attributes or {})})
+
+
+class _RpcSpans(grpc.aio.ServerInterceptor):
+    """A SERVER span around each RPC, named by its method (`userexport.v1.UsersExportService/GetJob`), the
+    child of the caller's span when its metadata carries a traceparent, with the final gRPC status code;
+    a streaming RPC's span lasts until its last message."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self.tracer = tracer
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        kind = f"{'stream' if handler.request_streaming else 'unary'}_" \
+               f"{'stream' if handler.response_streaming else 'unary'}"
+        behavior = getattr(handler, kind)
+        method = details.method.lstrip("/")
+        carrier = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+
+        if inspect.isasyncgenfunction(behavior):
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._span(method, carrier, context):
+                    async for message in behavior(request, context):
+                        yield message
+            return handler._replace(**{kind: streaming})
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._span(method, carrier, context):
+                return await behavior(request, context)
+        return handler._replace(**{kind: unary})
+
+    @contextlib.contextmanager
+    def _span(self, method: str, carrier: dict[str, str], context: grpc.aio.ServicerContext) -> Iterator[None]:
+        service, _, name = method.partition("/")
+        with self.tracer.start_as_current_span(
+                method, context=_PROPAGATOR.extract(carrier), kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                record_exception=False, set_status_on_exception=False) as span:
+            code = grpc.StatusCode.UNKNOWN  # an exception the servicer did not turn into a status
+            try:
+                yield
+                code = _code(context)
+            except grpc.aio.AbortError:  # context.abort(): the code it set
+                code = _code(context)
+                raise
+            except asyncio.CancelledError:  # the client went away or the deadline passed
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if code in _SERVER_ERRORS:
+                    span.set_status(trace.StatusCode.ERROR, code.name)
+
+
+def _code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status the handler set (grpc.aio reports it as the enum or as its number), OK when none."""
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    return code if isinstance(code, grpc.StatusCode) else _CODES.get(code, grpc.StatusCode.UNKNOWN)
