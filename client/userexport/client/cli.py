@@ -41,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_RPC_ERROR = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a reader that went away (`| head`) leaves other tools with
 
 DEFAULT_SCOPES = ("read:users",)
 STATUS_CHOICES = [status_name(s) for s in pb.Job.Status.values() if s != pb.Job.STATUS_UNSPECIFIED]
@@ -181,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except UsersExportError as error:
         return _report_rpc_error(error, args.server)
     except DownloadError as error:
@@ -195,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit cannot report the closed pipe once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _connect(args: argparse.Namespace) -> UsersExportClient:
@@ -390,7 +403,10 @@ def _report_rpc_error(error: UsersExportError, server: str) -> int:
     if error.unreachable:
         _error(f"cannot reach the userexport server at {server}: {error.message}")
         return EXIT_UNREACHABLE
-    _error(f"{error.code.name}: {error.message}")
+    # The server's message repeats the violations after a colon; each is printed on its own line below.
+    joined = "; ".join(f"{field}: {description}" for field, description in error.violations)
+    message = error.message.removesuffix(joined).rstrip(": ") if joined else error.message
+    _error(f"{error.code.name}: {message}" if message else error.code.name)
     for field, description in error.violations:
         print(f"  {field}: {description}", file=sys.stderr)
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
