@@ -155,12 +155,9 @@ def seed_users(
 
 def _counted(rows: Iterator[tuple[Any, ...]], progress: Callable[[int], None] | None) -> Iterator[tuple[Any, ...]]:
     """The rows, calling `progress` after every PROGRESS_EVERY of them (a million take a while)."""
-    if progress is None:
-        yield from rows
-        return
     for count, row in enumerate(rows, 1):
         yield row
-        if count % PROGRESS_EVERY == 0:
+        if progress is not None and count % PROGRESS_EVERY == 0:
             progress(count)
 
 

@@ -3,7 +3,7 @@
 Exit codes are part of the interface, so scripts can branch on them:
 0 ok; 1 the job did not complete (failed, cancelled, expired, not finished) or its file could not
 be fetched; 2 usage or local set-up error; 3 the server refused the call; 4 no server answered;
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C); 141 the reader of its output went away.
 """
 from __future__ import annotations
 
