@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -11,7 +13,7 @@ from tests.export.support import engine, new_tenant  # noqa: F401  (engine is a 
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
-from userexport_server.seed import main, seed_users
+from userexport_server.seed import AlreadySeeded, main, seed_users
 
 
 def users_of(engine: Engine, tenant: str) -> list[tuple[object, ...]]:
@@ -51,6 +53,14 @@ def test_a_later_start_index_adds_users_to_the_same_connections(engine: Engine) 
     assert len(users_of(engine, tenant)) == 500
 
 
+def test_the_same_range_twice_adds_nothing(engine: Engine) -> None:
+    tenant = new_tenant()
+    seed_users(engine, tenant=tenant, users=200)
+    with pytest.raises(AlreadySeeded) as already:
+        seed_users(engine, tenant=tenant, users=300)
+    assert already.value.held == 200 and len(users_of(engine, tenant)) == 200
+
+
 def test_users_exercise_quoting_and_the_guard(engine: Engine) -> None:
     tenant = new_tenant()
     seed_users(engine, tenant=tenant, users=2000)
@@ -67,6 +77,29 @@ def test_users_exercise_quoting_and_the_guard(engine: Engine) -> None:
 
 def test_console_entry_migrates_then_seeds(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--users", "50", "--tenant", "acme", "--data-dir", str(tmp_path / "data")]) == 0
-    assert "seeded 50 users into tenant 'acme'" in capsys.readouterr().out
+    assert "seeded 50 users for tenant 'acme'" in capsys.readouterr().out
     seeded = make_engine(f"sqlite:///{tmp_path / 'data' / 'userexport.db'}")
     assert len(users_of(seeded, "acme")) == 50
+
+
+def seed_command(data_dir: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "userexport_server.main", "--data-dir", str(data_dir), "seed", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_seeding_many_users_prints_progress_then_a_second_run_adds_nothing(tmp_path: pathlib.Path) -> None:
+    first = seed_command(tmp_path, "--users", "200000")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.splitlines() == ["seeding: 100000 of 200000 users", "seeding: 200000 of 200000 users"]
+    assert re.fullmatch(r"seeded 200000 users for tenant 'default' in [\d.]+s over connections (con_\w+(, )?){3}\n",
+                        first.stdout), first.stdout
+    again = seed_command(tmp_path, "--users", "200000")
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert again.stdout == ("nothing added: tenant 'default' already holds the users of seed 0 from index 0 "
+                            "(to add more, pass --start-index 200000)\n")
+    more = seed_command(tmp_path, "--users", "10", "--start-index", "200000")
+    assert more.returncode == 0 and more.stdout.startswith("seeded 10 users"), more.stderr
+    seeded = make_engine(f"sqlite:///{tmp_path / 'userexport.db'}")
+    with seeded.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(User)).scalar_one() == 200_010
+    seeded.dispose()

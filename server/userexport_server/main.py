@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--users", type=int, default=10_000)
     seed.add_argument("--tenant", default="default")
     seed.add_argument("--connections", type=int, default=3)
+    seed.add_argument("--start-index", type=int, default=0, help="number of the first user (to add more later)")
     return parser
 
 
@@ -119,15 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         return health_check(args.target or target, tls)
     if args.command == "seed":
         from userexport_server.db.engine import make_engine
-        from userexport_server.db.migrate import upgrade
         from userexport_server.private_files import make_private_dirs
-        from userexport_server.seed import seed_users
+        from userexport_server.seed import seed_and_report
 
         make_private_dirs(settings.data_dir)
         engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
-        upgrade(engine)
-        connections = seed_users(engine, tenant=args.tenant, users=args.users, connections=args.connections)
-        print(f"seeded {args.users} users for tenant {args.tenant} over connections {', '.join(connections)}")
+        try:
+            print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
+                                  start_index=args.start_index))
+        finally:
+            engine.dispose()
         return 0
     os.umask(0o077)  # besides the explicit modes: whatever else the server creates is private too
     try:

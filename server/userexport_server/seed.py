@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime as dt
+import itertools
 import pathlib
 import random
 import string
@@ -28,6 +29,7 @@ from userexport_server.db.migrate import upgrade
 from userexport_server.settings import Settings
 
 DEFAULT_TENANT = "default"
+PROGRESS_EVERY = 100_000  # users between two progress lines of the seed commands
 
 _COLUMNS = (
     "tenant", "user_id", "connection_id", "email", "email_verified", "username", "phone_number",
@@ -83,6 +85,14 @@ class _Random(random.Random):
         return items[int(self.random() * len(items))]
 
 
+class AlreadySeeded(Exception):
+    """The first user of the requested range is in the tenant already: the range was seeded before."""
+
+    def __init__(self, tenant: str, seed: int, start_index: int, held: int) -> None:
+        super().__init__(f"tenant {tenant!r} already holds the users of seed {seed} from index {start_index}")
+        self.held = held  # users of the tenant: a --start-index that adds users after them
+
+
 def seed_users(
     engine: Engine,
     *,
@@ -91,11 +101,15 @@ def seed_users(
     connections: int = 3,
     seed: int = 0,
     start_index: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Add `users` users (numbered from `start_index`) to `tenant`; return its seeded connection ids.
 
     Deterministic in (tenant, seed, start_index). Connections depend on (tenant, seed) only and are
-    created when missing, so a second call with a later start_index adds users to the same ones.
+    created when missing, so a second call with a later start_index adds users to the same ones. A
+    range whose first user exists already raises AlreadySeeded and adds nothing, so running the
+    same seed twice is harmless. `progress` is called with the count of users generated so far,
+    every PROGRESS_EVERY users.
     """
     rng = random.Random(f"connections/{tenant}/{seed}")
     alphabet = string.ascii_letters + string.digits
@@ -103,9 +117,16 @@ def seed_users(
         ("con_" + "".join(rng.choices(alphabet, k=16)), _connection_name(i), _KINDS[i % len(_KINDS)])
         for i in range(connections)
     ]
-    rows = _users(tenant, conns, users, seed, start_index)
+    generated = _users(tenant, conns, users, seed, start_index)
+    first = next(generated, None)
+    rows = _counted(itertools.chain([first] if first is not None else [], generated), progress)
     with write_transaction(engine) as conn:  # SQLite: BEGIN IMMEDIATE, so reading first cannot lose the write lock race
         unbounded_statements(conn)  # one COPY of a million users takes longer than the statement timeout
+        if first is not None and conn.execute(
+            text("SELECT 1 FROM users WHERE tenant = :t AND user_id = :u"), {"t": tenant, "u": first[1]}
+        ).first():
+            held = conn.execute(text("SELECT count(*) FROM users WHERE tenant = :t"), {"t": tenant}).scalar_one()
+            raise AlreadySeeded(tenant, seed, start_index, held)
         existing = set(
             conn.execute(text("SELECT id FROM connections WHERE tenant = :t"), {"t": tenant}).scalars()
         )
@@ -130,6 +151,14 @@ def seed_users(
                 f"INSERT INTO users ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows
             )
     return [cid for cid, _, _ in conns]
+
+
+def _counted(rows: Iterator[tuple[Any, ...]], progress: Callable[[int], None] | None) -> Iterator[tuple[Any, ...]]:
+    """The rows, calling `progress` after every PROGRESS_EVERY of them (a million take a while)."""
+    for count, row in enumerate(rows, 1):
+        yield row
+        if progress is not None and count % PROGRESS_EVERY == 0:
+            progress(count)
 
 
 def _connection_name(i: int) -> str:
@@ -230,6 +259,26 @@ def _stamp(value: dt.datetime) -> str:
     return value.isoformat(sep=" ", timespec="microseconds")
 
 
+def seed_and_report(engine: Engine, *, tenant: str, users: int, connections: int, seed: int = 0,
+                    start_index: int = 0) -> str:
+    """What the seed commands do: migrate, seed with a progress line on stderr every PROGRESS_EVERY
+    users, and return the line to print. A range seeded before adds nothing and says so, so a
+    script may run the same seed twice."""
+    upgrade(engine)
+
+    def progress(done: int) -> None:
+        print(f"seeding: {done} of {users} users", file=sys.stderr, flush=True)
+
+    started = dt.datetime.now()
+    try:
+        ids = seed_users(engine, tenant=tenant, users=users, connections=connections, seed=seed,
+                         start_index=start_index, progress=progress)
+    except AlreadySeeded as already:
+        return f"nothing added: {already} (to add more, pass --start-index {already.held})"
+    seconds = (dt.datetime.now() - started).total_seconds()
+    return f"seeded {users} users for tenant {tenant!r} in {seconds:.1f}s over connections {', '.join(ids)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry: migrate the database, then seed it."""
     parser = argparse.ArgumentParser(prog="python -m userexport_server.seed", description=__doc__.splitlines()[0])
@@ -247,16 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
     try:
-        upgrade(engine)
-        started = dt.datetime.now()
-        ids = seed_users(
-            engine, tenant=args.tenant, users=args.users, connections=args.connections, seed=args.seed,
-            start_index=args.start_index,
-        )
-        seconds = (dt.datetime.now() - started).total_seconds()
+        print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
+                              seed=args.seed, start_index=args.start_index))
     finally:
         engine.dispose()
-    print(f"seeded {args.users} users into tenant {args.tenant!r} in {seconds:.1f}s; connections: {', '.join(ids)}")
     return 0
 
 

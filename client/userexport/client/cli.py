@@ -2,7 +2,8 @@
 
 Exit codes are part of the interface, so scripts can branch on them:
 0 ok; 1 the job did not complete (failed, cancelled, expired, not finished) or its file could not
-be fetched; 2 usage or local set-up error; 3 the server refused the call; 4 no server answered.
+be fetched; 2 usage or local set-up error; 3 the server refused the call; 4 no server answered;
+130 interrupted (Ctrl-C); 141 the reader of its output went away.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,6 +41,7 @@ EXIT_USAGE = 2
 EXIT_RPC_ERROR = 3
 EXIT_UNREACHABLE = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a reader that went away (`| head`) leaves other tools with
 
 DEFAULT_SCOPES = ("read:users",)
 STATUS_CHOICES = [status_name(s) for s in pb.Job.Status.values() if s != pb.Job.STATUS_UNSPECIFIED]
@@ -132,6 +135,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     export.add_argument("--request-id", default="", help="idempotency key: a retry returns the same job")
     export.add_argument("--wait", action="store_true", help="show progress, then download the file")
     export.add_argument("--output", metavar="PATH", help="with --wait: file or directory (default: .)")
+    export.add_argument("--cancel-on-interrupt", action="store_true",
+                        help="with --wait: Ctrl-C cancels the job (without it the job goes on running)")
     export.set_defaults(handler=_cmd_export)
 
     jobs = commands.add_parser("jobs", parents=[common], help="inspect, cancel and delete jobs")
@@ -177,7 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         handler: Callable[[argparse.Namespace], int] = args.handler
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except UsersExportError as error:
         return _report_rpc_error(error, args.server)
     except DownloadError as error:
@@ -191,6 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_JOB_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit cannot report the closed pipe once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _connect(args: argparse.Namespace) -> UsersExportClient:
@@ -218,15 +235,40 @@ def _cmd_export(args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.json:
             print(job.id, flush=True)
-        with ProgressBar(sys.stderr) as bar:
-            for update in client.watch_job(job.id):
-                bar.update(update)
-                job = update
+        try:
+            with ProgressBar(sys.stderr) as bar:
+                for update in client.watch_job(job.id):
+                    bar.update(update)
+                    job = update
+        except KeyboardInterrupt:
+            return _interrupted(client, job.id, args)
         if job.status != pb.Job.COMPLETED:
             return _report_unfinished(job)
         path = client.download(job, args.output or ".")
     _print({**job_to_dict(job), "output": str(path)} if args.json else str(path), args.json)
     return EXIT_OK
+
+
+def _interrupted(client: UsersExportClient, job_id: str, args: argparse.Namespace) -> int:
+    """Ctrl-C while waiting: the job runs on in the server, so cancel it (--cancel-on-interrupt) or
+    say how to; a second Ctrl-C during the cancel ends the CLI all the same."""
+    if args.cancel_on_interrupt:
+        job = client.cancel_job(job_id)
+        _error(f"interrupted; job {job_id} is {status_name(job.status)}")
+    else:
+        _error(f"interrupted; job {job_id} goes on running on the server; cancel it with:\n"
+               f"  {_cancel_command(job_id, args)}")
+    return EXIT_INTERRUPTED
+
+
+def _cancel_command(job_id: str, args: argparse.Namespace) -> str:
+    """`userexport jobs cancel ID`, with the options this run changed from their defaults (never a token)."""
+    words = ["userexport"]
+    for flag, _, fallback, _ in _GLOBAL_OPTIONS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if flag != "--token" and value != fallback:
+            words += [flag, shlex.quote(value)]
+    return " ".join([*words, "jobs", "cancel", job_id])
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
@@ -361,7 +403,10 @@ def _report_rpc_error(error: UsersExportError, server: str) -> int:
     if error.unreachable:
         _error(f"cannot reach the userexport server at {server}: {error.message}")
         return EXIT_UNREACHABLE
-    _error(f"{error.code.name}: {error.message}")
+    # The server's message repeats the violations after a colon; each is printed on its own line below.
+    joined = "; ".join(f"{field}: {description}" for field, description in error.violations)
+    message = error.message.removesuffix(joined).rstrip(": ") if joined else error.message
+    _error(f"{error.code.name}: {message}" if message else error.code.name)
     for field, description in error.violations:
         print(f"  {field}: {description}", file=sys.stderr)
     if error.code == grpc.StatusCode.UNAUTHENTICATED:

@@ -63,9 +63,12 @@ def _control_characters(message: Message, prefix: str = "") -> Iterator[Violatio
 
 
 def format_of(value: int) -> str | None:
-    """The proto enum as the request's format text; None for unset/unknown (validation reports it)."""
+    """The proto enum as the request's format text; None when unset, the number when unknown (a
+    newer client's value), so that validation can tell the caller which."""
+    if value == pb.ExportRequest.FORMAT_UNSPECIFIED:
+        return None
     fmt = _FORMATS.get(value)  # type: ignore[call-overload]
-    return fmt.value if fmt else None
+    return fmt.value if fmt else str(value)
 
 
 def status_filter(value: int) -> JobStatus | None:

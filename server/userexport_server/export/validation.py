@@ -71,10 +71,15 @@ def build_spec(
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
+    """The format; a violation naming the values a proto client sends (the API's enum names)."""
+    allowed = " or ".join(f.name for f in Format)
+    if not value:
+        violations.append(Violation("format", f"is required: {allowed}"))
+        return None
     try:
-        return Format(value or "")
+        return Format(value)
     except ValueError:
-        violations.append(Violation("format", f'must be "csv" or "json", got {value!r}'))
+        violations.append(Violation("format", f"must be {allowed}, got {value}"))
         return None
 
 
