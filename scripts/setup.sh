@@ -8,8 +8,14 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# pip runs again only when pyproject.toml changed since the last install (a stamp holds its hash).
+stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
 if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
   npm install --silent --no-fund --no-audit --prefix .tools @bufbuild/buf@1 >/dev/null
 fi
