@@ -55,7 +55,8 @@ def tenant(pg: Engine) -> str:
 def without_copy(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """A switch to the line-building query, the reference the COPY path must match."""
     def off() -> None:
-        monkeypatch.setitem(sql._DIALECTS, "postgresql", dataclasses.replace(sql._DIALECTS["postgresql"], copy_csv=False))
+        monkeypatch.setitem(sql._DIALECTS, "postgresql",
+                            dataclasses.replace(sql._DIALECTS["postgresql"], copy_csv=False))
     return off
 
 
