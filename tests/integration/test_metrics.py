@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ServerHandle
+from tests.integration.pg_faults import connections_refused, terminate_all
 from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server import metrics as metrics_module
@@ -158,6 +159,26 @@ def test_event_lag_is_measured_where_another_replica_s_change_arrives(
     assert delivered >= 1  # at least the completion, announced by the runner
     assert 0 <= one(lag, "userexport_event_lag_seconds_sum") / delivered < 5
     assert one(parse(scrape(runner.metrics_port)), "userexport_event_lag_seconds_count") == 0  # nobody watched there
+
+
+def test_a_scrape_answers_while_postgresql_refuses_connections(make_server: Callable[..., ServerHandle],
+                                                               backend: str, tenant: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("refusing connections is a PostgreSQL fault")
+    server = make_server(workers=0, health_interval_seconds=0.2)
+    url = server.settings.database_url
+    caller = Caller(server, tenant)
+    try:
+        caller.create(format=pb.ExportRequest.CSV)
+    finally:
+        caller.close()
+    with connections_refused(url):
+        terminate_all(url)
+        _, samples = settled(server, lambda s: one(s, "userexport_health_check_healthy", check="database") == 0)
+        assert not by_label(samples, "userexport_jobs", "status")
+        assert one(samples, "userexport_health_check_healthy", check="events") == 0
+    _, samples = settled(server, lambda s: bool(by_label(s, "userexport_jobs", "status")))
+    assert by_label(samples, "userexport_jobs", "status")["pending"] == 1
 
 
 def test_a_scrape_answers_without_jobs_while_the_database_is_down_or_hanging(
