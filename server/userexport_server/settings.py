@@ -44,14 +44,14 @@ class Settings:
     # Local backend: where its download endpoint listens, and the base URL put into signed URLs.
     files_listen: str = "127.0.0.1:50052"
     files_public_url: str = ""
-    # Prometheus metrics endpoint (HTTP, any path); empty (USEREXPORT_METRICS_LISTEN=): not served.
-    # 9464 is the port OpenTelemetry's Prometheus exporter uses by default; loopback keeps it private.
-    metrics_listen: str = "127.0.0.1:9464"
     # Local download endpoint bounds: the whole request head must arrive within this (slowloris),
     # each body chunk must be taken by the client within this, at most this many connections.
     files_head_timeout_seconds: float = 10.0
     files_write_timeout_seconds: float = 30.0
     files_max_connections: int = 512
+    # Prometheus metrics endpoint (HTTP, any path); empty (USEREXPORT_METRICS_LISTEN=): not served.
+    # 9464 is the port OpenTelemetry's Prometheus exporter uses by default; loopback keeps it private.
+    metrics_listen: str = "127.0.0.1:9464"
     # GCS backend.
     gcs_bucket: str = ""
     gcs_endpoint: str = ""
@@ -192,6 +192,7 @@ class Settings:
 
 # Settings where an empty value is a choice (off), not "use the default".
 _EMPTY_MEANS_OFF = frozenset({"metrics_listen"})
+
 # Numbers that must be above zero, and numbers with a range; every other number must be >= 0.
 _POSITIVE = frozenset({
     "url_ttl_seconds", "db_busy_timeout_seconds", "db_statement_timeout_seconds", "db_pool_timeout_seconds",
