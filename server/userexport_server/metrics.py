@@ -63,7 +63,7 @@ class Metrics:
                                        "took here, from its claim until it was recorded done.", buckets=EXPORT_BUCKETS,
                                        registry=registry)
         self.export_seconds = Histogram("userexport_export_duration_seconds", "Time a completed export job spent "
-                                        "processing, from its first claim to its file complete (observed by the "
+                                        "processing, from its started_at to its file complete (observed by the "
                                         "replica that assembled the file).", buckets=EXPORT_BUCKETS,
                                         registry=registry)
         self.slices_in_flight = Gauge("userexport_export_slices_in_flight", "Slices this process is exporting now.",
@@ -94,15 +94,18 @@ class Metrics:
             checks.labels(check=name).set_function(functools.partial(verdict, name))
 
     def slice_done(self, rows: int, size_bytes: int, seconds: float) -> None:
+        """A slice recorded done here; a discarded or unrecorded one is left out, as its work is redone."""
         self.export_rows.inc(rows)
         self.export_bytes.inc(size_bytes)
         self.slice_seconds.observe(seconds)
 
     def export_done(self, job: Job) -> None:
+        """A job completed by this replica's assembler, so each export is timed once across replicas."""
         if job.started_at is not None and job.finished_at is not None:
             self.export_seconds.observe(max(0.0, (job.finished_at - job.started_at).total_seconds()))
 
     def event_delivered(self, job: Job) -> None:
+        """A job another replica changed, now with local watchers: how stale the feed is here."""
         self.event_lag.observe(max(0.0, (now_utc() - job.updated_at).total_seconds()))
 
     def start(self) -> int:
