@@ -94,7 +94,7 @@ class Metrics:
             checks.labels(check=name).set_function(functools.partial(verdict, name))
 
     def slice_done(self, rows: int, size_bytes: int, seconds: float) -> None:
-        """A slice recorded done here; a discarded or unrecorded one is left out, as its work is redone."""
+        """A slice recorded done here; one not recorded (its job ended, or it was lost) never reaches a file."""
         self.export_rows.inc(rows)
         self.export_bytes.inc(size_bytes)
         self.slice_seconds.observe(seconds)
