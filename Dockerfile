@@ -15,9 +15,10 @@ WORKDIR /home/userexport
 # Configuration is by environment (see README "Configuration"); these make the container reachable.
 ENV USEREXPORT_LISTEN=0.0.0.0:50051 \
     USEREXPORT_FILES_LISTEN=0.0.0.0:50052 \
+    USEREXPORT_METRICS_LISTEN=0.0.0.0:9464 \
     USEREXPORT_DATA_DIR=/home/userexport/data \
     PYTHONUNBUFFERED=1
-EXPOSE 50051 50052
+EXPOSE 50051 50052 9464
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 CMD ["userexport-server", "health"]
 ENTRYPOINT ["userexport-server"]
 CMD ["serve"]

@@ -15,8 +15,9 @@ from userexport_server.app import App
 from userexport_server.seed import seed_users
 from userexport_server.settings import Settings
 
-TEST_DEFAULTS: dict[str, Any] = dict(listen="127.0.0.1:0", files_listen="127.0.0.1:0", workers=2,
-                                     poll_interval_seconds=0.2, reaper_interval_seconds=0.5, log_level="INFO")
+TEST_DEFAULTS: dict[str, Any] = dict(listen="127.0.0.1:0", files_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0",
+                                     workers=2, poll_interval_seconds=0.2, reaper_interval_seconds=0.5,
+                                     log_level="INFO")
 
 
 class _MintsTokens:
@@ -45,6 +46,7 @@ class ServerHandle(_MintsTokens):
         self.app = self.call(self._build)
         self.port = self.call(self.app.start())
         self.target = f"127.0.0.1:{self.port}"
+        self.metrics_port = self.app.metrics.port
 
     async def _build(self) -> App:
         return App(self.settings, self.tracer_provider)
@@ -78,26 +80,28 @@ class ServerProcess(_MintsTokens):
 
         self.data_dir = data_dir
         environment = {**os.environ, "USEREXPORT_DATA_DIR": str(data_dir), "USEREXPORT_LISTEN": "127.0.0.1:0",
-                       "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", "USEREXPORT_POLL_INTERVAL_SECONDS": "0.2",
-                       "PYTHONUNBUFFERED": "1", **(env or {})}
+                       "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", "USEREXPORT_METRICS_LISTEN": "127.0.0.1:0",
+                       "USEREXPORT_POLL_INTERVAL_SECONDS": "0.2", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = data_dir / f"server-{uuid.uuid4().hex[:6]}.log"
         data_dir.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen([sys.executable, "-m", "userexport_server.main", "serve"], env=environment,
                                         stdout=self._log, stderr=subprocess.STDOUT)
-        self.port = self._wait_for_port()
+        self.port, self.metrics_port = self._wait_for_ports()
         self.target = f"127.0.0.1:{self.port}"
         self.settings = Settings.from_env({k: v for k, v in environment.items() if k.startswith("USEREXPORT_")})
 
-    def _wait_for_port(self, timeout: float = 60) -> int:
+    def _wait_for_ports(self, timeout: float = 60) -> tuple[int, int]:
+        """The gRPC and the metrics port, from the "server started" line."""
         import re
         import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(rb'server started.*? "?port"?(?:=|: )(\d+)', self.log_path.read_bytes())  # text or JSON
+            found = re.search(rb'server started.*?"?port"?(?:=|: )(\d+).*?"?metrics_port"?(?:=|: )(\d+)',
+                              self.log_path.read_bytes())  # text or JSON
             if found:
-                return int(found.group(1))
+                return int(found.group(1)), int(found.group(2))
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}: {self.log_text()}")
             time.sleep(0.05)

@@ -22,6 +22,7 @@ from userexport_server.jobs.reaper import Reaper
 from userexport_server.jobs.store import JobStore, Limits
 from userexport_server.jobs.worker import WorkerPool
 from userexport_server.listen import check_free, describe_error
+from userexport_server.metrics import Metrics
 from userexport_server.private_files import make_private_dirs
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import PREFIX, ConfigError, Settings
@@ -49,6 +50,7 @@ class App:
         make_private_dirs(settings.data_dir)
         self.engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
         upgrade(self.engine)
+        self.metrics = Metrics(settings.metrics_listen)
         self.bus = self._event_bus()
         self.storage = make_storage(settings)
         self.store = JobStore(self.engine, self.bus, Limits(
@@ -62,7 +64,8 @@ class App:
         self.workers = WorkerPool(self.store, self.engine, self.storage, workers=settings.workers,
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
                                   lease_seconds=settings.lease_seconds, attempts=settings.job_attempts,
-                                  slice_users=settings.slice_users, tracing=self.tracing) \
+                                  slice_users=settings.slice_users, tracing=self.tracing,
+                                  metrics=self.metrics) \
             if settings.workers > 0 else None
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
                              orphan_grace=settings.orphan_grace_seconds,
@@ -74,6 +77,8 @@ class App:
             "events": self.bus.healthy,
             **({"downloads": self.storage.healthy} if isinstance(self.storage, LocalStorage) else {}),
         }, interval=settings.health_interval_seconds)
+        self.metrics.collect_from(jobs=self.store.count_by_status, watchers=self.bus.watcher_count,
+                                  health=self.monitor.check_results)
         self.server: grpc.aio.Server | None = None
         self.servicer: UsersExportServicer | None = None
         self.port = 0
@@ -87,7 +92,8 @@ class App:
         dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         # The store is built after the bus, so look it up when a job is loaded.
         return PgEventBus(dsn, load=lambda job_id: self.store.get_any(job_id),  # noqa: PLW0108
-                          on_created=lambda: self.workers.wake() if self.workers is not None else None)
+                          on_created=lambda: self.workers.wake() if self.workers is not None else None,
+                          on_delivered=self.metrics.event_delivered)
 
     def _authenticator(self) -> Authenticator:
         settings = self.settings
@@ -105,7 +111,7 @@ class App:
         # Port reuse off: with it on (grpcio's default) a second server binds a port in use and
         # takes half the calls.
         self.tracing.start()
-        self.server = grpc.aio.server(interceptors=self.tracing.interceptors(),
+        self.server = grpc.aio.server(interceptors=[*self.tracing.interceptors(), self.metrics.interceptor],
                                       options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                                                ("grpc.so_reuseport", 0)])
         self.port = _bind(self.server, settings)
@@ -127,9 +133,10 @@ class App:
             self.workers.start()
         self.reaper.start()
         await self.monitor.start()
-        log.info("server started listen=%s port=%d tls=%s database=%s storage=%s workers=%d", settings.listen,
-                 self.port, _tls_mode(settings), self.engine.url.render_as_string(hide_password=True),
-                 settings.storage, settings.workers)
+        metrics_port = self.metrics.start()
+        log.info("server started listen=%s port=%d tls=%s database=%s storage=%s workers=%d metrics_port=%d",
+                 settings.listen, self.port, _tls_mode(settings), self.engine.url.render_as_string(hide_password=True),
+                 settings.storage, settings.workers, metrics_port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -148,6 +155,7 @@ class App:
         if self.servicer is not None:
             self.servicer.stop()
         await asyncio.to_thread(self.reaper.stop)
+        await asyncio.to_thread(self.metrics.stop)
         self.storage.close()
         self.bus.close()
         self.engine.dispose()
@@ -158,7 +166,8 @@ class App:
 def _check_ports_free(settings: Settings) -> None:
     """A port in use ends startup here, with one line naming it, before migrations or any bind."""
     addresses = {"listen": settings.listen, **({"files_listen": settings.files_listen}
-                                               if settings.storage == "local" else {})}
+                                               if settings.storage == "local" else {}),
+                 **({"metrics_listen": settings.metrics_listen} if settings.metrics_listen else {})}
     for name, address in addresses.items():
         try:
             check_free(address)

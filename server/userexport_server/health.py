@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 # A check that takes longer than this counts as failed (a database that hangs is as bad as a dead one).
 CHECK_TIMEOUT_SECONDS = 3.0
+# The name a round that got no answer in time fails under (which check hangs is not known).
+STUCK = "checks"
 
 Check = Callable[[], str | None]
 
@@ -64,6 +66,11 @@ class HealthMonitor:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+    def check_results(self) -> dict[str, bool]:
+        """Each check's verdict in the latest round, for metrics; all False while a round hangs."""
+        stuck = STUCK in self._failing
+        return {name: not stuck and name not in self._failing for name in self.checks}
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
@@ -90,7 +97,7 @@ class HealthMonitor:
         try:
             return await asyncio.wait_for(asyncio.shield(self._running), CHECK_TIMEOUT_SECONDS)
         except TimeoutError:
-            return [f"checks: no answer within {CHECK_TIMEOUT_SECONDS:.0f} s (database or listener hanging)"]
+            return [f"{STUCK}: no answer within {CHECK_TIMEOUT_SECONDS:.0f} s (database or listener hanging)"]
 
     def _ask_all(self) -> list[str]:
         reasons = []

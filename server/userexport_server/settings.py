@@ -49,6 +49,9 @@ class Settings:
     files_head_timeout_seconds: float = 10.0
     files_write_timeout_seconds: float = 30.0
     files_max_connections: int = 512
+    # Prometheus metrics endpoint (HTTP, any path); empty (USEREXPORT_METRICS_LISTEN=): not served.
+    # 9464 is the port OpenTelemetry's Prometheus exporter uses by default; loopback keeps it private.
+    metrics_listen: str = "127.0.0.1:9464"
     # GCS backend.
     gcs_bucket: str = ""
     gcs_endpoint: str = ""
@@ -142,7 +145,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(PREFIX + f.name.upper())
-            if raw is not None and raw != "":
+            if raw is not None and (raw != "" or f.name in _EMPTY_MEANS_OFF):
                 values[f.name] = _convert(f.type, raw, f.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["otlp_endpoint"] = _otlp_endpoint(environ, values.get("otlp_endpoint", ""))
@@ -157,7 +160,9 @@ class Settings:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 _check_number(f.name, value)
-        for name in ("listen", "files_listen"):
+        for name in ("listen", "files_listen", "metrics_listen"):
+            if name in _EMPTY_MEANS_OFF and not getattr(self, name):
+                continue
             try:
                 parse_listen(getattr(self, name))
             except ValueError as exc:
@@ -192,6 +197,9 @@ class Settings:
             if _public_der(key.public_key()) != _public_der(certificate.public_key()):
                 raise _error("tls_key_file", self.tls_key_file, f"is not the key of {PREFIX}TLS_CERT_FILE")
 
+
+# Settings where an empty value is a choice (off), not "use the default".
+_EMPTY_MEANS_OFF = frozenset({"metrics_listen"})
 
 # Numbers that must be above zero, and numbers with a range; every other number must be >= 0.
 _POSITIVE = frozenset({

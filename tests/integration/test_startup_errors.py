@@ -19,7 +19,7 @@ from tests.tls_certs import SERVER_NAME, CertificateAuthority
 def serve(data_dir: pathlib.Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("USEREXPORT_")}
     environment.update({"USEREXPORT_DATA_DIR": str(data_dir), "USEREXPORT_LISTEN": "127.0.0.1:0",
-                        "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", **env})
+                        "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", "USEREXPORT_METRICS_LISTEN": "127.0.0.1:0", **env})
     return subprocess.run([sys.executable, "-m", "userexport_server.main", "serve"], env=environment,
                           capture_output=True, text=True, timeout=30)
 
@@ -58,6 +58,7 @@ BAD_ENVIRONMENTS: dict[str, tuple[dict[str, str], str, str]] = {
     "listen without port": ({"USEREXPORT_LISTEN": "localhost"}, "USEREXPORT_LISTEN", "HOST:PORT"),
     "listen port too big": ({"USEREXPORT_LISTEN": "127.0.0.1:70000"}, "USEREXPORT_LISTEN", "port"),
     "listen bad host": ({"USEREXPORT_LISTEN": "no such host!:1"}, "USEREXPORT_LISTEN", "HOST:PORT"),
+    "metrics listen without port": ({"USEREXPORT_METRICS_LISTEN": "9464"}, "USEREXPORT_METRICS_LISTEN", "HOST:PORT"),
     "unbracketed ipv6": ({"USEREXPORT_FILES_LISTEN": "::1:50052"}, "USEREXPORT_FILES_LISTEN", "brackets"),
     "unresolvable host": ({"USEREXPORT_LISTEN": "nonexistent.invalid:50051"}, "USEREXPORT_LISTEN", "not found"),
     "bad public url": ({"USEREXPORT_FILES_PUBLIC_URL": "files.example.com"}, "USEREXPORT_FILES_PUBLIC_URL", "http"),
@@ -109,7 +110,8 @@ def files_port(server: ServerProcess) -> int:
 def test_a_second_server_on_a_port_in_use_exits_and_the_first_keeps_answering(tmp_path: pathlib.Path) -> None:
     first = ServerProcess(tmp_path / "first")
     try:
-        for variable, port in (("USEREXPORT_LISTEN", first.port), ("USEREXPORT_FILES_LISTEN", files_port(first))):
+        for variable, port in (("USEREXPORT_LISTEN", first.port), ("USEREXPORT_FILES_LISTEN", files_port(first)),
+                               ("USEREXPORT_METRICS_LISTEN", first.metrics_port)):
             second = serve(tmp_path / "second", {variable: f"127.0.0.1:{port}"})
             assert_one_line_naming(second, variable, f"cannot listen on 127.0.0.1:{port}: address in use")
         health = subprocess.run([sys.executable, "-m", "userexport_server.main", "health", "--target", first.target],

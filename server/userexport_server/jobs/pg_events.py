@@ -37,9 +37,12 @@ TICK_SECONDS = 0.5
 
 class PgEventBus(EventBus):
     def __init__(self, dsn: str, load: Callable[[str], Job | None],
-                 on_created: Callable[[], None] | None = None) -> None:
+                 on_created: Callable[[], None] | None = None,
+                 on_delivered: Callable[[Job], None] | None = None) -> None:
+        """`on_created` is told of jobs created on other replicas; `on_delivered` of each job another
+        replica's notification brought to local watchers (for the event-lag metric)."""
         super().__init__()
-        self.dsn, self.load, self.on_created = dsn, load, on_created
+        self.dsn, self.load, self.on_created, self.on_delivered = dsn, load, on_created, on_delivered
         self.origin = uuid.uuid4().hex[:12]
         self._publisher: psycopg.Connection | None = None
         self._publish_lock = threading.Lock()
@@ -136,7 +139,9 @@ class PgEventBus(EventBus):
             if found["version"] == "1" and self.on_created is not None:
                 self.on_created()
             if self.watcher_count(found["job_id"]):
-                self._reload(found["job_id"])
+                job = self._reload(found["job_id"])
+                if job is not None and self.on_delivered is not None:
+                    self.on_delivered(job)
         except Exception as exc:
             self._limited_log.log(logging.ERROR, "handle", "pg listener could not handle a notification payload=%r",
                                   payload[:MAX_PAYLOAD_CHARS], exc_info=exc)
@@ -156,8 +161,8 @@ class PgEventBus(EventBus):
         for job_id in stale:
             self._reload(job_id)
 
-    def _reload(self, job_id: str) -> None:
-        """Read the job and hand it to its watchers; if the read fails, it is retried next tick."""
+    def _reload(self, job_id: str) -> Job | None:
+        """Read the job and hand it to its watchers (and return it); if the read fails, it is retried next tick."""
         try:
             job = self.load(job_id)
         except Exception as exc:
@@ -165,8 +170,9 @@ class PgEventBus(EventBus):
                 self._stale.add(job_id)
             self._limited_log.log(logging.WARNING, "reload", "reloading a job for its watchers failed job_id=%s "
                                   "error=%r retry_in=%.1fs", job_id, exc, TICK_SECONDS)
-            return
+            return None
         with self._lock:
             self._stale.discard(job_id)
         if job is not None:
             self.deliver(job)
+        return job

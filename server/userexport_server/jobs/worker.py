@@ -21,6 +21,7 @@ from userexport_server.jobs.model import Job
 from userexport_server.jobs.retry import Backoff, retry_transient
 from userexport_server.jobs.slices import Slice, SliceStore
 from userexport_server.jobs.store import JobStore
+from userexport_server.metrics import Metrics
 from userexport_server.storage.base import ObjectWriter, Storage, object_key
 from userexport_server.tracing import Tracing
 
@@ -117,10 +118,10 @@ class WorkerPool:
     again, up to `attempts` claims, and then its job fails naming the cause."""
 
     def __init__(self, store: JobStore, engine: Engine, storage: Storage, *, workers: int,
-                 poll_interval: float, gzip_level: int, lease_seconds: float, attempts: int = 3,
+                 poll_interval: float, gzip_level: int, lease_seconds: float, metrics: Metrics, attempts: int = 3,
                  slice_users: int = 100_000, tracing: Tracing) -> None:
         self.store, self.slices, self.engine, self.storage = store, SliceStore(store), engine, storage
-        self.tracing = tracing
+        self.tracing, self.metrics = tracing, metrics
         self.attempts, self.slice_users = attempts, max(1, slice_users)
         self.heartbeat_interval = lease_seconds / 3
         self.poll_interval, self.gzip_level = poll_interval, gzip_level
@@ -316,7 +317,7 @@ class WorkerPool:
         written, size = sum(part.users for part in parts), sum(part.size_bytes for part in parts)
         done = self._final_write(job, "complete", lambda: self.store.complete(
             job, storage_key=key, written=written, size_bytes=size))
-        if done is _UNWRITTEN:
+        if isinstance(done, _Unwritten):
             return  # the file stays: the rescuing assembler replaces it, or the sweep deletes it
         if done is None:
             self._discard(job, key)
@@ -324,6 +325,7 @@ class WorkerPool:
             self.tracing.ended("completed", job.id, {"userexport.users": written, "userexport.bytes": size})
             log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
                      job.tenant, written, len(parts), size, time.monotonic() - started)
+            self.metrics.export_done(done)
         self._delete_parts(job, [source for source in sources if source != key], then_forget_slices=True)
 
     def _delete_parts(self, job: Job, keys: list[str], *, then_forget_slices: bool = False) -> None:
@@ -341,7 +343,8 @@ class WorkerPool:
     # --- a slice -------------------------------------------------------------------------------
 
     def _run_slice(self, piece: Slice, job: Job) -> None:
-        with self._running_as(job.id, lambda: self.slices.renew(piece)) as run:
+        with self._running_as(job.id, lambda: self.slices.renew(piece)) as run, \
+                self.metrics.slices_in_flight.track_inprogress():
             started = time.monotonic()
             whole = piece.key_range.after is None and piece.key_range.through is None
             key = object_key(job.tenant, job.id, job.filename if whole else piece.name)
@@ -364,11 +367,13 @@ class WorkerPool:
             if isinstance(outcome, _Unwritten):
                 return  # the slice's lease lapses and another worker exports it again
             recorded, assemble = outcome
+            seconds = time.monotonic() - started
             log.info("slice done job_id=%s tenant=%s slice=%d users=%d seconds=%.2f recorded=%s", job.id,
-                     job.tenant, piece.seq, written, time.monotonic() - started, recorded)
+                     job.tenant, piece.seq, written, seconds, recorded)
             if not recorded:
                 self._discard(job, key) if whole else self._delete_parts(job, [key])
                 return
+            self.metrics.slice_done(written, size, seconds)
         if assemble is not None:
             with self._running_as(job.id, lambda: self.store.renew_lease(assemble)):
                 try:
