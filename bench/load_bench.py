@@ -137,7 +137,7 @@ async def idle_watchers(server: ServerProcess, count: int) -> tuple[float, float
         attached = [asyncio.Event() for _ in range(count)]
         tasks = [asyncio.create_task(watch(clients.stub(n), clients.metadata, job.id, [], attached[n]))
                  for n in range(count)]
-        await asyncio.wait_for(asyncio.gather(*(a.wait() for a in attached)), 300)
+        await asyncio.wait_for(asyncio.gather(*(a.wait() for a in attached)), 120)
         await asyncio.sleep(2)
         after = rss_mb(server.process.pid)
         for task in tasks:
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--idle", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
