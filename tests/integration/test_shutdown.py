@@ -35,6 +35,23 @@ def start_export(server: ServerProcess, tenant: str) -> tuple[Caller, str]:
     return caller, job.id
 
 
+def finish_on_a_restart(data_dir, tenant: str, job_id: str, env: dict[str, str], stop: int) -> str:
+    """A new server on the same data finishes the job, whole and correct, and stops cleanly on
+    `stop`; its log."""
+    server = ServerProcess(data_dir, env)
+    try:
+        caller = Caller(server, tenant)  # type: ignore[arg-type]
+        assert caller.get(job_id).status in (pb.Job.PENDING, pb.Job.PROCESSING, pb.Job.COMPLETED)
+        final = caller.finish(job_id)
+        assert final.status == pb.Job.COMPLETED and final.users_written == USERS
+        assert len(download(final.location).splitlines()) == USERS
+        server.signal(stop)
+        assert server.wait(30) == 0
+    finally:
+        server.stop()
+    return server.log_text()
+
+
 def test_sigterm_hands_back_a_running_export_and_a_restart_finishes_it(seeded_dir) -> None:
     """With no grace, the running slices are handed back (pending) and their partial files
     removed; a restarted server takes them and completes the job."""
@@ -42,7 +59,7 @@ def test_sigterm_hands_back_a_running_export_and_a_restart_finishes_it(seeded_di
     env = {"USEREXPORT_SHUTDOWN_GRACE_SECONDS": "0", "USEREXPORT_GZIP_LEVEL": "9"}
     first = ServerProcess(data_dir, env)
     try:
-        caller, job_id = start_export(first, tenant)
+        _caller, job_id = start_export(first, tenant)
         first.signal(signal.SIGTERM)
         assert first.wait(30) == 0, first.log_text()
     finally:
@@ -50,17 +67,7 @@ def test_sigterm_hands_back_a_running_export_and_a_restart_finishes_it(seeded_di
     assert f"slice stopped job_id={job_id} tenant={tenant} slice=0 reason=shutdown" in first.log_text()
     files = [p.name for p in (data_dir / "files").rglob("*") if p.is_file()]
     assert not [name for name in files if ".tmp-" in name], "no partial file is left"
-    second = ServerProcess(data_dir, {"USEREXPORT_GZIP_LEVEL": "1"})
-    try:
-        caller = Caller(second, tenant)  # type: ignore[arg-type]
-        assert caller.get(job_id).status in (pb.Job.PENDING, pb.Job.PROCESSING, pb.Job.COMPLETED)
-        final = caller.finish(job_id)
-        assert final.status == pb.Job.COMPLETED and final.users_written == USERS
-        assert len(download(final.location).splitlines()) == USERS
-        second.signal(signal.SIGINT)
-        assert second.wait(30) == 0
-    finally:
-        second.stop()
+    finish_on_a_restart(data_dir, tenant, job_id, {"USEREXPORT_GZIP_LEVEL": "1"}, signal.SIGINT)
 
 
 def test_sigterm_with_grace_lets_the_running_slice_finish(seeded_dir) -> None:
@@ -78,13 +85,5 @@ def test_sigterm_with_grace_lets_the_running_slice_finish(seeded_dir) -> None:
     first = server.log_text()
     assert re.search(rf"slice done job_id={job_id} \S+ slice=0 .* recorded=True", first), first
     assert "slice stopped" not in first
-    second = ServerProcess(data_dir, env)
-    try:
-        final = Caller(second, tenant).finish(job_id)  # type: ignore[arg-type]
-        assert final.status == pb.Job.COMPLETED and final.users_written == USERS
-        assert len(download(final.location).splitlines()) == USERS
-        second.signal(signal.SIGTERM)
-        assert second.wait(30) == 0
-    finally:
-        second.stop()
-    assert f"slice claimed job_id={job_id} tenant={tenant} slice=0" not in second.log_text(), "slice 0 was redone"
+    restarted = finish_on_a_restart(data_dir, tenant, job_id, env, signal.SIGTERM)
+    assert f"slice claimed job_id={job_id} tenant={tenant} slice=0" not in restarted, "slice 0 was redone"
