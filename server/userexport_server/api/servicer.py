@@ -228,7 +228,7 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         status = convert.status_filter(request.status)
         cursor = pagination.decode(self.page_secret, principal.tenant, request.page_token) \
             if request.page_token else None
-        jobs, more = await self.blocking("read", self.store.list, principal.tenant, page_size=size, cursor=cursor,
+        jobs, more = await self.blocking("read", self.store.list_page, principal.tenant, page_size=size, cursor=cursor,
                                          status=status)
         token = pagination.encode(self.page_secret, principal.tenant, (jobs[-1].created_at, jobs[-1].id)) \
             if more else ""

@@ -26,7 +26,7 @@ from userexport_server.db.engine import write_transaction
 from userexport_server.db.models import JobSlice as SliceRow
 from userexport_server.export.sql import KeyRange
 from userexport_server.jobs.model import TERMINAL, Job, JobStatus, now_utc, utc
-from userexport_server.jobs.store import JobStore, change_row, jobs
+from userexport_server.jobs.store import JOBS, JobStore, change_row
 
 log = logging.getLogger(__name__)
 slices = cast(Table, SliceRow.__table__)
@@ -107,11 +107,11 @@ class SliceStore:
                        .scalar_subquery())
         with write_transaction(self.engine) as conn:
             candidate = conn.execute(
-                select(slices.c.job_id, slices.c.seq).join(jobs, jobs.c.id == slices.c.job_id)
-                .where(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner.is_(None),
+                select(slices.c.job_id, slices.c.seq).join(JOBS, JOBS.c.id == slices.c.job_id)
+                .where(JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.lease_owner.is_(None),
                        or_(slices.c.status == PENDING,
                            and_(slices.c.status == RUNNING, slices.c.lease_expires_at < now)))
-                .order_by(last_served.asc().nulls_first(), jobs.c.created_at, slices.c.seq)
+                .order_by(last_served.asc().nulls_first(), JOBS.c.created_at, slices.c.seq)
                 .limit(1).with_for_update(skip_locked=True, of=slices)
             ).first()
             if candidate is None:
@@ -121,7 +121,7 @@ class SliceStore:
                 status=RUNNING, lease_owner=owner, lease_expires_at=now + self.lease, claimed_at=now,
                 attempts=slices.c.attempts + 1, users_written=0, part_key=None, size_bytes=0,
             ).returning(*slices.c)).one()
-            job_row = conn.execute(select(jobs).where(jobs.c.id == candidate.job_id)).one()
+            job_row = conn.execute(select(JOBS).where(JOBS.c.id == candidate.job_id)).one()
         piece, job = Slice.from_row(row), Job.from_row(job_row)
         log.info("slice claimed job_id=%s tenant=%s slice=%d attempt=%d rescued=%s", piece.job_id, piece.tenant,
                  piece.seq, piece.attempts, piece.attempts > 1)
@@ -165,8 +165,8 @@ class SliceStore:
             else:
                 row = change_row(conn, piece.job_id, {"lease_owner": piece.lease_owner,
                                                       "lease_expires_at": now + self.lease, "time_left_seconds": 0,
-                                                      "users_written": jobs.c.users_total, "percentage_done": 100},
-                                 and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner.is_(None)))
+                                                      "users_written": JOBS.c.users_total, "percentage_done": 100},
+                                 and_(JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.lease_owner.is_(None)))
                 event = "job assembling"
         job = None if row is None else self.store.publish(row, event)
         return True, None if unfinished else job
@@ -198,11 +198,11 @@ class SliceStore:
         assembler died before cleaning up) or are gone, and still have slices, with the keys of
         their parts (never the job's own file, which a one-slice job wrote as its part)."""
         with self.engine.connect() as conn:
-            ended = select(jobs.c.id).where(jobs.c.status.in_([s.value for s in TERMINAL])) \
-                .where(exists().where(slices.c.job_id == jobs.c.id)).limit(limit).scalar_subquery()
-            rows = conn.execute(select(slices.c.job_id, slices.c.part_key, jobs.c.storage_key)
-                                .join(jobs, jobs.c.id == slices.c.job_id).where(slices.c.job_id.in_(ended))).all()
-            gone = conn.execute(select(slices.c.job_id).where(~exists().where(jobs.c.id == slices.c.job_id))
+            ended = select(JOBS.c.id).where(JOBS.c.status.in_([s.value for s in TERMINAL])) \
+                .where(exists().where(slices.c.job_id == JOBS.c.id)).limit(limit).scalar_subquery()
+            rows = conn.execute(select(slices.c.job_id, slices.c.part_key, JOBS.c.storage_key)
+                                .join(JOBS, JOBS.c.id == slices.c.job_id).where(slices.c.job_id.in_(ended))).all()
+            gone = conn.execute(select(slices.c.job_id).where(~exists().where(JOBS.c.id == slices.c.job_id))
                                 .limit(limit)).scalars().all()
         found: dict[str, list[str]] = {job_id: [] for job_id in gone}
         for row in rows:
@@ -215,8 +215,8 @@ class SliceStore:
 
     def _job_progress(self, conn: Connection, job_id: str) -> Any:
         """Set the job's progress from its slices; the caller holds the job's lock."""
-        job = conn.execute(select(jobs.c.users_written, jobs.c.users_total, jobs.c.started_at,
-                                  jobs.c.time_left_seconds).where(jobs.c.id == job_id)).one()
+        job = conn.execute(select(JOBS.c.users_written, JOBS.c.users_total, JOBS.c.started_at,
+                                  JOBS.c.time_left_seconds).where(JOBS.c.id == job_id)).one()
         summed = conn.execute(select(func.coalesce(func.sum(slices.c.users_written), 0))
                               .where(slices.c.job_id == job_id)).scalar_one()
         written, total = max(job.users_written, int(summed)), job.users_total
@@ -226,7 +226,7 @@ class SliceStore:
         return change_row(conn, job_id, {
             "users_written": written, "percentage_done": 100 if total == 0 else min(100, written * 100 // total),
             "time_left_seconds": left,
-        }, and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner.is_(None)))
+        }, and_(JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.lease_owner.is_(None)))
 
 
 def _time_left(started_at: dt.datetime | None, written: int, total: int) -> int | None:
@@ -242,7 +242,7 @@ def _lock(job_id: str) -> str:
 
 
 def _held(job: Job) -> Any:
-    return and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_owner == job.lease_owner)
+    return and_(JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.lease_owner == job.lease_owner)
 
 
 def _slice_held(piece: Slice) -> Any:
@@ -251,4 +251,4 @@ def _slice_held(piece: Slice) -> Any:
 
 
 def _job_running(job_id: str) -> Any:
-    return exists().where(jobs.c.id == job_id, jobs.c.status == JobStatus.PROCESSING.value)
+    return exists().where(JOBS.c.id == job_id, JOBS.c.status == JobStatus.PROCESSING.value)

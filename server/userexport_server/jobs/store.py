@@ -25,7 +25,7 @@ from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
 
 log = logging.getLogger(__name__)
-jobs = cast(Table, JobRow.__table__)
+JOBS = cast(Table, JobRow.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +55,13 @@ class JobStore:
 
     def get(self, tenant: str, job_id: str) -> Job | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id, JOBS.c.tenant == tenant)).first()
         return Job.from_row(row) if row else None
 
     def get_any(self, job_id: str) -> Job | None:
         """For internal use only (events across replicas): no tenant check."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
         return Job.from_row(row) if row else None
 
     def connection_name(self, tenant: str, connection_id: str) -> str | None:
@@ -70,17 +70,17 @@ class JobStore:
                 select(ConnectionRow.name).where(ConnectionRow.tenant == tenant, ConnectionRow.id == connection_id)
             ).scalar()
 
-    def list(self, tenant: str, *, page_size: int, cursor: tuple[dt.datetime, str] | None,
+    def list_page(self, tenant: str, *, page_size: int, cursor: tuple[dt.datetime, str] | None,
              status: JobStatus | None) -> tuple[builtins.list[Job], bool]:
         """Newest first; returns the page and whether more follow."""
-        query = select(jobs).where(jobs.c.tenant == tenant)
+        query = select(JOBS).where(JOBS.c.tenant == tenant)
         if status is not None:
-            query = query.where(jobs.c.status == status.value)
+            query = query.where(JOBS.c.status == status.value)
         if cursor is not None:
             created, job_id = cursor
-            query = query.where(or_(jobs.c.created_at < created,
-                                    and_(jobs.c.created_at == created, jobs.c.id < job_id)))
-        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(page_size + 1)
+            query = query.where(or_(JOBS.c.created_at < created,
+                                    and_(JOBS.c.created_at == created, JOBS.c.id < job_id)))
+        query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).limit(page_size + 1)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
         return [Job.from_row(r) for r in rows[:page_size]], len(rows) > page_size
@@ -88,7 +88,7 @@ class JobStore:
     def count_by_status(self) -> dict[JobStatus, int]:
         """Jobs of every tenant by status, for metrics: one GROUP BY over the status index."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
+            rows = conn.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status)).all()
         return {JobStatus(status): count for status, count in rows}
 
     # --- API-side changes ----------------------------------------------------------------------
@@ -100,8 +100,8 @@ class JobStore:
         fingerprint = request_fingerprint(tenant, spec) if request_id else None
         with write_transaction(self.engine, lock_key=f"tenant:{tenant}") as conn:
             if request_id:
-                existing = conn.execute(select(jobs).where(jobs.c.tenant == tenant,
-                                                           jobs.c.request_id == request_id)).first()
+                existing = conn.execute(select(JOBS).where(JOBS.c.tenant == tenant,
+                                                           JOBS.c.request_id == request_id)).first()
                 if existing is not None and existing.status != JobStatus.EXPIRED:
                     if existing.request_hash != fingerprint:
                         raise AlreadyExists(
@@ -109,9 +109,9 @@ class JobStore:
                             f"(job {existing.id}).")
                     return Job.from_row(existing), False
                 if existing is not None:  # the first job expired: the key may start a new one
-                    conn.execute(update(jobs).where(jobs.c.id == existing.id).values(request_id=None))
-            active = conn.execute(select(func.count()).select_from(jobs).where(
-                jobs.c.tenant == tenant, jobs.c.status.in_([s.value for s in ACTIVE]))).scalar_one()
+                    conn.execute(update(JOBS).where(JOBS.c.id == existing.id).values(request_id=None))
+            active = conn.execute(select(func.count()).select_from(JOBS).where(
+                JOBS.c.tenant == tenant, JOBS.c.status.in_([s.value for s in ACTIVE]))).scalar_one()
             if active >= self.limits.max_active_per_tenant:
                 raise ResourceExhausted(
                     f"Too many export jobs: at most {self.limits.max_active_per_tenant} may be pending or "
@@ -124,7 +124,7 @@ class JobStore:
                 request_hash=fingerprint, created_at=now, updated_at=now, expires_at=now + self.limits.job_ttl,
                 users_total=0, users_written=0, percentage_done=0, attempts=0,
             )
-            row = conn.execute(jobs.insert().values(**values).returning(*jobs.c)).one()
+            row = conn.execute(JOBS.insert().values(**values).returning(*JOBS.c)).one()
         job = Job.from_row(row)
         log.info("job created job_id=%s tenant=%s request_id=%s format=%s connection_id=%s limit=%s fields=%d",
                  job.id, tenant, request_id, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
@@ -134,7 +134,7 @@ class JobStore:
     def cancel(self, tenant: str, job_id: str) -> Job | None:
         """Cancel a pending or processing job; a cancelled job is returned as it is (idempotent)."""
         with write_transaction(self.engine) as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id, JOBS.c.tenant == tenant)).first()
             if row is None:
                 return None
             status = JobStatus(row.status)
@@ -151,7 +151,7 @@ class JobStore:
         """DeleteJob: the job becomes EXPIRED now, keeping its storage key until the file is gone
         (the caller deletes it; if that fails the reaper retries). An expired job is returned as it is."""
         with write_transaction(self.engine) as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id, jobs.c.tenant == tenant)).first()
+            row = conn.execute(select(JOBS).where(JOBS.c.id == job_id, JOBS.c.tenant == tenant)).first()
             if row is None or row.status == JobStatus.EXPIRED.value:
                 return None if row is None else Job.from_row(row)
             row = change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
@@ -163,7 +163,7 @@ class JobStore:
         """The file at `key` is deleted: clear the job's key (if it still names that file), so that
         nothing signs, counts or deletes it again. Not an event: watchers see no change."""
         with write_transaction(self.engine) as conn:
-            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.storage_key == key)
+            conn.execute(update(JOBS).where(JOBS.c.id == job_id, JOBS.c.storage_key == key)
                          .values(storage_key=None, size_bytes=0))
 
     def _check_retained_bytes(self, conn: Connection, tenant: str) -> None:
@@ -171,9 +171,9 @@ class JobStore:
         limit = self.limits.max_retained_bytes_per_tenant
         if not limit:
             return
-        retained = conn.execute(select(func.coalesce(func.sum(jobs.c.size_bytes), 0)).where(
-            jobs.c.tenant == tenant, jobs.c.status == JobStatus.COMPLETED.value,
-            jobs.c.storage_key.is_not(None))).scalar_one()
+        retained = conn.execute(select(func.coalesce(func.sum(JOBS.c.size_bytes), 0)).where(
+            JOBS.c.tenant == tenant, JOBS.c.status == JobStatus.COMPLETED.value,
+            JOBS.c.storage_key.is_not(None))).scalar_one()
         if retained >= limit:
             raise QuotaExceeded(
                 f"This tenant keeps {retained} bytes of completed export files, and at most {limit} are "
@@ -188,16 +188,16 @@ class JobStore:
         now = now_utc()
         with write_transaction(self.engine) as conn:
             candidate = conn.execute(
-                select(jobs.c.id, jobs.c.status).where(or_(
-                    jobs.c.status == JobStatus.PENDING.value,
-                    and_(jobs.c.status == JobStatus.PROCESSING.value, jobs.c.lease_expires_at < now)))
-                .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True)
+                select(JOBS.c.id, JOBS.c.status).where(or_(
+                    JOBS.c.status == JobStatus.PENDING.value,
+                    and_(JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.lease_expires_at < now)))
+                .order_by(JOBS.c.created_at).limit(1).with_for_update(skip_locked=True)
             ).first()
             if candidate is None:
                 return None
             row = change_row(conn, candidate.id, {
-                "status": JobStatus.PROCESSING.value, "started_at": func.coalesce(jobs.c.started_at, now),
-                "lease_owner": owner, "lease_expires_at": now + self.limits.lease, "attempts": jobs.c.attempts + 1,
+                "status": JobStatus.PROCESSING.value, "started_at": func.coalesce(JOBS.c.started_at, now),
+                "lease_owner": owner, "lease_expires_at": now + self.limits.lease, "attempts": JOBS.c.attempts + 1,
             })
         return self.publish(row, "job claimed", rescued=candidate.status == JobStatus.PROCESSING.value)
 
@@ -207,18 +207,18 @@ class JobStore:
         Not an event: nothing a watcher sees has changed, so neither the version nor the bus hears of it.
         """
         with write_transaction(self.engine) as conn:
-            result = conn.execute(update(jobs).where(
-                jobs.c.id == job.id, jobs.c.status == JobStatus.PROCESSING.value,
-                jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc() + self.limits.lease))
+            result = conn.execute(update(JOBS).where(
+                JOBS.c.id == job.id, JOBS.c.status == JobStatus.PROCESSING.value,
+                JOBS.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc() + self.limits.lease))
         return result.rowcount == 1
 
     def lapse(self, job: Job) -> bool:
         """Give up the lease of a job being assembled, so that the next claim (any replica) takes the
         assembly over at once; False: the job is no longer ours. Not an event."""
         with write_transaction(self.engine) as conn:
-            result = conn.execute(update(jobs).where(
-                jobs.c.id == job.id, jobs.c.status == JobStatus.PROCESSING.value,
-                jobs.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc()))
+            result = conn.execute(update(JOBS).where(
+                JOBS.c.id == job.id, JOBS.c.status == JobStatus.PROCESSING.value,
+                JOBS.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc()))
         return result.rowcount == 1
 
     def complete(self, job: Job, *, storage_key: str, written: int, size_bytes: int = 0) -> Job | None:
@@ -249,8 +249,8 @@ class JobStore:
         is deleted (jobs/files.py), so a failed delete is retried rather than forgotten."""
         now = now_utc()
         with write_transaction(self.engine) as conn:
-            due = conn.execute(select(jobs.c.id).where(
-                jobs.c.expires_at <= now, jobs.c.status != JobStatus.EXPIRED.value)
+            due = conn.execute(select(JOBS.c.id).where(
+                JOBS.c.expires_at <= now, JOBS.c.status != JobStatus.EXPIRED.value)
                 .with_for_update(skip_locked=True)).scalars().all()
             rows = [change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
                                                 "lease_expires_at": None, "time_left_seconds": None})
@@ -260,8 +260,8 @@ class JobStore:
     def expired_with_files(self, limit: int = 1000) -> builtins.list[Job]:
         """Expired (or revoked) jobs whose file is not deleted yet: just expired, or a delete failed."""
         with self.engine.connect() as conn:
-            rows = conn.execute(select(jobs).where(jobs.c.status == JobStatus.EXPIRED.value,
-                                                   jobs.c.storage_key.is_not(None)).limit(limit)).all()
+            rows = conn.execute(select(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
+                                                   JOBS.c.storage_key.is_not(None)).limit(limit)).all()
         return [Job.from_row(row) for row in rows]
 
     def fail_timed_out(self) -> builtins.list[Job]:
@@ -269,8 +269,8 @@ class JobStore:
         now = now_utc()
         limit = self.limits.job_timeout
         with write_transaction(self.engine) as conn:
-            due = conn.execute(select(jobs.c.id).where(
-                jobs.c.status == JobStatus.PROCESSING.value, jobs.c.started_at <= now - limit)
+            due = conn.execute(select(JOBS.c.id).where(
+                JOBS.c.status == JobStatus.PROCESSING.value, JOBS.c.started_at <= now - limit)
                 .with_for_update(skip_locked=True)).scalars().all()
             rows = [change_row(conn, job_id, {
                 "status": JobStatus.FAILED.value, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
@@ -284,8 +284,8 @@ class JobStore:
         whose file could not be deleted yet stays, so its key is not lost)."""
         cutoff = now_utc() - self.limits.expired_retention
         with write_transaction(self.engine) as conn:
-            result = conn.execute(delete(jobs).where(jobs.c.status == JobStatus.EXPIRED.value,
-                                                     jobs.c.expires_at <= cutoff, jobs.c.storage_key.is_(None)))
+            result = conn.execute(delete(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
+                                                     JOBS.c.expires_at <= cutoff, JOBS.c.storage_key.is_(None)))
         if result.rowcount:
             log.info("jobs purged count=%d", result.rowcount)
         return result.rowcount
@@ -295,8 +295,8 @@ class JobStore:
     def _worker_change(self, job: Job, values: dict[str, Any], event: str) -> Job | None:
         """A change by whoever holds `job`: its lease owner, or (None) the slices phase's workers."""
         with write_transaction(self.engine) as conn:
-            row = change_row(conn, job.id, values, and_(jobs.c.status == JobStatus.PROCESSING.value,
-                                                          jobs.c.lease_owner == job.lease_owner))
+            row = change_row(conn, job.id, values, and_(JOBS.c.status == JobStatus.PROCESSING.value,
+                                                          JOBS.c.lease_owner == job.lease_owner))
         return None if row is None else self.publish(row, event)
 
     def publish(self, row: Any, event: str, **extra: Any) -> Job:
@@ -317,8 +317,8 @@ class JobStore:
 def change_row(conn: Connection, job_id: str, values: dict[str, Any], condition: Any = None) -> Any:
     """Update a job, bumping its version (every change is an event); the new row, or None when
     `condition` did not hold."""
-    statement = update(jobs).where(jobs.c.id == job_id)
+    statement = update(JOBS).where(JOBS.c.id == job_id)
     if condition is not None:
         statement = statement.where(condition)
-    values = {**values, "version": jobs.c.version + 1, "updated_at": now_utc()}
-    return conn.execute(statement.values(**values).returning(*jobs.c)).first()
+    values = {**values, "version": JOBS.c.version + 1, "updated_at": now_utc()}
+    return conn.execute(statement.values(**values).returning(*JOBS.c)).first()
