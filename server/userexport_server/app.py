@@ -36,6 +36,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
 # After the workers are done: how long calls in flight (drained watchers sending their last
 # versions, unary calls) get before the server cancels them.
 DRAIN_SECONDS = 2.0
+# gRPC core cancels calls that arrive faster than the server takes them once 1,000 wait (3,000 at
+# most): a replica's watchers re-attaching together after a drain would be turned away, as would
+# a burst of new ones. Waiting calls cost a few KiB each, so allow tens of thousands.
+BURST_OPTIONS = (("grpc.server.max_pending_requests", 20_000),
+                 ("grpc.server.max_pending_requests_hard_limit", 40_000))
 
 
 class App:
@@ -113,7 +118,7 @@ class App:
         self.tracing.start()
         self.server = grpc.aio.server(interceptors=[*self.tracing.interceptors(), self.metrics.interceptor],
                                       options=[("grpc.max_receive_message_length", settings.max_request_bytes),
-                                               ("grpc.so_reuseport", 0)])
+                                               ("grpc.so_reuseport", 0), *BURST_OPTIONS])
         self.port = _bind(self.server, settings)
         self.servicer = servicer = UsersExportServicer(
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from tests.harness import ServerHandle
 from userexport.v1 import users_export_pb2 as pb
@@ -38,3 +39,35 @@ def test_two_hundred_watchers_of_one_export_share_each_version(make_server, tena
         assert versions == sorted(set(versions)), "a version repeated or out of order"
         for message in messages[1:]:  # the first is each watcher's own read
             assert by_version.setdefault(message.version, message.SerializeToString()) == message.SerializeToString()
+
+
+BURST = 4_000
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the backlog is gRPC's, whatever the database
+def test_a_burst_of_watchers_beyond_grpcs_default_backlog_all_attach(make_server, tenant: str) -> None:
+    """gRPC core cancels calls beyond 1,000 waiting for the server (3,000 at most) by default, which
+    is how many watchers re-attach at once after a replica drains; the server raises that backlog."""
+    server: ServerHandle = make_server(workers=0)
+
+    async def scenario() -> int:
+        channels = [grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(BURST // 500)]
+        try:
+            metadata = server.metadata(tenant)
+            stubs = [pb_grpc.UsersExportServiceStub(channel) for channel in channels]
+            job = await stubs[0].CreateUsersExportJob(pb.ExportRequest(format=pb.ExportRequest.CSV), metadata=metadata)
+
+            async def first(n: int) -> int:
+                call = stubs[n % len(stubs)].WatchJob(pb.WatchJobRequest(id=job.id), metadata=metadata, timeout=120)
+                message = await call.read()
+                call.cancel()
+                assert isinstance(message, pb.Job)
+                return message.status
+
+            statuses = await asyncio.gather(*(first(n) for n in range(BURST)))
+            return sum(status == pb.Job.PENDING for status in statuses)
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels))
+
+    assert asyncio.run(scenario()) == BURST, "every watcher of the burst is sent the job's current state"
