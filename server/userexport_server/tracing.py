@@ -1,10 +1,9 @@
 """OpenTelemetry traces: a SERVER span for each RPC, continued from the caller's W3C trace context, and a
 span for each stage of each export, all carrying the job's id.
 
-An export's spans are children of its `export.created` span (in the CreateUsersExportJob RPC's trace)
-when the job was created in this process; on another replica they start traces of their own, and the
-`userexport.job_id` attribute is what joins them. (Keeping the creation's context in the job row would
-join them across replicas too, at the price of a migration; not done yet.)
+An export's spans are children of its `export.created` span (in the CreateUsersExportJob RPC's trace),
+on whichever replica runs them: the job row keeps that span's W3C traceparent. The `userexport.job_id`
+attribute names the job on every span.
 
 Tracing is off unless an OTLP endpoint is configured: no interceptor is installed then, and the export
 spans are the API's no-op spans, a few calls per export stage and nothing per row or per RPC.
@@ -15,8 +14,6 @@ import asyncio
 import contextlib
 import inspect
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -29,12 +26,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import Attributes
 
 from userexport_server.export.engine import ExportCancelled
+from userexport_server.jobs.model import Job
 
 JOB_ID = "userexport.job_id"
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent/tracestate, whatever OTEL_PROPAGATORS says
-# Creation contexts of jobs created here whose export has not ended; past this many the oldest are
-# dropped (a job cancelled or expired before any worker took it never ends in a worker).
-_REMEMBERED_JOBS = 10_000
 # Codes that are the server's fault, so the span's status is ERROR (OpenTelemetry's gRPC conventions).
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
@@ -51,8 +46,6 @@ class Tracing:
                  exporter: Callable[[], SpanExporter] | None = None) -> None:
         self.provider, self._exporter = provider, exporter
         self.tracer: trace.Tracer = provider.get_tracer(__name__) if provider is not None else trace.NoOpTracer()
-        self._created: OrderedDict[str, trace.SpanContext] = OrderedDict()
-        self._lock = threading.Lock()
 
     @classmethod
     def configured(cls, otlp_endpoint: str, provider: TracerProvider | None = None) -> Tracing:
@@ -84,21 +77,21 @@ class Tracing:
 
     # --- export spans --------------------------------------------------------------------------
 
-    def created(self, job_id: str) -> None:
-        """Mark a job's creation, as a child of the current (RPC) span, and keep it as the parent of the
-        job's export spans in this process."""
-        with self.tracer.start_as_current_span("export.created", attributes={JOB_ID: job_id}) as span:
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[Creation]:
+        """The `export.created` span around a job's insert, a child of the current (RPC) span: the job
+        row keeps its traceparent (None when tracing is off) as the parent of the export's spans."""
+        with self.tracer.start_as_current_span("export.created") as span:
+            carrier: dict[str, str] = {}
             if self.provider is not None:
-                with self._lock:
-                    self._created[job_id] = span.get_span_context()
-                    while len(self._created) > _REMEMBERED_JOBS:
-                        self._created.popitem(last=False)
+                _PROPAGATOR.inject(carrier)
+            yield Creation(span, carrier.get("traceparent"))
 
     @contextlib.contextmanager
-    def span(self, stage: str, job_id: str, attributes: Attributes = None) -> Iterator[trace.Span]:
+    def span(self, stage: str, job: Job, attributes: Attributes = None) -> Iterator[trace.Span]:
         """A stage of a job's export, current while it runs (so log lines carry its trace id). An error is
         recorded with status ERROR; a stop (cancel, shutdown, lease lost) is no error, only an event."""
-        span = self._start(stage, job_id, attributes)
+        span = self._start(stage, job, attributes)
         with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
             try:
                 yield span
@@ -110,27 +103,37 @@ class Tracing:
                 span.set_status(trace.StatusCode.ERROR, type(error).__name__)
                 raise
 
-    def mark(self, stage: str, job_id: str, attributes: Attributes = None) -> None:
+    def mark(self, stage: str, job: Job, attributes: Attributes = None) -> None:
         """A moment of a job's export (claimed), as a span of no length."""
-        self._start(stage, job_id, attributes).end()
+        self._start(stage, job, attributes).end()
 
-    def ended(self, outcome: Literal["completed", "failed"], job_id: str,
+    def ended(self, outcome: Literal["completed", "failed"], job: Job,
               attributes: Attributes = None, error: str | None = None) -> None:
-        """The export's last span; the job's creation context is no longer needed."""
-        span = self._start(outcome, job_id, attributes)
+        """The export's last span."""
+        span = self._start(outcome, job, attributes)
         if error is not None:
             span.set_status(trace.StatusCode.ERROR, error)
         span.end()
-        with self._lock:
-            self._created.pop(job_id, None)
 
-    def _start(self, stage: str, job_id: str, attributes: Attributes) -> trace.Span:
-        """`export.<stage>`, a child of the job's creation span when that was here (else of the current span)."""
-        with self._lock:
-            created = self._created.get(job_id)
-        parent = trace.set_span_in_context(trace.NonRecordingSpan(created)) if created is not None else None
+    def _start(self, stage: str, job: Job, attributes: Attributes) -> trace.Span:
+        """`export.<stage>`, a child of the job's creation span (else of the current span: a job created
+        while tracing was off)."""
+        parent = _PROPAGATOR.extract({"traceparent": job.trace_parent}) if job.trace_parent else None
         return self.tracer.start_span(f"export.{stage}", context=parent,
-                                      attributes={JOB_ID: job_id, **(attributes or {})})
+                                      attributes={JOB_ID: job.id, **(attributes or {})})
+
+
+class Creation:
+    """The span of a job's creation, and the traceparent its job row keeps."""
+
+    __slots__ = ("span", "traceparent")
+
+    def __init__(self, span: trace.Span, traceparent: str | None) -> None:
+        self.span, self.traceparent = span, traceparent
+
+    def created(self, job: Job, new: bool) -> None:
+        """Name the job on the span; a repeated request_id returned the job an earlier call created."""
+        self.span.set_attributes({JOB_ID: job.id, "userexport.created": new})
 
 
 class _RpcSpans(grpc.aio.ServerInterceptor):

@@ -2,6 +2,7 @@
 children of its creation span and carry the job's id, and tracing off builds no provider or interceptor."""
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import logging
@@ -23,7 +24,9 @@ from tests.integration.support import Caller, eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.export.engine import ExportCancelled
+from userexport_server.export.spec import ExportSpec, Format
 from userexport_server.jobs import worker
+from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.worker import FAILED_INTERNALLY
 from userexport_server.logs import JsonFormatter
 from userexport_server.settings import Settings
@@ -93,6 +96,39 @@ def test_an_export_is_one_trace_from_the_rpc_to_completed(traced: tuple[ServerHa
     watch = [s for s in named(spans, "userexport.v1.UsersExportService/WatchJob")
              if attribute(s, "rpc.grpc.status_code") == 0]
     assert watch, "the stream's span ends with its status"
+
+
+def test_an_export_run_by_another_replica_joins_the_trace_of_its_creation(tmp_path: pathlib.Path) -> None:
+    """The job row keeps the creation span's traceparent: replica B's export spans are its children,
+    though replica A (no workers) created the job."""
+    exporters = [InMemorySpanExporter(), InMemorySpanExporter()]
+    providers = [TracerProvider(), TracerProvider()]
+    for provider, exporter in zip(providers, exporters, strict=True):
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    creator = ServerHandle(tmp_path / "a", tracer_provider=providers[0], workers=0)
+    try:
+        runner = ServerHandle(tmp_path / "b", tracer_provider=providers[1],
+                              database_url=creator.settings.sqlalchemy_url)
+        try:
+            tenant = new_tenant()
+            creator.seed(50, tenant=tenant)
+            caller = Caller(creator, tenant)
+            try:
+                job = caller.create(format=pb.ExportRequest.CSV)
+            finally:
+                caller.close()
+            exported = eventually(lambda: named(exporters[1], "export.completed", job.id), "B completes the export")
+        finally:
+            runner.stop()
+    finally:
+        creator.stop()
+    created, = named(exporters[0], "export.created", job.id)
+    assert attribute(created, "userexport.created") is True
+    claimed, = named(exporters[1], "export.claimed", job.id)
+    for span in (claimed, *exported, *named(exporters[1], "export.slice", job.id)):
+        assert span.context.trace_id == created.context.trace_id, span.name
+        assert span.parent is not None and span.parent.span_id == created.context.span_id and span.parent.is_remote
+    assert not named(exporters[0], "export.claimed", job.id), "A has no workers"
 
 
 def test_a_failed_export_ends_in_a_failed_span(traced: tuple[ServerHandle, InMemorySpanExporter],
@@ -205,7 +241,10 @@ def test_a_stopped_stage_is_an_event_not_an_error() -> None:
     spans, provider = InMemorySpanExporter(), TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
     tracing = Tracing(provider)
-    with pytest.raises(ExportCancelled), tracing.span("slice", "job_S"):
+    now = dt.datetime.now(dt.UTC)
+    job = Job(id="job_S", tenant="t", status=JobStatus.PROCESSING, version=2, spec=ExportSpec(Format.CSV, ()),
+              connection_name=None, created_at=now, updated_at=now, expires_at=now)  # created while tracing was off
+    with pytest.raises(ExportCancelled), tracing.span("slice", job):
         raise ExportCancelled()
     stopped, = spans.get_finished_spans()
     assert stopped.status.is_unset and [event.name for event in stopped.events] == ["stopped"]

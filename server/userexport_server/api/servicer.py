@@ -190,10 +190,11 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         if violations or spec is None:
             raise InvalidArgument("The export request is invalid: " + "; ".join(
                 f"{v.field}: {v.description}" for v in violations), violations=violations)
-        job, created = await self.blocking("write", self.store.create, principal.tenant, spec,
-                                           connection_name=connection_name, request_id=request.request_id or None)
-        if created:
-            self.tracing.created(job.id)
+        with self.tracing.creating() as creation:
+            job, created = await self.blocking("write", self.store.create, principal.tenant, spec,
+                                               connection_name=connection_name, request_id=request.request_id or None,
+                                               trace_parent=creation.traceparent)
+            creation.created(job, created)
         if created and self.workers is not None:
             self.workers.wake()
         return await self.render(job)

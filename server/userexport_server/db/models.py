@@ -96,6 +96,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The export file's size once completed; 0 when there is no file (the retained-bytes quota sums it).
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # W3C traceparent of the creation span when tracing is on: the export's spans continue that trace.
+    trace_parent: Mapped[str | None] = mapped_column(String(55))
 
 
 class JobSlice(Base):

@@ -77,6 +77,7 @@ class Job:
     lease_owner: str | None = None
     attempts: int = 0
     size_bytes: int = 0
+    trace_parent: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -93,7 +94,7 @@ class Job:
             users_total=row.users_total, users_written=row.users_written, percentage_done=row.percentage_done,
             time_left_seconds=row.time_left_seconds, error=row.error, storage_key=row.storage_key,
             request_id=row.request_id, lease_owner=row.lease_owner, attempts=row.attempts,
-            size_bytes=row.size_bytes,
+            size_bytes=row.size_bytes, trace_parent=row.trace_parent,
         )
 
     def evolve(self, **changes: Any) -> Job:

@@ -94,7 +94,7 @@ class JobStore:
     # --- API-side changes ----------------------------------------------------------------------
 
     def create(self, tenant: str, spec: ExportSpec, *, connection_name: str | None,
-               request_id: str | None = None) -> tuple[Job, bool]:
+               request_id: str | None = None, trace_parent: str | None = None) -> tuple[Job, bool]:
         """Insert a pending job; returns (job, created). A known request_id returns its first job."""
         now = now_utc()
         fingerprint = request_fingerprint(tenant, spec) if request_id else None
@@ -122,7 +122,7 @@ class JobStore:
                 format=spec.format.value, connection_id=spec.connection_id, connection_name=connection_name,
                 limit=spec.limit, fields=fields_to_json(spec), request_id=request_id or None,
                 request_hash=fingerprint, created_at=now, updated_at=now, expires_at=now + self.limits.job_ttl,
-                users_total=0, users_written=0, percentage_done=0, attempts=0,
+                users_total=0, users_written=0, percentage_done=0, attempts=0, trace_parent=trace_parent,
             )
             row = conn.execute(JOBS.insert().values(**values).returning(*JOBS.c)).one()
         job = Job.from_row(row)

@@ -273,7 +273,7 @@ class WorkerPool:
     def _run_job(self, job: Job) -> None:
         with self._running_as(job.id, lambda: self.store.renew_lease(job)) as run:
             planned = self.slices.is_planned(job.id)
-            self.tracing.mark("claimed", job.id, {"userexport.attempt": job.attempts,
+            self.tracing.mark("claimed", job, {"userexport.attempt": job.attempts,
                                                   "userexport.work": "assemble" if planned else "plan"})
             try:
                 if planned:  # its assembler died: take the assembly over
@@ -290,7 +290,7 @@ class WorkerPool:
 
     def _plan(self, job: Job, run: _Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
-        with self.tracing.span("planned", job.id) as span, self.engine.connect() as conn:
+        with self.tracing.span("planned", job) as span, self.engine.connect() as conn:
             export_reads(conn)
             total = count_users(conn, job.tenant, job.spec)
             ranges = key_ranges(conn, job.tenant, job.spec, total, self.slice_users)
@@ -310,7 +310,7 @@ class WorkerPool:
         parts = self.slices.parts(job.id)
         sources = [part.key for part in parts]
         # The file is whole in storage once this span ends (one slice wrote it itself, else it joins the parts).
-        with self.tracing.span("upload", job.id, {"userexport.parts": len(sources)}):
+        with self.tracing.span("upload", job, {"userexport.parts": len(sources)}):
             if sources != [key]:
                 self.storage.delete(key)  # an earlier assembler's, whose complete never happened
                 self.storage.combine(sources, key, job.filename)
@@ -322,7 +322,7 @@ class WorkerPool:
         if done is None:
             self._discard(job, key)
         else:
-            self.tracing.ended("completed", job.id, {"userexport.users": written, "userexport.bytes": size})
+            self.tracing.ended("completed", job, {"userexport.users": written, "userexport.bytes": size})
             log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
                      job.tenant, written, len(parts), size, time.monotonic() - started)
             self.metrics.export_done(done)
@@ -349,7 +349,7 @@ class WorkerPool:
             whole = piece.key_range.after is None and piece.key_range.through is None
             key = object_key(job.tenant, job.id, job.filename if whole else piece.name)
             try:
-                with self.tracing.span("slice", job.id, {"userexport.slice": piece.seq,
+                with self.tracing.span("slice", job, {"userexport.slice": piece.seq,
                                                          "userexport.attempt": piece.attempts}) as span:
                     written, size = self._export(job, piece, key, run.stop)
                     span.set_attributes({"userexport.users": written, "userexport.bytes": size})
@@ -428,7 +428,7 @@ class WorkerPool:
         self._fail(job, f"The export failed after {attempts} attempt{'s' * (attempts != 1)}: {cause}")
 
     def _fail(self, job: Job, message: str) -> None:
-        self.tracing.ended("failed", job.id, error=message)
+        self.tracing.ended("failed", job, error=message)
         self._final_write(job, "fail", lambda: self.store.fail(job, message))
 
     def _final_write(self, job: Job, what: str, write: Callable[[], _T]) -> _T | _Unwritten:
