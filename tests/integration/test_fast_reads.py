@@ -61,3 +61,21 @@ def test_a_change_on_another_replica_replaces_what_this_one_holds(pg_only: None,
         finally:
             second.stop()
             first.stop()
+
+
+def test_reads_within_a_second_share_one_signature_then_it_is_signed_again(server: ServerHandle,
+                                                                           tenant: str) -> None:
+    server.seed(5, tenant=tenant)
+    caller = Caller(server, tenant)
+    try:
+        job = caller.finish(caller.create(format=pb.ExportRequest.CSV).id)
+        assert job.status == pb.Job.COMPLETED
+        time.sleep(1.1)  # past whatever the watch was handed
+        first, second = caller.get(job.id), caller.get(job.id)
+        assert (second.location, second.location_expires_at) == (first.location, first.location_expires_at)
+        time.sleep(1.1)
+        third = caller.get(job.id)
+    finally:
+        caller.close()
+    assert third.location_expires_at.ToDatetime() > first.location_expires_at.ToDatetime()
+    assert third.location != first.location

@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,8 +40,11 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
 # Repeated refusals and failures are logged at a bounded rate, keyed by method and reason.
 _limited_log = RateLimitedLog(log)
-# Jobs whose latest rendered version is kept for their watchers.
+# Jobs whose latest rendered version is kept for their watchers and readers.
 SHARED_RENDERS = 1024
+# How long a completed job's rendered version (its signed URL) is handed to every GetJob and watcher
+# that asks for it before it is signed again: callers get URLs at most this much older than fresh.
+SIGNED_REUSE_SECONDS = 1.0
 P = ParamSpec("P")
 T = TypeVar("T")
 Pool = Literal["read", "write"]
@@ -130,8 +134,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         self.workers, self.url_ttl, self.page_secret = workers, url_ttl, page_secret
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
-        # job id -> (version, its serialized message): each version is rendered once for all watchers.
-        self._shared: OrderedDict[str, tuple[int, asyncio.Future[bytes]]] = OrderedDict()
+        # job id -> (version, its serialized message, when rendered): each version is rendered once.
+        self._shared: OrderedDict[str, tuple[int, asyncio.Future[bytes], float]] = OrderedDict()
 
     def start(self) -> None:
         self._pools = {kind: ThreadPoolExecutor(count, thread_name_prefix=f"api-{kind}")
@@ -200,8 +204,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         return await self.render(job)
 
     @rpc(READ_OR_CREATE)
-    async def GetJob(self, request: pb.GetJobRequest, context: Any, principal: Principal) -> pb.Job:
-        return await self.render(await self.find(principal, request.id))
+    async def GetJob(self, request: pb.GetJobRequest, context: Any, principal: Principal) -> bytes:
+        return await self.shared_render(await self.find(principal, request.id))
 
     @rpc(READ_OR_CREATE)
     async def WatchJob(self, request: pb.WatchJobRequest, context: Any,
@@ -278,8 +282,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
             raise InvalidArgument(f"id must match {JOB_ID}.", violations=[Violation("id", f"must match {JOB_ID}")])
 
     async def render(self, job: Job) -> pb.Job:
-        """The Job message; a completed job's location is signed afresh every time (inline when the
-        signature is local: a thread hop would cost twenty times more)."""
+        """The Job message; a completed job's location is signed afresh (inline when the signature is
+        local: a thread hop would cost twenty times more)."""
         location: tuple[str, dt.datetime] | None = None
         if job.storage_key and job.status == JobStatus.COMPLETED:
             location = self.storage.sign_url(job.storage_key, self.url_ttl) if self.storage.signs_locally \
@@ -287,18 +291,24 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         return convert.job_message(job, location)
 
     async def shared_render(self, job: Job) -> bytes:
-        """`job` serialized once for every watcher that is sent this version (the terminal one's URL is
-        signed once too: watchers handed it together need no different expiry)."""
+        """`job` serialized once for every watcher and reader that is sent this version; a completed
+        job's signed URL is shared for SIGNED_REUSE_SECONDS, then signed again."""
         shared = self._shared.get(job.id)
-        if shared is None or shared[0] != job.version:
+        if shared is None or shared[0] != job.version or (
+                job.status == JobStatus.COMPLETED and time.monotonic() - shared[2] > SIGNED_REUSE_SECONDS):
             if shared is not None and shared[0] > job.version:
                 return (await self.render(job)).SerializeToString()
-            shared = (job.version, asyncio.ensure_future(self._serialized(job)))
+            shared = (job.version, asyncio.ensure_future(self._serialized(job)), time.monotonic())
             self._shared[job.id] = shared
             self._shared.move_to_end(job.id)
             while len(self._shared) > SHARED_RENDERS:
                 self._shared.popitem(last=False)
-        return await asyncio.shield(shared[1])
+        try:
+            return await asyncio.shield(shared[1])
+        except Exception:  # a failed signature is not shared: the next caller tries again
+            if self._shared.get(job.id) is shared:
+                del self._shared[job.id]
+            raise
 
     async def _serialized(self, job: Job) -> bytes:
         return (await self.render(job)).SerializeToString()
