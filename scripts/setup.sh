@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its development tools (buf, for the
-# proto lint, from the npm registry into .tools; promtool, which checks the metrics exposition, from
-# Debian's prometheus package where apt-get is there). Sourced by the other scripts; safe to run again.
+# proto lint, from the npm registry into .tools; from Debian's packages where apt-get is there,
+# promtool, which checks the metrics exposition, and protoc, whose stock Java generator a test runs).
+# Sourced by the other scripts; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,10 +20,15 @@ fi
 if [ ! -x .tools/node_modules/.bin/buf ] && command -v npm >/dev/null 2>&1; then
   npm install --silent --no-fund --no-audit --prefix .tools @bufbuild/buf@1 >/dev/null
 fi
-if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# apt_install COMMAND PACKAGE: Debian's PACKAGE, where COMMAND is missing and apt-get is there.
+apt_install() {
+  if command -v "$1" >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1; then return 0; fi
+  local sudo
   sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 ||
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
-    echo "setup: could not install promtool (package prometheus); the metrics test needs it under CI" >&2
-fi
+  $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null; } ||
+    echo "setup: could not install $1 (package $2); its tests need it under CI" >&2
+}
+apt_install promtool prometheus
+apt_install protoc protobuf-compiler

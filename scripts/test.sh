@@ -23,6 +23,14 @@ echo "== mypy"
 .venv/bin/mypy client/userexport server/userexport_server tests bench
 echo "== buf lint"
 .tools/node_modules/.bin/buf lint
+# The working tree (uncommitted edits included) against the commit before HEAD: on a merge, main as
+# it was. A clone with no such commit (the first one, or shallow) has nothing to compare with.
+echo "== buf breaking"
+if git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null; then
+  .tools/node_modules/.bin/buf breaking --against '.git#ref=HEAD~1'
+else
+  echo "no commit before HEAD (first commit or shallow clone): nothing to compare the protos with"
+fi
 echo "== tests"
 set +e
 .venv/bin/python -m pytest "$@"

@@ -24,6 +24,7 @@ from userexport_server.jobs.worker import WorkerPool
 from userexport_server.listen import check_free, describe_error
 from userexport_server.metrics import Metrics
 from userexport_server.private_files import make_private_dirs
+from userexport_server.reflection import enable_server_reflection
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import PREFIX, ConfigError, Settings
 from userexport_server.storage.factory import make_storage
@@ -129,7 +130,7 @@ class App:
         servicer.start()
         add_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
+        enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
         await self.server.start()

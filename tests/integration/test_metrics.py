@@ -4,8 +4,6 @@ jobs by status from the database, watchers, health checks and (PostgreSQL) the e
 the text passes `promtool check metrics`, and a database that is down or hangs never fails a scrape."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -20,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import ServerHandle
 from tests.integration.pg_faults import connections_refused, terminate_all
 from tests.integration.support import Caller, eventually
+from tests.tools import required_tool
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server import metrics as metrics_module
 from userexport_server.jobs.model import JobStatus
@@ -58,12 +57,7 @@ def one(samples: Samples, name: str, **labels: str) -> float:
 
 
 def promtool_check(text: str) -> None:
-    """promtool must be there under CI (scripts/setup.sh installs it); elsewhere its absence skips."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing (apt-get install prometheus); CI must check the exposition")
-        pytest.skip("promtool is missing (apt-get install prometheus)")
+    promtool = required_tool("promtool", "apt-get install prometheus")
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), \
         result.stdout + result.stderr

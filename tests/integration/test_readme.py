@@ -44,6 +44,7 @@ def test_readme_grpcurl_examples_work_as_written(make_server, tmp_path: pathlib.
     created = json.loads((tmp_path / "job.json").read_text())
     assert created["status"] == "PENDING" and created["type"] == "users_export"
     assert '"status": "COMPLETED"' in out and '"location": "http' in out  # WatchJob ran to the end
+    assert "\\u0026" in out and re.search(r'"usersWritten": "\d+"', out)  # JSON quirks the README notes
     assert '"status": "CANCELLED"' in out
     assert out.rstrip().endswith("}") and '"status": "EXPIRED"' in out.rsplit('"id"', 1)[-1]  # DeleteJob, last
 

@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class UsersExportServiceStub:
     """Creates bulk users-export jobs, reports their progress and hands out signed download URLs.
+
+    Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
+    and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
     """
 
     def __init__(self, channel):
@@ -69,18 +73,27 @@ class UsersExportServiceStub:
 
 class UsersExportServiceServicer:
     """Creates bulk users-export jobs, reports their progress and hands out signed download URLs.
+
+    Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
+    and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
     """
 
     def CreateUsersExportJob(self, request, context):
         """Create a users-export job. Returns the job in status PENDING (or the first job of the same
-        request_id, see ExportRequest.request_id).
+        request_id, see ExportRequest.request_id). Needs scope read:users. More than 2 jobs of the
+        tenant pending or processing at once, or the tenant's retained files over quota, is
+        RESOURCE_EXHAUSTED.
+
+        The request keeps the contract's name ExportRequest rather than CreateUsersExportJobRequest:
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Get one job of the caller's tenant.
+        """Get one job of the caller's tenant. Needs scope read:users or create:users.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,21 +104,23 @@ class UsersExportServiceServicer:
         ending after COMPLETED (with location), FAILED, CANCELLED or EXPIRED. Progress a slow reader
         has not taken yet is replaced by newer progress; status transitions are never dropped. A
         server shutting down ends the stream UNAVAILABLE (reason SHUTTING_DOWN) after the versions it
-        had: watch again with after_version to continue.
+        had: watch again with after_version to continue. Needs scope read:users or create:users.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """List the caller's jobs, newest first.
+        """List the caller's jobs, newest first. Needs scope read:users or create:users.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Cancel a PENDING or PROCESSING job; a running export stops and leaves no file.
+        """Cancel a PENDING or PROCESSING job; a running export stops and leaves no file. Cancelling a
+        CANCELLED job returns it; a job that has finished otherwise is FAILED_PRECONDITION. Needs
+        scope read:users.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,6 +129,7 @@ class UsersExportServiceServicer:
     def DeleteJob(self, request, context):
         """Revoke a job before it expires (AIP-135 soft delete): its file is deleted at once, and the
         job is EXPIRED from then on (a running export stops). Deleting an EXPIRED job returns it.
+        Needs scope read:users.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +178,10 @@ def add_UsersExportServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class UsersExportService:
     """Creates bulk users-export jobs, reports their progress and hands out signed download URLs.
+
+    Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
+    and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
     """
 
     @staticmethod
