@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from userexport.client.tokens import SECRET_FILENAME
 from userexport.v1 import users_export_pb2 as pb
+from userexport_server.api.pagination import PageTokens
 from userexport_server.api.servicer import UsersExportServicer, add_to_server
 from userexport_server.auth import Authenticator
 from userexport_server.db.engine import make_engine
@@ -25,7 +26,7 @@ from userexport_server.listen import check_free, describe_error
 from userexport_server.metrics import Metrics
 from userexport_server.private_files import make_private_dirs
 from userexport_server.reflection import enable_server_reflection
-from userexport_server.secrets import load_or_create_secret
+from userexport_server.secrets import configured_secret
 from userexport_server.settings import PREFIX, ConfigError, Settings
 from userexport_server.storage.factory import make_storage
 from userexport_server.storage.local import LocalStorage
@@ -103,9 +104,8 @@ class App:
 
     def _authenticator(self) -> Authenticator:
         settings = self.settings
-        secret = settings.jwt_secret.encode() if settings.jwt_secret else None
-        if secret is None and not settings.jwt_jwks_file and not settings.jwt_jwks_url:
-            secret = load_or_create_secret(settings.data_dir / SECRET_FILENAME)
+        secret = configured_secret(settings.jwt_secret, settings.data_dir / SECRET_FILENAME) \
+            if settings.jwt_secret or not (settings.jwt_jwks_file or settings.jwt_jwks_url) else None
         return Authenticator(secret=secret, jwks_file=settings.jwt_jwks_file or None, issuer=settings.jwt_issuer,
                              audience=settings.jwt_audience, tenant_claim=settings.jwt_tenant_claim,
                              leeway=settings.jwt_leeway_seconds, jwks_url=settings.jwt_jwks_url or None,
@@ -124,7 +124,7 @@ class App:
         self.servicer = servicer = UsersExportServicer(
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage, workers=self.workers,
             url_ttl=settings.url_ttl_seconds,
-            page_secret=load_or_create_secret(settings.data_dir / "page_token_key"),
+            page_tokens=PageTokens(configured_secret(settings.page_token_key, settings.data_dir / "page_token_key")),
             read_threads=settings.api_read_threads, write_threads=settings.api_write_threads, tracing=self.tracing,
         )
         servicer.start()

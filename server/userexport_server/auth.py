@@ -38,7 +38,8 @@ class Principal:
     def require(self, any_of: frozenset[str]) -> None:
         if not self.scopes & any_of:
             expected = ", ".join(sorted(any_of, key=lambda s: (s != "read:users", s)))
-            raise PermissionDenied(f"Insufficient scope; expected any of: {expected}.")
+            raise PermissionDenied(f"Insufficient scope; expected any of: {expected}.",
+                                   metadata={"required_scopes": expected})
 
 
 class _KeyFile:
@@ -85,7 +86,7 @@ class _KeyUrl:
         try:  # unknown kid: perhaps a rotated key; the client refreshes the set if its cooldown allows
             return self.client.get_signing_key(kid)
         except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
-            raise Unauthenticated(f"Token signed with unknown key id {kid!r}.", reason="UNKNOWN_KEY") from exc
+            raise _unknown_key(kid) from exc
 
 
 class Authenticator:
@@ -156,23 +157,25 @@ class Authenticator:
         except jwt.ImmatureSignatureError as exc:
             raise Unauthenticated("Token not yet valid (nbf/iat in the future).", reason="TOKEN_NOT_YET_VALID") from exc
         except jwt.InvalidAudienceError as exc:
-            raise Unauthenticated(f"Token audience is not {self.audience!r}.", reason="WRONG_AUDIENCE") from exc
+            raise Unauthenticated(f"Token audience is not {self.audience!r}.", reason="WRONG_AUDIENCE",
+                                  metadata={"audience": str(self.audience)}) from exc
         except jwt.InvalidIssuerError as exc:
-            raise Unauthenticated(f"Token issuer is not {self.issuer!r}.", reason="WRONG_ISSUER") from exc
+            raise Unauthenticated(f"Token issuer is not {self.issuer!r}.", reason="WRONG_ISSUER",
+                                  metadata={"issuer": str(self.issuer)}) from exc
         except jwt.InvalidSignatureError as exc:
             raise Unauthenticated("Token signature is invalid.", reason="BAD_SIGNATURE") from exc
         except jwt.InvalidAlgorithmError as exc:
             raise Unauthenticated(f"Token algorithm {header.get('alg')!r} does not fit its key.",
-                                  reason="BAD_ALGORITHM") from exc
+                                  reason="BAD_ALGORITHM", metadata={"alg": str(header.get("alg"))}) from exc
         except jwt.MissingRequiredClaimError as exc:
-            raise Unauthenticated(f"Token lacks the {exc.claim!r} claim.") from exc
+            raise Unauthenticated(f"Token lacks the {exc.claim!r} claim.", metadata={"claim": exc.claim}) from exc
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"Invalid token: {exc}.") from exc
         _check_numeric_dates(claims)
         tenant = claims.get(self.tenant_claim)
         if not isinstance(tenant, str) or not matches(TENANT, tenant):
             raise Unauthenticated(f"Token has no valid {self.tenant_claim!r} claim naming the tenant.",
-                                  reason="NO_TENANT")
+                                  reason="NO_TENANT", metadata={"claim": self.tenant_claim})
         subject = claims.get("sub")
         principal = Principal(tenant=tenant, scopes=_scopes(claims),
                               subject=subject if isinstance(subject, str) else None)
@@ -186,7 +189,8 @@ class Authenticator:
             return self.secret, ["HS256"]
         if algorithm in _ASYMMETRIC and self.keys is not None:
             return self.keys.key(header.get("kid")), None
-        raise Unauthenticated(f"Token algorithm {algorithm!r} is not accepted.", reason="BAD_ALGORITHM")
+        raise Unauthenticated(f"Token algorithm {algorithm!r} is not accepted.", reason="BAD_ALGORITHM",
+                              metadata={"alg": str(algorithm)})
 
 
 def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -206,7 +210,8 @@ def _check_numeric_dates(claims: dict[str, Any]) -> None:
     for claim in ("exp", "nbf", "iat"):
         value = claims.get(claim)
         if claim in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise Unauthenticated(f"Token claim {claim!r} must be a number of seconds since the epoch.")
+            raise Unauthenticated(f"Token claim {claim!r} must be a number of seconds since the epoch.",
+                                  metadata={"claim": claim})
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:
@@ -227,6 +232,12 @@ def _pick(keys: list[jwt.PyJWK], kid: str | None) -> jwt.PyJWK:
     """The key named by `kid`; without a kid, the only key, if there is just one."""
     found = [key for key in keys if key.key_id == kid] if kid is not None else keys[:1] if len(keys) == 1 else []
     if not found:
-        raise Unauthenticated(f"Token signed with unknown key id {kid!r}." if kid is not None else
-                              "Token has no key id (kid) and the key set holds several keys.", reason="UNKNOWN_KEY")
+        raise _unknown_key(kid)
     return found[0]
+
+
+def _unknown_key(kid: str | None) -> Unauthenticated:
+    if kid is None:
+        return Unauthenticated("Token has no key id (kid) and the key set holds several keys.", reason="UNKNOWN_KEY")
+    return Unauthenticated(f"Token signed with unknown key id {kid!r}.", reason="UNKNOWN_KEY",
+                           metadata={"kid": str(kid)})

@@ -1,11 +1,19 @@
-"""Domain errors: each names its gRPC code and an ErrorInfo reason, so the API maps them in one place."""
+"""Domain errors: each names its gRPC code, an ErrorInfo reason and metadata, so the API maps them in one place.
+
+`metadata` (google.rpc.ErrorInfo.metadata, AIP-193) holds what the message names, keyed by the
+API's own field names (`job_id`, `request_id`, `limit` ...), so that a program need not parse
+the message.
+"""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
 class Violation:
+    """One bad request field, named by its path in the request (`fields[3].name`), and what is wrong."""
+
     field: str
     description: str
 
@@ -16,23 +24,35 @@ class ServiceError(Exception):
     code = "INTERNAL"
     reason = "INTERNAL_ERROR"
 
-    def __init__(self, message: str, *, reason: str | None = None,
-                 violations: tuple[Violation, ...] | list[Violation] = ()) -> None:
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.violations = tuple(violations)
+        self.metadata = dict(metadata or {})
         if reason is not None:
             self.reason = reason
 
 
 class InvalidArgument(ServiceError):
+    """Bad input: always with its field violations (google.rpc.BadRequest); an empty field is the
+    request as a whole (bytes that are no message). ErrorInfo names the fields too."""
+
     code = "INVALID_ARGUMENT"
     reason = "INVALID_ARGUMENT"
 
+    def __init__(self, message: str, violations: Sequence[Violation], *, reason: str | None = None) -> None:
+        fields = ", ".join(dict.fromkeys(v.field for v in violations if v.field))
+        super().__init__(message, reason=reason, metadata={"field": fields} if fields else None)
+        self.violations = tuple(violations)
 
-class NotFound(ServiceError):
+
+class JobNotFound(ServiceError):
+    """No such job in the caller's tenant (another tenant's job included: no existence oracle)."""
+
     code = "NOT_FOUND"
     reason = "JOB_NOT_FOUND"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Job {job_id} not found.", metadata={"job_id": job_id})
 
 
 class AlreadyExists(ServiceError):
@@ -45,19 +65,16 @@ class FailedPrecondition(ServiceError):
     reason = "JOB_NOT_CANCELLABLE"
 
 
-class ResourceExhausted(ServiceError):
+class QuotaExceeded(ServiceError):
+    """A tenant's quota is used up; the google.rpc.QuotaFailure detail names the tenant (`tenant:<id>`)
+    and, in `description`, the quota and its use."""
+
     code = "RESOURCE_EXHAUSTED"
-    reason = "TOO_MANY_ACTIVE_JOBS"
 
-
-class QuotaExceeded(ResourceExhausted):
-    """A tenant's quota is used up; `subject` and `limit` feed the google.rpc.QuotaFailure detail."""
-
-    reason = "RETAINED_BYTES_QUOTA_EXCEEDED"
-
-    def __init__(self, message: str, *, subject: str, limit: str) -> None:
-        super().__init__(message)
-        self.subject, self.limit = subject, limit
+    def __init__(self, message: str, *, reason: str, tenant: str, description: str,
+                 metadata: Mapping[str, str]) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.subject, self.description = f"tenant:{tenant}", description
 
 
 class Unavailable(ServiceError):

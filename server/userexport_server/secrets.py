@@ -1,4 +1,5 @@
-"""Generated secrets kept in the data directory (URL-signing key, default JWT secret).
+"""Secrets (JWT secret, page-token key, URL-signing key): a configured value, else one generated and
+kept in the data directory.
 
 A secret is the file's bytes, verbatim (readers elsewhere, such as the CLI minting dev tokens,
 read the file the same way). A generated one is 32 random bytes as base64url text with no newline,
@@ -41,3 +42,9 @@ def load_or_create_secret(path: pathlib.Path) -> bytes:
     if not secret:
         raise ValueError(f"secret file {path} is empty; delete it to have a new secret generated")
     return secret
+
+
+def configured_secret(value: str, path: pathlib.Path) -> bytes:
+    """The setting's value when it is set, else the generated secret at `path`: replicas that do not
+    share a data directory must set the value."""
+    return value.encode() if value else load_or_create_secret(path)

@@ -24,6 +24,8 @@ from userexport_server.db.engine import Timeouts
 from userexport_server.listen import parse_listen
 
 PREFIX = "USEREXPORT_"
+# A configured key shorter than this is refused: it could be guessed.
+MIN_KEY_CHARS = 16
 _Loaded = TypeVar("_Loaded")
 
 
@@ -111,6 +113,9 @@ class Settings:
     jwt_audience: str = "userexport"
     jwt_tenant_claim: str = "tenant"
     jwt_leeway_seconds: int = 30
+    # Seals ListJobs page tokens (empty: a generated one in data_dir); replicas must share it, as a
+    # token from one is used on another.
+    page_token_key: str = ""
     # Largest request message accepted, in bytes.
     max_request_bytes: int = 64 * 1024
     # TLS on the gRPC port (PEM files): a certificate (chain) and its key turn it on; a client CA
@@ -179,6 +184,9 @@ class Settings:
         if self.log_format not in ("text", "json"):
             raise _error("log_format", self.log_format, "must be 'text' or 'json'")
         _check_data_dir(self.data_dir)
+        if 0 < len(self.page_token_key) < MIN_KEY_CHARS:
+            raise _error("page_token_key", "<hidden>", f"must be at least {MIN_KEY_CHARS} characters "
+                         "(e.g. openssl rand -base64 32)")
         for name in ("jwt_jwks_file", "gcs_credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             _check_readable(name, getattr(self, name))
         self._check_tls()

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import Engine, insert, text
 
 from tests.databases import BACKENDS, fresh_postgres_database
+from userexport_server.api.requests import build_spec
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
 from userexport_server.export.engine import run_export
-from userexport_server.export.validation import build_spec
 
 CONNECTION = "con_AAAAAAAAAAAAAAAA"
 OTHER_CONNECTION = "con_BBBBBBBBBBBBBBBB"

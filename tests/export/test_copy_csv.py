@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.export.support import UTC, MemoryWriter, add_users, csv_table, new_tenant
+from userexport_server.api.requests import build_spec
 from userexport_server.export import sql
 from userexport_server.export.engine import run_export
 from userexport_server.export.sql import KeyRange, compile_export, key_ranges
-from userexport_server.export.validation import build_spec
 from userexport_server.seed import seed_users
 
 ROOT_FIELDS = [(name, "") for name in (

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.export.support import MemoryWriter, new_tenant
+from userexport_server.api.requests import build_spec
 from userexport_server.export.engine import WRITE_BYTES, ExportCancelled, isal_level, run_export
 from userexport_server.export.sql import compile_export, count_users
-from userexport_server.export.validation import build_spec
 from userexport_server.seed import seed_users
 
 CSV = build_spec(format="csv", connection_id=None, limit=None, fields=[])

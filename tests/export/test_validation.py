@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from userexport_server.api.requests import build_spec
+from userexport_server.errors import InvalidArgument, Violation
 from userexport_server.export.defaults import DEFAULT_CSV_FIELDS, DEFAULT_JSON_FIELDS
 from userexport_server.export.paths import ROOT_KINDS
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
-from userexport_server.export.validation import InvalidExport, Violation, build_spec
 
 GOOD_CONNECTION = "con_AbCdEfGh12345678"
 
@@ -20,9 +21,9 @@ def build(**request: Any) -> ExportSpec:
 
 
 def violations(**request: Any) -> list[Violation]:
-    with pytest.raises(InvalidExport) as error:
+    with pytest.raises(InvalidArgument) as error:
         build(**request)
-    return error.value.violations
+    return list(error.value.violations)
 
 
 def fields_of(violations: Sequence[Violation]) -> list[str]:
@@ -183,5 +184,5 @@ def test_defaults_are_applied_when_no_fields_are_named() -> None:
 
 
 def test_the_error_message_lists_the_violations() -> None:
-    with pytest.raises(InvalidExport, match=r"limit: must be at least 1"):
+    with pytest.raises(InvalidArgument, match=r"limit: must be at least 1"):
         build(limit=0)

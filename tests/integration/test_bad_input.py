@@ -107,7 +107,7 @@ def test_internal_errors_leak_no_detail(make_server, monkeypatch: pytest.MonkeyP
     def failing_list(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("SELECT * FROM jobs WHERE secret = 'hunter2'")
 
-    monkeypatch.setattr(broken.app.store, "list", failing_list)
+    monkeypatch.setattr(broken.app.store, "list_page", failing_list)
     with pytest.raises(grpc.RpcError) as error:
         caller.list()
     assert error.value.code() == grpc.StatusCode.INTERNAL

@@ -89,6 +89,8 @@ def test_retained_bytes_quota_refuses_new_exports_until_a_file_is_deleted(make_s
     failure = detail(error.value, error_details_pb2.QuotaFailure)
     assert failure is not None and failure.violations[0].subject == f"tenant:{tenant}"
     assert f"{first.size_bytes} of 1" in failure.violations[0].description
+    info = detail(error.value, error_details_pb2.ErrorInfo)
+    assert info is not None and dict(info.metadata) == {"limit_bytes": "1", "retained_bytes": str(first.size_bytes)}
     assert len(caller.list().jobs) == 1  # the refused create made no job
 
     other_caller = Caller(server, other)  # the quota is per tenant

@@ -1,44 +1,48 @@
-"""Opaque page tokens for ListJobs, bound to their tenant by an HMAC so they cannot be forged."""
+"""Opaque page tokens: a cursor sealed with AES-GCM, so a token reveals nothing (not even the job
+it continues after) and opens only with the listing it was made for.
+
+The key is derived (HKDF-SHA256) from the page-token secret, which every replica shares; the
+caller's binding (tenant and filter, see api/requests.py) is the associated data.
+"""
 from __future__ import annotations
 
 import base64
+import binascii
 import datetime as dt
-import hashlib
-import hmac
+import os
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from userexport_server.errors import InvalidArgument
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-_MAC_BYTES = 16
-
-
-def page_size(requested: int) -> int:
-    """AIP-158: 0 means the default, larger than the maximum is coerced, negative is an error."""
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative.", reason="INVALID_PAGE_SIZE")
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+Cursor = tuple[dt.datetime, str]  # the last job of a page: (created_at, id)
+_NONCE_BYTES = 12
+_KEY_INFO = b"userexport.v1 ListJobs page token"
 
 
-def _mac(secret: bytes, tenant: str, body: bytes) -> bytes:
-    return hmac.new(secret, tenant.encode() + b"\0" + body, hashlib.sha256).digest()[:_MAC_BYTES]
+class InvalidPageToken(ValueError):
+    """The token was not sealed by this key for this binding, or was altered."""
 
 
-def encode(secret: bytes, tenant: str, cursor: tuple[dt.datetime, str]) -> str:
-    body = orjson.dumps([cursor[0].isoformat(), cursor[1]])
-    return base64.urlsafe_b64encode(_mac(secret, tenant, body) + body).decode().rstrip("=")
+class PageTokens:
+    """Seals and opens cursors with one secret."""
 
+    def __init__(self, secret: bytes) -> None:
+        key = HKDF(algorithm=SHA256(), length=32, salt=None, info=_KEY_INFO).derive(secret)
+        self._aead = AESGCM(key)
 
-def decode(secret: bytes, tenant: str, token: str) -> tuple[dt.datetime, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        mac, body = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
-        if not hmac.compare_digest(mac, _mac(secret, tenant, body)):
-            raise ValueError("bad signature")
-        created, job_id = orjson.loads(body)
-        return dt.datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError and binascii.Error are ValueErrors
-        raise InvalidArgument("page_token is not valid for this caller; pass next_page_token as returned.",
-                              reason="INVALID_PAGE_TOKEN") from exc
+    def seal(self, binding: bytes, cursor: Cursor) -> str:
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, orjson.dumps([cursor[0].isoformat(), cursor[1]]), binding)
+        return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+    def open(self, binding: bytes, token: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            body = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], binding)
+            created, job_id = orjson.loads(body)
+            return dt.datetime.fromisoformat(created), str(job_id)
+        except (InvalidTag, binascii.Error, ValueError, TypeError) as exc:  # ValueError: too short, bad JSON
+            raise InvalidPageToken("page token does not open") from exc

@@ -1,4 +1,4 @@
-"""The UsersExportService servicer: authenticate, translate, call the store, translate back."""
+"""The UsersExportService servicer: authenticate, validate (api/requests.py), call the store, translate back."""
 from __future__ import annotations
 
 import asyncio
@@ -20,13 +20,12 @@ from google.protobuf.message_factory import GetMessageClass
 
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
-from userexport_server.api import convert, pagination
+from userexport_server.api import convert, requests
+from userexport_server.api.pagination import PageTokens
 from userexport_server.api.status import to_grpc_status
 from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principal
 from userexport_server.db.faults import is_transient_db_error
-from userexport_server.errors import InvalidArgument, NotFound, ServiceError, Unavailable, Violation
-from userexport_server.export.validation import InvalidExport, build_spec
-from userexport_server.identifiers import CONNECTION_ID, JOB_ID, REQUEST_ID, matches
+from userexport_server.errors import InvalidArgument, JobNotFound, ServiceError, Unavailable
 from userexport_server.jobs.events import Draining, EventBus
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
@@ -101,7 +100,7 @@ def rpc(scopes: frozenset[str]) -> Callable[..., Any]:
 def _parse(method: str, request_class: type[Message], raw: bytes, context: grpc.aio.ServicerContext) -> Message:
     """The decoded request; a refused one is logged (at a bounded rate) and raised as InvalidArgument."""
     try:
-        return convert.parse_request(request_class, raw)
+        return requests.parse_request(request_class, raw)
     except InvalidArgument as error:
         _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused method=%s reason=%s peer=%s "
                          "bytes=%d", method, error.reason, context.peer(), len(raw))
@@ -128,10 +127,10 @@ def _serialize(message: Message | bytes) -> bytes:
 
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage,
-                 workers: WorkerPool | None, url_ttl: int, page_secret: bytes, read_threads: int = 8,
+                 workers: WorkerPool | None, url_ttl: int, page_tokens: PageTokens, read_threads: int = 8,
                  write_threads: int = 4, tracing: Tracing) -> None:
         self.auth, self.store, self.bus, self.storage, self.tracing = auth, store, bus, storage, tracing
-        self.workers, self.url_ttl, self.page_secret = workers, url_ttl, page_secret
+        self.workers, self.url_ttl, self.page_tokens = workers, url_ttl, page_tokens
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
         # job id -> (version, its serialized message, when rendered): each version is rendered once.
@@ -175,28 +174,11 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     @rpc(READ)
     async def CreateUsersExportJob(self, request: pb.ExportRequest, context: Any, principal: Principal) -> pb.Job:
-        spec, connection_name, violations = None, None, []
-        connection_id = request.connection_id if request.HasField("connection_id") else None
-        if connection_id is not None and matches(CONNECTION_ID, connection_id):
-            connection_name = await self.blocking("read", self.store.connection_name, principal.tenant,
-                                                  connection_id)
-            if connection_name is None:
-                violations.append(Violation("connection_id", "The connection does not exist."))
-        if request.request_id and not matches(REQUEST_ID, request.request_id):
-            violations.append(Violation("request_id", "must be 1 to 36 characters of letters, digits and ._:- "
-                                                      "(a UUID is recommended)"))
-        try:
-            spec = build_spec(format=convert.format_of(request.format), connection_id=connection_id,
-                              limit=request.limit if request.HasField("limit") else None,
-                              fields=[(f.name, f.export_as) for f in request.fields])
-        except InvalidExport as error:
-            violations = [Violation(v.field, v.description) for v in error.violations] + violations
-        if violations or spec is None:
-            raise InvalidArgument("The export request is invalid: " + "; ".join(
-                f"{v.field}: {v.description}" for v in violations), violations=violations)
+        export = await requests.new_export(request, lambda connection_id: self.blocking(
+            "read", self.store.connection_name, principal.tenant, connection_id))
         with self.tracing.creating() as creation:
-            job, created = await self.blocking("write", self.store.create, principal.tenant, spec,
-                                               connection_name=connection_name, request_id=request.request_id or None,
+            job, created = await self.blocking("write", self.store.create, principal.tenant, export.spec,
+                                               connection_name=export.connection_name, request_id=export.request_id,
                                                trace_parent=creation.traceparent)
             creation.created(job, created)
         if created and self.workers is not None:
@@ -229,32 +211,28 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     @rpc(READ_OR_CREATE)
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any, principal: Principal) -> pb.ListJobsResponse:
-        size = pagination.page_size(request.page_size)
-        status = convert.status_filter(request.status)
-        cursor = pagination.decode(self.page_secret, principal.tenant, request.page_token) \
-            if request.page_token else None
-        jobs, more = await self.blocking("read", self.store.list_page, principal.tenant, page_size=size, cursor=cursor,
-                                         status=status)
-        token = pagination.encode(self.page_secret, principal.tenant, (jobs[-1].created_at, jobs[-1].id)) \
-            if more else ""
+        listing = requests.job_listing(request, principal.tenant, self.page_tokens)
+        jobs, more = await self.blocking("read", self.store.list_page, principal.tenant, page_size=listing.page_size,
+                                         cursor=listing.cursor, status=listing.status)
+        token = requests.next_page_token(self.page_tokens, listing, jobs[-1]) if more else ""
         return pb.ListJobsResponse(jobs=[await self.render(job) for job in jobs], next_page_token=token)
 
     @rpc(READ)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any, principal: Principal) -> pb.Job:
-        self.check_job_id(request.id)
+        requests.check_job_id(request.id)
         job = await self.blocking("write", self.store.cancel, principal.tenant, request.id)
         if job is None:
-            raise NotFound(f"Job {request.id} not found.")
+            raise JobNotFound(request.id)
         if self.workers is not None:
             self.workers.cancel_local(job.id)
         return await self.render(job)
 
     @rpc(READ)
     async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any, principal: Principal) -> pb.Job:
-        self.check_job_id(request.id)
+        requests.check_job_id(request.id)
         job = await self.blocking("write", self.store.revoke, principal.tenant, request.id)
         if job is None:
-            raise NotFound(f"Job {request.id} not found.")
+            raise JobNotFound(request.id)
         if self.workers is not None:
             self.workers.cancel_local(job.id)
         # Revoked either way: an EXPIRED job's location is never signed again. A failed delete
@@ -265,21 +243,16 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     async def find(self, principal: Principal, job_id: str) -> Job:
         """The job at its newest version: from the event feed's cache when it holds it, else read."""
-        self.check_job_id(job_id)
+        requests.check_job_id(job_id)
         job = self.bus.latest(job_id)
         if job is not None and job.tenant == principal.tenant:
             return job
         generation = self.bus.cache.generation
         job = await self.blocking("read", self.store.get, principal.tenant, job_id)
         if job is None:
-            raise NotFound(f"Job {job_id} not found.")
+            raise JobNotFound(job_id)
         self.bus.cache.offer(job, generation)
         return job
-
-    @staticmethod
-    def check_job_id(job_id: str) -> None:
-        if not matches(JOB_ID, job_id):
-            raise InvalidArgument(f"id must match {JOB_ID}.", violations=[Violation("id", f"must match {JOB_ID}")])
 
     async def render(self, job: Job) -> pb.Job:
         """The Job message; a completed job's location is signed afresh (inline when the signature is

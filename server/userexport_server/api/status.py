@@ -1,4 +1,5 @@
-"""Domain errors -> gRPC statuses with google.rpc details (ErrorInfo always, BadRequest for bad input)."""
+"""Domain errors -> gRPC statuses with google.rpc details (AIP-193): ErrorInfo always, BadRequest for bad
+input, QuotaFailure for a quota, RetryInfo when a retry may work."""
 from __future__ import annotations
 
 import datetime as dt
@@ -9,22 +10,20 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from userexport_server.errors import QuotaExceeded, ServiceError, Unavailable
+from userexport_server.errors import InvalidArgument, QuotaExceeded, ServiceError, Unavailable
 
 DOMAIN = "userexport.v1"
 
 
 def to_grpc_status(error: ServiceError) -> grpc.Status:
-    details: list[Message] = []
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
-    details.append(info)
-    if error.violations:
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)]
+    if isinstance(error, InvalidArgument):
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in error.violations]))
     if isinstance(error, QuotaExceeded):
         details.append(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.limit)]))
+            error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.description)]))
     if isinstance(error, Unavailable):
         delay = duration_pb2.Duration()
         delay.FromTimedelta(dt.timedelta(seconds=error.retry_after_seconds))

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, selec
 from userexport_server.db.engine import write_transaction
 from userexport_server.db.models import Connection as ConnectionRow
 from userexport_server.db.models import Job as JobRow
-from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExceeded, ResourceExhausted
+from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExceeded
 from userexport_server.export.spec import ExportSpec
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
@@ -106,16 +106,19 @@ class JobStore:
                     if existing.request_hash != fingerprint:
                         raise AlreadyExists(
                             f"request_id {request_id!r} was already used for a different export request "
-                            f"(job {existing.id}).")
+                            f"(job {existing.id}).", metadata={"request_id": request_id, "job_id": existing.id})
                     return Job.from_row(existing), False
                 if existing is not None:  # the first job expired: the key may start a new one
                     conn.execute(update(JOBS).where(JOBS.c.id == existing.id).values(request_id=None))
             active = conn.execute(select(func.count()).select_from(JOBS).where(
                 JOBS.c.tenant == tenant, JOBS.c.status.in_([s.value for s in ACTIVE]))).scalar_one()
-            if active >= self.limits.max_active_per_tenant:
-                raise ResourceExhausted(
-                    f"Too many export jobs: at most {self.limits.max_active_per_tenant} may be pending or "
-                    f"processing per tenant at once, and this tenant has {active}. Wait for one to finish.")
+            limit = self.limits.max_active_per_tenant
+            if active >= limit:
+                raise QuotaExceeded(
+                    f"Too many export jobs: at most {limit} may be pending or processing per tenant at once, "
+                    f"and this tenant has {active}. Wait for one to finish.", reason="TOO_MANY_ACTIVE_JOBS",
+                    tenant=tenant, description=f"pending or processing export jobs: {active} of {limit}",
+                    metadata={"limit": str(limit), "active_jobs": str(active)})
             self._check_retained_bytes(conn, tenant)
             values = dict(
                 id=new_job_id(), tenant=tenant, status=JobStatus.PENDING.value, version=1,
@@ -141,7 +144,8 @@ class JobStore:
             if status == JobStatus.CANCELLED:
                 return Job.from_row(row)
             if status.is_terminal:
-                raise FailedPrecondition(f"Job {job_id} is already {status.value} and cannot be cancelled.")
+                raise FailedPrecondition(f"Job {job_id} is already {status.value} and cannot be cancelled.",
+                                         metadata={"job_id": job_id, "status": status.name})
             row = change_row(conn, job_id, {"status": JobStatus.CANCELLED.value, "finished_at": now_utc(),
                                               "lease_owner": None, "lease_expires_at": None,
                                               "time_left_seconds": None})
@@ -178,7 +182,9 @@ class JobStore:
             raise QuotaExceeded(
                 f"This tenant keeps {retained} bytes of completed export files, and at most {limit} are "
                 f"allowed. Delete jobs you no longer need (DeleteJob) or wait for them to expire.",
-                subject=f"tenant:{tenant}", limit=f"retained export bytes: {retained} of {limit}")
+                reason="RETAINED_BYTES_QUOTA_EXCEEDED", tenant=tenant,
+                description=f"retained export bytes: {retained} of {limit}",
+                metadata={"limit_bytes": str(limit), "retained_bytes": str(retained)})
 
     # --- worker-side changes -------------------------------------------------------------------
 

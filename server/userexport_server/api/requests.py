@@ -1,0 +1,288 @@
+"""Every rule a request must pass, in one place: request bytes and proto values in, validated domain
+values out, or InvalidArgument with every field violation at once (google.rpc.BadRequest).
+
+The servicer authenticates, calls these, and hands the result to the store; nothing else checks
+a request.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from google.protobuf import unknown_fields
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from userexport.v1 import users_export_pb2 as pb
+from userexport_server.api.convert import FORMAT_FROM_PB, STATUS_FROM_PB
+from userexport_server.api.pagination import Cursor, InvalidPageToken, PageTokens
+from userexport_server.errors import InvalidArgument, Violation
+from userexport_server.export.defaults import default_fields
+from userexport_server.export.paths import (
+    KEY_PATTERN,
+    FieldPath,
+    ParseError,
+    Segment,
+    is_key,
+    output_keys,
+    parse_path,
+)
+from userexport_server.export.spec import ExportSpec, FieldSpec, Format
+from userexport_server.identifiers import CONNECTION_ID, JOB_ID, REQUEST_ID, control_character, matches
+from userexport_server.jobs.model import Job, JobStatus
+
+MAX_FIELDS = 30
+MAX_EXPORT_AS_LENGTH = 100
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+M = TypeVar("M", bound=Message)
+
+
+# --- every request -------------------------------------------------------------------------------
+
+def parse_request(message_class: type[M], raw: bytes) -> M:
+    """The request decoded from its wire bytes, refused whole when the bytes are not such a message
+    (invalid UTF-8 included), carry fields this server does not know (protobuf would silently drop
+    them), or hold text with control characters."""
+    try:
+        request = message_class.FromString(raw)
+    except DecodeError as exc:
+        problem = f"The request is not a valid {message_class.DESCRIPTOR.full_name} message."
+        raise InvalidArgument(problem, [Violation("", problem)], reason="MALFORMED_REQUEST") from exc
+    unknown = [Violation(f"{where}{field.field_number}", f"is not a field of {message.DESCRIPTOR.full_name}")
+               for where, message in _messages(request) for field in unknown_fields.UnknownFieldSet(message)]
+    if unknown:
+        raise InvalidArgument("The request has fields this server does not know; update the server or the client "
+                              "so both use the same API version.", unknown, reason="UNKNOWN_FIELDS")
+    controls = [Violation(where, f"must not contain control characters (found {found})")
+                for prefix, message in _messages(request) for field, value in message.ListFields()
+                if field.type == FieldDescriptor.TYPE_STRING
+                for where, text in _items(prefix, field, value) if (found := control_character(text)) is not None]
+    if controls:
+        raise InvalidArgument("The request has control characters in " + ", ".join(v.field for v in controls) + ".",
+                              controls)
+    return request
+
+
+def _messages(message: Message, prefix: str = "") -> Iterator[tuple[str, Message]]:
+    """The message and every message inside it, each with the path prefix of its fields."""
+    yield prefix, message
+    for field, value in message.ListFields():
+        if field.message_type is not None:
+            for where, item in _items(prefix, field, value):
+                yield from _messages(item, where + ".")
+
+
+def _items(prefix: str, field: FieldDescriptor, value: Any) -> list[tuple[str, Any]]:
+    """A set field's values with their paths: `fields[3]` for each item of a repeated one."""
+    if field.is_repeated:
+        return [(f"{prefix}{field.name}[{i}]", item) for i, item in enumerate(value)]
+    return [(prefix + field.name, value)]
+
+
+def check_job_id(job_id: str) -> None:
+    """GetJob, WatchJob, CancelJob and DeleteJob name a job by `id`."""
+    if not matches(JOB_ID, job_id):
+        raise InvalidArgument(f"id must match {JOB_ID}.", [Violation("id", f"must match {JOB_ID}")])
+
+
+def _refuse(what: str, violations: Sequence[Violation], reason: str | None = None) -> None:
+    if violations:
+        raise InvalidArgument(f"The {what} is invalid: " + "; ".join(f"{v.field}: {v.description}"
+                                                                     for v in violations), violations, reason=reason)
+
+
+# --- CreateUsersExportJob ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NewExport:
+    """A valid ExportRequest: what the store creates."""
+
+    spec: ExportSpec
+    connection_name: str | None
+    request_id: str | None
+
+
+async def new_export(request: pb.ExportRequest,
+                     connection_name: Callable[[str], Awaitable[str | None]]) -> NewExport:
+    """The request as a NewExport; `connection_name` looks a well-formed connection id up in the
+    caller's tenant (None: it does not exist there)."""
+    connection_id = request.connection_id if request.HasField("connection_id") else None
+    spec, violations = _export_spec(format=_format_text(request.format), connection_id=connection_id,
+                                    limit=request.limit if request.HasField("limit") else None,
+                                    fields=[(f.name, f.export_as) for f in request.fields])
+    name = None
+    if connection_id is not None and matches(CONNECTION_ID, connection_id):
+        name = await connection_name(connection_id)
+        if name is None:
+            violations.append(Violation("connection_id", "The connection does not exist."))
+    if request.request_id and not matches(REQUEST_ID, request.request_id):
+        violations.append(Violation("request_id", "must be 1 to 36 characters of letters, digits and ._:- "
+                                                  "(a UUID is recommended)"))
+    _refuse("export request", violations)
+    assert spec is not None  # no violations
+    return NewExport(spec, name, request.request_id or None)
+
+
+def _format_text(value: int) -> str | None:
+    """The proto enum as format text; None when unset, the number when unknown (a newer client's
+    value), so that the violation tells the caller which."""
+    if value == pb.ExportRequest.FORMAT_UNSPECIFIED:
+        return None
+    fmt = FORMAT_FROM_PB.get(value)  # type: ignore[call-overload]
+    return fmt.value if fmt else str(value)
+
+
+def build_spec(*, format: str | None, connection_id: str | None, limit: int | None,
+               fields: Sequence[tuple[str, str]]) -> ExportSpec:
+    """The ExportRequest rules on plain values, with defaults applied; InvalidArgument lists every
+    violation. Whether the connection exists in the tenant is checked by new_export."""
+    spec, violations = _export_spec(format=format, connection_id=connection_id, limit=limit, fields=fields)
+    _refuse("export request", violations)
+    assert spec is not None  # no violations
+    return spec
+
+
+def _export_spec(*, format: str | None, connection_id: str | None, limit: int | None,
+                 fields: Sequence[tuple[str, str]]) -> tuple[ExportSpec | None, list[Violation]]:
+    """The spec (None when it breaks a rule) and every violation. An empty `connection_id` or
+    `export_as` counts as absent (proto3's default for strings)."""
+    violations: list[Violation] = []
+    fmt = _format(format, violations)
+    if connection_id and not matches(CONNECTION_ID, connection_id):
+        violations.append(Violation("connection_id", f"must match {CONNECTION_ID}"))
+    if limit is not None and limit < 1:
+        violations.append(Violation("limit", f"must be at least 1, got {limit}"))
+    if len(fields) > MAX_FIELDS:
+        violations.append(Violation("fields", f"at most {MAX_FIELDS} fields are allowed, got {len(fields)}"))
+    specs = tuple(FieldSpec(name, export_as or None) for name, export_as in fields)
+    violations.extend(_field_violations(specs, fmt))
+    if violations or fmt is None:
+        return None, violations
+    return ExportSpec(format=fmt, fields=specs or default_fields(fmt), connection_id=connection_id or None,
+                      limit=limit), violations
+
+
+def _format(value: str | None, violations: list[Violation]) -> Format | None:
+    """The format; a violation naming the values a proto client sends (the API's enum names)."""
+    allowed = " or ".join(f.name for f in Format)
+    if not value:
+        violations.append(Violation("format", f"is required: {allowed}"))
+        return None
+    try:
+        return Format(value)
+    except ValueError:
+        violations.append(Violation("format", f"must be {allowed}, got {value}"))
+        return None
+
+
+def _field_violations(specs: Sequence[FieldSpec], fmt: Format | None) -> list[Violation]:
+    """One violation per bad name or export_as; clashes are checked only among otherwise good entries."""
+    violations: list[Violation] = []
+    good: list[tuple[int, FieldSpec, tuple[Segment, ...]]] = []
+    for i, spec in enumerate(specs):
+        found = len(violations)
+        path = _parse_name(i, spec.name, violations)
+        if spec.export_as is not None:
+            _export_as_violation(i, spec.export_as, fmt, violations)
+        if path is not None and len(violations) == found:
+            good.append((i, spec, output_keys(path, spec.export_as)))
+    titles: dict[str, int] = {}
+    placed: list[tuple[int, tuple[Segment, ...]]] = []
+    for i, spec, keys in good:
+        where = f"fields[{i}].{'export_as' if spec.export_as else 'name'}"
+        if spec.title in titles:
+            violations.append(
+                Violation(where, f'duplicates the column "{spec.title}" of fields[{titles[spec.title]}]')
+            )
+            continue
+        titles[spec.title] = i
+        if fmt is Format.JSON:
+            clash = next((f"fields[{j}]: {why}" for j, other in placed if (why := _json_clash(keys, other))), None)
+            if clash is not None:
+                violations.append(Violation(where, f"collides with {clash}"))
+                continue
+            placed.append((i, keys))
+    return violations
+
+
+def _parse_name(i: int, name: str, violations: list[Violation]) -> FieldPath | None:
+    """The name's parsed path, or None after appending its violation."""
+    try:
+        return parse_path(name)
+    except ParseError as error:
+        violations.append(Violation(f"fields[{i}].name", "is required" if not name else str(error)))
+        return None
+
+
+def _export_as_violation(i: int, export_as: str, fmt: Format | None, violations: list[Violation]) -> None:
+    if len(export_as) > MAX_EXPORT_AS_LENGTH:
+        violations.append(
+            Violation(f"fields[{i}].export_as", f"must be at most {MAX_EXPORT_AS_LENGTH} characters")
+        )
+    elif fmt is Format.JSON and not is_key(export_as):
+        violations.append(
+            Violation(f"fields[{i}].export_as", f"must be a single key ({KEY_PATTERN}) in a JSON export")
+        )
+
+
+def _json_clash(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> str | None:
+    """Why two output key paths cannot live in one JSON object, or None when they can."""
+    for depth, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            if isinstance(x, int) == isinstance(y, int):
+                return None
+            return f"one reads {_dotted(a[:depth])} as a list, the other as an object"
+    return "one would be nested inside the other in the JSON object"
+
+
+def _dotted(keys: Sequence[Segment]) -> str:
+    """`identities[0].connection` style text of output keys, for messages."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in keys).lstrip(".")
+
+
+# --- ListJobs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class JobListing:
+    """A valid ListJobsRequest. `binding` is what its page tokens are sealed to: the tenant and every
+    field that changes the result set (the status filter), not the page size, which may change
+    between pages (AIP-158)."""
+
+    status: JobStatus | None
+    page_size: int
+    cursor: Cursor | None
+    binding: bytes
+
+
+def job_listing(request: pb.ListJobsRequest, tenant: str, tokens: PageTokens) -> JobListing:
+    """AIP-158 paging: page_size 0 is the default, larger than the maximum is coerced, negative is
+    refused; a page token opens only for the tenant and the filter of the listing that returned it."""
+    violations: list[Violation] = []
+    reasons: list[str] = []
+    if request.page_size < 0:
+        violations.append(Violation("page_size", "must not be negative"))
+        reasons.append("INVALID_PAGE_SIZE")
+    status = STATUS_FROM_PB.get(request.status)
+    if request.status != pb.Job.STATUS_UNSPECIFIED and status is None:
+        violations.append(Violation("status", f"is not a Job.Status value, got {request.status}"))
+        reasons.append("INVALID_STATUS_FILTER")
+    binding = orjson.dumps([tenant, status.name if status else ""])
+    cursor = None
+    if request.page_token and not reasons:
+        try:
+            cursor = tokens.open(binding, request.page_token)
+        except InvalidPageToken:
+            violations.append(Violation("page_token", "is not a next_page_token of this listing: pass it as "
+                                                      "returned, with the same status filter"))
+            reasons.append("INVALID_PAGE_TOKEN")
+    _refuse("list request", violations, reason=next(iter(reasons), None))
+    size = DEFAULT_PAGE_SIZE if request.page_size == 0 else min(request.page_size, MAX_PAGE_SIZE)
+    return JobListing(status=status, page_size=size, cursor=cursor, binding=binding)
+
+
+def next_page_token(tokens: PageTokens, listing: JobListing, last: Job) -> str:
+    """The token of the page after the one that ends with `last`."""
+    return tokens.seal(listing.binding, (last.created_at, last.id))
