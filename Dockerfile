@@ -4,12 +4,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client ./client
 COPY server ./server
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The server extra: a client-only `pip install userexport` leaves out the database and storage stack.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[server]'
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin userexport
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# Every wheel the build stage made for '.[server]', and nothing from an index. They are bind-mounted
+# from the build stage for this one step, so no layer of the image holds them (a COPY and then `rm`
+# would leave them in the COPY's layer); tests/test_container.py checks that.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl
 USER 10001
 WORKDIR /home/userexport
 # Configuration is by environment (see README "Configuration"); these make the container reachable.

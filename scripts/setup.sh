@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its development tools (buf, for the
 # proto lint, from the npm registry into .tools; from Debian's packages where apt-get is there,
-# promtool, which checks the metrics exposition, and protoc, whose stock Java generator a test runs).
+# promtool, which checks the metrics exposition, protoc, whose stock Java generator a test runs, and
+# buildah, podman and mmdebstrap, which build and run the Docker image with no Docker engine).
 # Sourced by the other scripts; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,3 +33,6 @@ apt_install() {
 }
 apt_install promtool prometheus
 apt_install protoc protobuf-compiler
+apt_install buildah buildah
+apt_install podman podman
+apt_install mmdebstrap mmdebstrap
