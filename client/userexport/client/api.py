@@ -166,6 +166,10 @@ class UsersExportClient:
 
     `timeout` bounds each unary call; WatchJob streams are not bounded, as an export may run for
     hours. `tls` None is plaintext. Use as a context manager, or call close().
+
+    `channel` replaces the one the client would open to `target` with `tls` (both then unused), for
+    callers that manage their own (interceptors, options, one channel for several clients) and for
+    tests (a `grpc_testing` channel); close() leaves it open, as its owner closes it.
     """
 
     def __init__(
@@ -175,12 +179,14 @@ class UsersExportClient:
         *,
         timeout: float | None = 30,
         tls: TlsConfig | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
         self._timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
-        self._channel = open_channel(target, tls)
+        self._owns_channel = channel is None
+        self._channel = open_channel(target, tls) if channel is None else channel
         self._stub = pb_grpc.UsersExportServiceStub(self._channel)
 
     def __enter__(self) -> UsersExportClient:
@@ -195,8 +201,9 @@ class UsersExportClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel; running streams are cancelled."""
-        self._channel.close()
+        """Close the channel the client opened; running streams are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
 
     def create_export(
         self,

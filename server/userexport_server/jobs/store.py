@@ -281,7 +281,7 @@ class JobStore:
             rows = [change_row(conn, job_id, {
                 "status": JobStatus.FAILED.value, "finished_at": now, "lease_owner": None, "lease_expires_at": None,
                 "time_left_seconds": None,
-                "error": f"Timed out: the export ran longer than {int(limit.total_seconds())} seconds.",
+                "error": f"Timed out: the export ran longer than {limit.total_seconds():g} seconds.",
             }) for job_id in due]
         return [self.publish(row, "job timed out") for row in rows]
 
