@@ -169,8 +169,8 @@ def wait_serving(target: str, server: subprocess.Popen[bytes], log: pathlib.Path
 
 
 def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pathlib.Path) -> None:
-    """Seed, serve, health inside and out, a CSV export by the CLI on the host downloaded over the
-    container's signed URL, its metrics, and a clean SIGTERM stop."""
+    """The server extra installed; seed, serve, health inside and out, a CSV export by the CLI on the
+    host downloaded over the container's signed URL, its metrics, and a clean SIGTERM stop."""
     grpc_port, files_port, metrics_port = free_ports(3)
     jwt_secret = secrets.token_urlsafe(32)
     env = {"USEREXPORT_LISTEN": f"127.0.0.1:{grpc_port}", "USEREXPORT_FILES_LISTEN": f"127.0.0.1:{files_port}",
@@ -182,6 +182,9 @@ def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pat
     log = tmp_path / "server.log"
     server: subprocess.Popen[bytes] | None = None
     try:
+        # Every requirement of the server extra is installed (no index: a missing one fails to resolve).
+        extra = run(*in_container, "python", "-m", "pip", "install", "--no-index", "--dry-run", "userexport[server]")
+        assert "Would install" not in extra.stdout, extra.stdout
         seeded = run(*in_container, "userexport-server", "seed", "--users", str(USERS))
         assert f"seeded {USERS} users" in seeded.stdout, seeded.stdout
         with log.open("wb") as out:
