@@ -10,6 +10,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tag=${1:?usage: bash scripts/image.sh TAG [buildah bud options]}
 shift
 BASE=docker.io/library/python:3.11-slim
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/image.sh: run it as root (buildah's chroot isolation and mmdebstrap need root here)" >&2
+  exit 2
+fi
+for tool in buildah podman mmdebstrap; do
+  command -v "$tool" >/dev/null || { echo "scripts/image.sh: $tool is missing (bash scripts/setup.sh installs it)" >&2; exit 2; }
+done
 
 # The stand-in base: Debian's python3 and pip with their certificates, minbase otherwise.
 make_base() {

@@ -41,6 +41,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASE = "docker.io/library/python:3.11-slim"
 USERS = 1000
 INSTALL = "apt-get install buildah podman mmdebstrap (scripts/setup.sh does)"
+# The first test's share includes the build: about 50 s when the base is made too (mmdebstrap).
+pytestmark = pytest.mark.timeout(600)
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -70,7 +72,7 @@ def image(buildah: str) -> Iterator[str]:
     tag = f"localhost/userexport-test:{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     build = subprocess.run(["bash", str(ROOT / "scripts/image.sh"), tag, "--no-cache"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=540)
     made = re.findall(r"^--> ([0-9a-f]{11,64})$", build.stdout, re.MULTILINE)
     try:
         assert build.returncode == 0, f"image build failed:\n{build.stdout[-4000:]}{build.stderr[-4000:]}"
