@@ -84,7 +84,7 @@ async def watch(stub: pb_grpc.UsersExportServiceStub, metadata: tuple[tuple[str,
             if attached is not None:
                 attached.set()
         else:
-            delays.append(arrived - message.updated_at.ToDatetime().timestamp())
+            delays.append(arrived - message.updated_at.seconds - message.updated_at.nanos * 1e-9)
         if message.status == pb.Job.COMPLETED:
             return arrived
     raise SystemExit(f"watch of {job_id} ended without COMPLETED")

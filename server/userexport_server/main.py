@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pathlib
@@ -56,12 +57,23 @@ async def serve(settings: Settings) -> None:
     except _STARTUP_ERRORS as exc:
         log.debug("startup failed", exc_info=True)
         raise StartupFailed(_startup_message(exc, settings)) from None
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await app.stop()
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the serving path. What startup built (modules, the app)
+    lives as long as the process, so it is frozen out of every collection; and the young generation
+    is collected every 10,000 allocations instead of 700, since each WatchJob stream and RPC
+    allocates a few objects per message. Measured by bench/load_bench.py: a full collection's pause
+    was the tail of the delay of a version to 1,000 watchers (p99 about 100 ms, about 50 ms after)."""
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
 
 
 def _startup_message(exc: BaseException, settings: Settings) -> str:

@@ -61,9 +61,10 @@ def test_sqlite_lock_through_the_end_of_an_export_delays_the_complete_write_whic
     its first attempt."""
     if backend != "sqlite":
         pytest.skip("an exclusive lock from another connection is SQLite's fault")
-    server = make_server(db_busy_timeout_seconds=0.3, gzip_level=9)
+    users = 3 * USERS  # one slice, long enough under the lock for a progress write (every 0.5 s at most)
+    server = make_server(db_busy_timeout_seconds=0.3, gzip_level=9, slice_users=users)
     tenant = new_tenant()
-    server.seed(USERS, tenant=tenant)
+    server.seed(users, tenant=tenant)
     caller = Caller(server, tenant)
     job = caller.create(format=pb.ExportRequest.JSON)
     wait_until_writing(caller, job.id)
@@ -76,7 +77,7 @@ def test_sqlite_lock_through_the_end_of_an_export_delays_the_complete_write_whic
         time.sleep(1.0)  # more than the busy timeout: the first `complete` fails
     final = caller.finish(job.id)
     assert final.status == pb.Job.COMPLETED, final.error
-    assert len(download(final.location).splitlines()) == USERS
+    assert len(download(final.location).splitlines()) == users
     assert server.app.store.get_any(job.id).attempts == 1  # the write was retried, not the export
     assert f"retrying slice done job_id={job.id}" in caplog.text
     assert f"progress write failed, export goes on job_id={job.id}" in caplog.text

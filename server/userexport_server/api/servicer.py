@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import datetime as dt
 import functools
 import inspect
 import logging
@@ -133,8 +132,9 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         self.workers, self.url_ttl, self.page_tokens = workers, url_ttl, page_tokens
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
-        # job id -> (version, its serialized message, when rendered): each version is rendered once.
-        self._shared: OrderedDict[str, tuple[int, asyncio.Future[bytes], float]] = OrderedDict()
+        # job id -> (version, its serialized message (awaited while a remote signature is on its way),
+        # when rendered): each version is rendered once.
+        self._shared: OrderedDict[str, tuple[int, bytes | asyncio.Future[bytes], float]] = OrderedDict()
 
     def start(self) -> None:
         self._pools = {kind: ThreadPoolExecutor(count, thread_name_prefix=f"api-{kind}")
@@ -197,7 +197,7 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         with self.bus.subscribe(request.id) as subscription:
             job = await self.find(principal, request.id)
             if job.version > request.after_version:
-                yield await self.render(job)
+                yield await self.shared_render(job)
             while not job.status.is_terminal:
                 try:
                     event = await subscription.get()
@@ -257,25 +257,40 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     async def render(self, job: Job) -> pb.Job:
         """The Job message; a completed job's location is signed afresh (inline when the signature is
         local: a thread hop would cost twenty times more)."""
-        location: tuple[str, dt.datetime] | None = None
-        if job.storage_key and job.status == JobStatus.COMPLETED:
-            location = self.storage.sign_url(job.storage_key, self.url_ttl) if self.storage.signs_locally \
-                else await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
+        if self._signs_remotely(job):
+            assert job.storage_key is not None
+            location = await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
+            return convert.job_message(job, location)
+        return self._render_here(job)
+
+    def _signs_remotely(self, job: Job) -> bool:
+        return bool(job.storage_key) and job.status == JobStatus.COMPLETED and not self.storage.signs_locally
+
+    def _render_here(self, job: Job) -> pb.Job:
+        """The Job message when no remote signature is needed (see _signs_remotely)."""
+        location = self.storage.sign_url(job.storage_key, self.url_ttl) \
+            if job.storage_key and job.status == JobStatus.COMPLETED else None
         return convert.job_message(job, location)
 
     async def shared_render(self, job: Job) -> bytes:
         """`job` serialized once for every watcher and reader that is sent this version; a completed
-        job's signed URL is shared for SIGNED_REUSE_SECONDS, then signed again."""
+        job's signed URL is shared for SIGNED_REUSE_SECONDS, then signed again. A version rendered
+        here is handed out as bytes with no await (a fan-out to 1,000 watchers makes this the hot
+        path); only a remote signature is awaited, once, by every caller that wants it."""
         shared = self._shared.get(job.id)
         if shared is None or shared[0] != job.version or (
                 job.status == JobStatus.COMPLETED and time.monotonic() - shared[2] > SIGNED_REUSE_SECONDS):
             if shared is not None and shared[0] > job.version:
                 return (await self.render(job)).SerializeToString()
-            shared = (job.version, asyncio.ensure_future(self._serialized(job)), time.monotonic())
+            rendered: bytes | asyncio.Future[bytes] = asyncio.ensure_future(self._serialized(job)) \
+                if self._signs_remotely(job) else self._render_here(job).SerializeToString()
+            shared = (job.version, rendered, time.monotonic())
             self._shared[job.id] = shared
             self._shared.move_to_end(job.id)
             while len(self._shared) > SHARED_RENDERS:
                 self._shared.popitem(last=False)
+        if isinstance(shared[1], bytes):
+            return shared[1]
         try:
             return await asyncio.shield(shared[1])
         except Exception:  # a failed signature is not shared: the next caller tries again

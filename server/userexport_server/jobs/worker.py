@@ -40,9 +40,10 @@ CLAIM_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 # After a failed progress write the export goes on, and writes progress again after this.
 PROGRESS_BACKOFF = Backoff(initial=1.0, maximum=10.0)
 # A slice writes progress at most this often (and at least once a second while rows flow): each
-# write is a transaction and a message to every watcher, and 1,000 watchers of a 3-second export
-# sent every 1% would cost the export more than its own work.
-PROGRESS_MIN_SECONDS = 0.25
+# write is a transaction and a message to every watcher, and on 2 cores every message to 1,000
+# watchers costs the export about 0.1 s (bench/load_bench.py: 1.9x its time with one watcher at
+# every 1%, 1.5x at four a second, 1.35x at two).
+PROGRESS_MIN_SECONDS = 0.5
 
 
 def batch_rows(total: int) -> int:
