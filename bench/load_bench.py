@@ -1,6 +1,6 @@
 """Load benchmark: WatchJob fan-out, GetJob throughput against a bare grpc.aio floor, idle watchers' memory.
 
-    python bench/load_bench.py                        # 300,000 users, 1,000 watchers, 32 callers, 3 runs
+    python bench/load_bench.py                        # 300,000 users, 1,000 watchers, 32 callers, 10,000 idle, 3 runs
     python bench/load_bench.py --users 100000 --watchers 200 --runs 1
 
 On the embedded defaults (SQLite, local storage), the server a process of its own, the clients in
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

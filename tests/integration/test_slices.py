@@ -145,7 +145,7 @@ def test_progress_never_goes_back_and_the_limit_counts_jobs(make_server) -> None
     seen: list[pb.Job] = []
     watcher = threading.Thread(target=lambda: seen.extend(caller.watch(job.id)))
     watcher.start()
-    second = caller.create(format=pb.ExportRequest.CSV, limit=10)
+    second = caller.create(format=pb.ExportRequest.JSON)  # as long as the first: still active at the third create
     with pytest.raises(grpc.RpcError) as refused:
         caller.create(format=pb.ExportRequest.CSV, limit=10)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
