@@ -23,6 +23,9 @@ from tests.integration.support import Caller, download
 from userexport.v1 import users_export_pb2 as pb
 
 USERS = 100_000
+# The PostgreSQL faults act on an export that runs a few seconds after its first progress write
+# (at most every 0.5 s): one slice of 300,000 users.
+PG_USERS = 3 * USERS
 
 
 def wait_until_writing(caller: Caller, job_id: str) -> None:
@@ -61,7 +64,7 @@ def test_sqlite_lock_through_the_end_of_an_export_delays_the_complete_write_whic
     its first attempt."""
     if backend != "sqlite":
         pytest.skip("an exclusive lock from another connection is SQLite's fault")
-    users = 3 * USERS  # one slice, long enough under the lock for a progress write (every 0.5 s at most)
+    users = PG_USERS  # one slice, long enough under the lock for a progress write (every 0.5 s at most)
     server = make_server(db_busy_timeout_seconds=0.3, gzip_level=9, slice_users=users)
     tenant = new_tenant()
     server.seed(users, tenant=tenant)
@@ -104,11 +107,11 @@ def test_sqlite_lock_while_idle_workers_claim_is_survived(make_server, backend: 
 
 @pytest.fixture(scope="module")
 def pg_server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
-    """A PostgreSQL server whose exports of USERS take a second or two (gzip level 9), to act mid-way."""
+    """A PostgreSQL server whose exports of PG_USERS take a few seconds (gzip level 9, one slice), to act mid-way."""
     if backend != "postgresql":
         pytest.skip("pg_terminate_backend is PostgreSQL's fault")
     with database_settings(backend) as database:
-        server = ServerHandle(tmp_path_factory.mktemp("pg-faults"), gzip_level=9, **database)
+        server = ServerHandle(tmp_path_factory.mktemp("pg-faults"), gzip_level=9, slice_users=PG_USERS, **database)
         try:
             yield server
         finally:
@@ -118,7 +121,7 @@ def pg_server(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def pg_tenant(pg_server: ServerHandle) -> str:
     tenant = new_tenant()
-    pg_server.seed(USERS, tenant=tenant)
+    pg_server.seed(PG_USERS, tenant=tenant)
     return tenant
 
 
@@ -149,7 +152,7 @@ def test_pg_export_connection_terminated_mid_export_is_retried_and_completes(
     final = caller.finish(job.id)
     assert final.status == pb.Job.COMPLETED, final.error
     rows = list(csv.reader(io.StringIO(download(final.location).decode(), newline="")))
-    assert final.users_written == USERS and len(rows) == USERS + 1  # and the header
+    assert final.users_written == PG_USERS and len(rows) == PG_USERS + 1  # and the header
     assert f"slice claimed job_id={job.id} tenant={pg_tenant} slice=0 attempt=2 rescued=True" in caplog.text
     assert "attempt=3" not in caplog.text
     assert_still_serving(server, caller)
