@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from tests.export.support import MemoryWriter, new_tenant
 from userexport_server.api.requests import build_spec
 from userexport_server.export.engine import WRITE_BYTES, ExportCancelled, isal_level, run_export
-from userexport_server.export.sql import compile_export, count_users
+from userexport_server.export.sql import KeyRange, compile_export, count_users
 from userexport_server.seed import seed_users
 
 CSV = build_spec(format="csv", connection_id=None, limit=None, fields=[])
@@ -160,10 +160,27 @@ def test_sqlite_reads_in_index_order_without_sorting(engine: Engine, connection_
                                                      limit: int | None) -> None:
     if engine.dialect.name != "sqlite":
         pytest.skip("SQLite's query plan")
+    """Both chunk statements (from the start, after a user_id) walk the index, never sort."""
     spec = build_spec(format="json", connection_id=connection_id, limit=limit, fields=[])
-    statement = compile_export(spec, "t", "sqlite").statement
-    compiled = statement.compile(dialect=engine.dialect)
-    params = tuple(compiled.construct_params()[name] for name in compiled.positiontup or ())
-    with engine.connect() as conn:
-        plan = " | ".join(row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params))
-    assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
+    query = compile_export(spec, "t", "sqlite")
+    assert query.chunks is not None
+    for statement in (query.statement, query.chunks.after):
+        compiled = statement.compile(dialect=engine.dialect)
+        values = compiled.construct_params({"chunk": 5000, "cursor": "auth0|x"})
+        params = tuple(values[name] for name in compiled.positiontup or ())
+        with engine.connect() as conn:
+            plan = " | ".join(row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, params))
+        assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_sqlite_chunks_after_the_first_start_at_the_cursor_alone() -> None:
+    """A chunk after the first has one lower bound, the cursor: with the key range's own lower bound
+    beside it, SQLite started the index range there and filtered every user up to the cursor again,
+    chunk after chunk (an export of three 100,000-user slices took 1.4x as long)."""
+    spec = build_spec(format="csv", connection_id=None, limit=None, fields=[])
+    query = compile_export(spec, "t", "sqlite", KeyRange("auth0|a", "auth0|z", 1000))
+    assert query.chunks is not None and query.chunks.limit == 1000
+    first, after = str(query.statement), str(query.chunks.after)
+    assert "user_id > :after" in first and ":cursor" not in first
+    assert "user_id > :cursor" in after and ":after" not in after
+    assert "user_id <= :through" in first and "user_id <= :through" in after
