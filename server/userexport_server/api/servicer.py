@@ -257,20 +257,18 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     async def render(self, job: Job) -> pb.Job:
         """The Job message; a completed job's location is signed afresh (inline when the signature is
         local: a thread hop would cost twenty times more)."""
-        if self._signs_remotely(job):
-            assert job.storage_key is not None
-            location = await self.blocking("read", self.storage.sign_url, job.storage_key, self.url_ttl)
-            return convert.job_message(job, location)
+        key = _location_key(job)
+        if key is not None and not self.storage.signs_locally:
+            return convert.job_message(job, await self.blocking("read", self.storage.sign_url, key, self.url_ttl))
         return self._render_here(job)
 
     def _signs_remotely(self, job: Job) -> bool:
-        return bool(job.storage_key) and job.status == JobStatus.COMPLETED and not self.storage.signs_locally
+        return _location_key(job) is not None and not self.storage.signs_locally
 
     def _render_here(self, job: Job) -> pb.Job:
         """The Job message when no remote signature is needed (see _signs_remotely)."""
-        location = self.storage.sign_url(job.storage_key, self.url_ttl) \
-            if job.storage_key and job.status == JobStatus.COMPLETED else None
-        return convert.job_message(job, location)
+        key = _location_key(job)
+        return convert.job_message(job, None if key is None else self.storage.sign_url(key, self.url_ttl))
 
     async def shared_render(self, job: Job) -> bytes:
         """`job` serialized once for every watcher and reader that is sent this version; a completed
@@ -300,3 +298,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     async def _serialized(self, job: Job) -> bytes:
         return (await self.render(job)).SerializeToString()
+
+
+def _location_key(job: Job) -> str | None:
+    """The storage key whose signed URL the job's message carries: a completed job's file, else None."""
+    return (job.storage_key or None) if job.status == JobStatus.COMPLETED else None

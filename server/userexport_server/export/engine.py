@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 from isal import isal_zlib
-from sqlalchemy import Connection, TextClause
+from sqlalchemy import Connection
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from userexport_server.export.spec import ExportSpec
 from userexport_server.export.sql import Chunks, ExportQuery, KeyRange, compile_export
@@ -117,7 +118,7 @@ def _driver_chunks(conn: Connection, query: ExportQuery, size: int) -> Generator
         if query.chunks is not None:
             yield from _chunks(cursor, conn, query, query.chunks, size)
             return
-        sql, params = _bound(conn, query.statement)
+        sql, params = _bound(query.statement.compile(dialect=conn.dialect))
         if query.copy:
             with conn.begin_nested(), cursor.copy(sql, params) as copy:
                 rows = iter(copy)
@@ -135,11 +136,12 @@ def _driver_chunks(conn: Connection, query: ExportQuery, size: int) -> Generator
 def _chunks(cursor: Any, conn: Connection, query: ExportQuery, chunks: Chunks,
             size: int) -> Iterator[tuple[bytes, int]]:
     """Up to `size` users a step, each chunk continuing after the last user_id of the one before."""
+    first, after = (statement.compile(dialect=conn.dialect) for statement in (query.statement, chunks.after))
     remaining, last = chunks.limit, None
     while remaining is None or remaining > 0:
         take = size if remaining is None else min(size, remaining)
-        statement = query.statement if last is None else chunks.after
-        lines, last, rows = cursor.execute(*_bound(conn, statement, chunk=take, cursor=last)).fetchone()
+        compiled = first if last is None else after
+        lines, last, rows = cursor.execute(*_bound(compiled, chunk=take, cursor=last)).fetchone()
         if rows:
             yield lines + query.line_end, rows
         if rows < take:
@@ -148,9 +150,8 @@ def _chunks(cursor: Any, conn: Connection, query: ExportQuery, chunks: Chunks,
             remaining -= rows
 
 
-def _bound(conn: Connection, statement: TextClause, **values: Any) -> tuple[str, Any]:
-    """The driver's SQL and parameters for `statement`, with `values` bound over its own."""
-    compiled = statement.compile(dialect=conn.dialect)
+def _bound(compiled: SQLCompiler, **values: Any) -> tuple[str, Any]:
+    """The driver's SQL and parameters of a compiled statement, with `values` bound over its own."""
     params: Any = compiled.construct_params(values or None)
     if compiled.positional:
         params = tuple(params[name] for name in compiled.positiontup or ())
