@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from tests.export.support import MemoryWriter, new_tenant
 from userexport_server.api.requests import build_spec
 from userexport_server.export.engine import WRITE_BYTES, ExportCancelled, isal_level, run_export
-from userexport_server.export.sql import KeyRange, compile_export, count_users
+from userexport_server.export.sql import KeyRange, count_users, projection
 from userexport_server.seed import seed_users
 
 CSV = build_spec(format="csv", connection_id=None, limit=None, fields=[])
@@ -28,8 +28,8 @@ def seeded(engine: Engine) -> tuple[str, list[str]]:
 
 
 def gzip_threads() -> list[threading.Thread]:
-    """The engine's compressing and writing threads still alive."""
-    return [t for t in threading.enumerate() if t.name.startswith(("export-deflate", "export-write"))]
+    """The engine's compressing and writing threads (igzip_threaded's) still alive."""
+    return [t for t in threading.enumerate() if t.name.endswith(("(_compress)", "(_write)"))]
 
 
 def test_progress_is_reported_per_batch_and_the_count_returned(engine: Engine, seeded: tuple[str, list[str]]) -> None:
@@ -162,7 +162,7 @@ def test_sqlite_reads_in_index_order_without_sorting(engine: Engine, connection_
         pytest.skip("SQLite's query plan")
     """Both chunk statements (from the start, after a user_id) walk the index, never sort."""
     spec = build_spec(format="json", connection_id=connection_id, limit=limit, fields=[])
-    query = compile_export(spec, "t", "sqlite")
+    query = projection(spec, "t", "sqlite")
     assert query.chunks is not None
     for statement in (query.statement, query.chunks.after):
         compiled = statement.compile(dialect=engine.dialect)
@@ -178,7 +178,7 @@ def test_sqlite_chunks_after_the_first_start_at_the_cursor_alone() -> None:
     beside it, SQLite started the index range there and filtered every user up to the cursor again,
     chunk after chunk (an export of three 100,000-user slices took 1.4x as long)."""
     spec = build_spec(format="csv", connection_id=None, limit=None, fields=[])
-    query = compile_export(spec, "t", "sqlite", KeyRange("auth0|a", "auth0|z", 1000))
+    query = projection(spec, "t", "sqlite", KeyRange("auth0|a", "auth0|z", 1000))
     assert query.chunks is not None and query.chunks.limit == 1000
     first, after = str(query.statement), str(query.chunks.after)
     assert "user_id > :after" in first and ":cursor" not in first
