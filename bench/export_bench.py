@@ -5,7 +5,6 @@
     python bench/export_bench.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python bench/export_bench.py --users 10000000 --runs 1 --backends postgresql --no-peer   # peak RSS at 10M
     python bench/export_bench.py --workers 4 --slice-users 50000                               # other server settings
-    python bench/export_bench.py --csv-root-only --backends postgresql    # CSV of root columns: the COPY path
 
 For each database: seed N users in a fresh database, start the server as its own process (so its
 peak RSS, VmHWM, is the service's alone), then run, interleaved and `--runs` times each, the
@@ -17,7 +16,10 @@ instead on the same data, with every core compressing at level 1:
 - SQLite CSV:        sqlite3 -csv db "SELECT default CSV columns" | pigz ...
 - SQLite NDJSON:     sqlite3 db "SELECT json_object(every root attribute)" | pigz ...
 
-It prints medians, the ratio service/peer (below 1: the service is faster) and the server's peak RSS.
+It prints medians of the wall time, the ratio service/peer (below 1: the service is faster), the
+CPU-seconds the database spent (PostgreSQL: the bench database's backends, sampled from /proc every
+20 ms, so a backend's last 20 ms may be missed), the server's CPU-seconds beside the peer's client
+(psql or sqlite3, and pigz), and the server's peak RSS.
 """
 from __future__ import annotations
 
@@ -30,9 +32,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,15 +55,71 @@ _CSV_ROOTS = ("user_id", "email", "email_verified", "username", "name", "given_n
               "picture", "phone_number", "created_at", "updated_at", "last_login", "logins_count", "blocked")
 
 
-def peer_sql(backend: str, fmt: str, tenant: str, root_only: bool = False) -> str:
-    """The peer's SELECT: the service's default CSV columns (without the JSON path's when
-    `root_only`), or every root attribute as one JSON object."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | str) -> float:
+    """utime + stime of a process (all its threads), 0 when it is gone."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class DatabaseCpu:
+    """CPU-seconds of the PostgreSQL backends serving one database (its name is in their process
+    title), sampled in a thread so that backends which exit during a run are counted too."""
+
+    def __init__(self, database: str | None) -> None:
+        self._title = f" {database} ".encode() if database else None
+        self._seen: dict[str, float] = {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    title = pathlib.Path(entry.path, "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if title.startswith(b"postgres: ") and self._title is not None and self._title in title:
+                    self._seen[entry.name] = max(self._seen.get(entry.name, 0.0), cpu_seconds(entry.name))
+
+    @contextmanager
+    def measure(self) -> Iterator[list[float]]:
+        """Yields a list that holds, after the block, the database's CPU-seconds in it."""
+        result: list[float] = []
+        if self._title is None:
+            yield result
+            result.append(float("nan"))
+            return
+        self._sample()
+        before = dict(self._seen)
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(0.02):
+                self._sample()
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            yield result
+        finally:
+            self._stop.set()
+            thread.join()
+            self._sample()
+            result.append(sum(v - before.get(pid, 0.0) for pid, v in self._seen.items()))
+
+
+def peer_sql(backend: str, fmt: str, tenant: str) -> str:
+    """The peer's SELECT: the service's default CSV columns, or every root attribute as one JSON object."""
     if fmt == "csv":
         date = _PG_DATE if backend == "postgresql" else "{c}"
         cols = [date.format(c=c) if ROOT_KINDS[c] is Kind.DATETIME else c for c in _CSV_ROOTS]
-        if not root_only:
-            cols.append("identities #>> '{0,connection}'" if backend == "postgresql"
-                        else "identities ->> '$[0].connection'")
+        cols.append("identities #>> '{0,connection}'" if backend == "postgresql"
+                    else "identities ->> '$[0].connection'")
         select = ", ".join(cols)
     else:
         build = "json_build_object" if backend == "postgresql" else "json_object"
@@ -70,9 +130,9 @@ def peer_sql(backend: str, fmt: str, tenant: str, root_only: bool = False) -> st
     return f"SELECT {select} FROM users WHERE tenant = '{tenant}' ORDER BY user_id"
 
 
-def peer_command(backend: str, fmt: str, tenant: str, target: str, root_only: bool = False) -> str:
+def peer_command(backend: str, fmt: str, tenant: str, target: str) -> str:
     """The shell pipeline of the peer; its output is counted, not kept."""
-    sql = peer_sql(backend, fmt, tenant, root_only)
+    sql = peer_sql(backend, fmt, tenant)
     if backend == "postgresql":
         options = " (FORMAT csv, FORCE_QUOTE *)" if fmt == "csv" else ""
         source = f"psql {shlex.quote(target)} -qAt -c {shlex.quote(f'COPY ({sql}) TO STDOUT{options}')}"
@@ -81,25 +141,48 @@ def peer_command(backend: str, fmt: str, tenant: str, target: str, root_only: bo
     return f"{source} | pigz -1 -p{os.cpu_count() or 1} | wc -c"
 
 
-def run_peer(command: str) -> tuple[float, int]:
-    started = time.perf_counter()
-    out = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
-    return time.perf_counter() - started, int(out.split()[0])
+class Run:
+    """One timed run: wall seconds, database and client (server, or the peer's processes) CPU-seconds."""
+
+    def __init__(self, wall: float, database: float, client: float) -> None:
+        self.wall, self.database, self.client = wall, database, client
 
 
-def run_service(server: ServerProcess, tenant: str, fmt: str, root_only: bool = False) -> tuple[float, int]:
-    caller = Caller(server, tenant)  # type: ignore[arg-type]
-    fields = [(name, "") for name in _CSV_ROOTS] if fmt == "csv" and root_only else []
-    try:
+def run_peer(command: str, db_cpu: DatabaseCpu) -> tuple[Run, int]:
+    children = lambda: sum(getattr(os.times(), f) for f in ("children_user", "children_system"))
+    before = children()
+    with db_cpu.measure() as database:
         started = time.perf_counter()
-        job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON, fields=fields)
-        final = caller.finish(job.id, timeout=3600)
-        seconds = time.perf_counter() - started
+        out = subprocess.run(command, shell=True, check=True, capture_output=True, text=True).stdout
+        wall = time.perf_counter() - started
+    return Run(wall, database[0], children() - before), int(out.split()[0])
+
+
+def run_service(server: ServerProcess, tenant: str, fmt: str, db_cpu: DatabaseCpu) -> tuple[Run, int]:
+    caller = Caller(server, tenant)  # type: ignore[arg-type]
+    before = cpu_seconds(server.process.pid)
+    try:
+        with db_cpu.measure() as database:
+            started = time.perf_counter()
+            job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON)
+            final = caller.finish(job.id, timeout=3600)
+            wall = time.perf_counter() - started
     finally:
         caller.close()
     if final.status != pb.Job.COMPLETED:
         raise SystemExit(f"export failed: {final.error}")
-    return seconds, final.users_written
+    return Run(wall, database[0], cpu_seconds(server.process.pid) - before), final.users_written
+
+
+def ratio(ours: list[Run], theirs: list[Run], attribute: str) -> float:
+    """Median of ours over median of theirs."""
+    median = lambda runs: statistics.median([getattr(r, attribute) for r in runs])
+    return float(median(ours) / median(theirs))
+
+
+def median_cell(runs: list[Run], attribute: str, unit: str = " s") -> str:
+    values = [getattr(r, attribute) for r in runs]
+    return f"{statistics.median(values):.2f}{unit} ({min(values):.2f}-{max(values):.2f})"
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -110,12 +193,13 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[str, str], *,
-                  peer: bool = True, root_only: bool = False) -> list[str]:
+                  peer: bool = True) -> list[str]:
     """Seed, serve (with the server settings `env`) and time one database; the table rows it measured."""
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"userexport-bench-{backend}-"))
     tenant = "bench" + uuid.uuid4().hex[:8]
     env = dict(env)
     dropdb: Callable[[], None] = lambda: None
+    db_cpu = DatabaseCpu(None)
     if backend == "postgresql":
         import psycopg
         name = f"ue_bench_{uuid.uuid4().hex[:8]}"
@@ -123,6 +207,7 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
             admin.execute(f'CREATE DATABASE "{name}"')
         dsn = f"{postgres.rsplit('/', 1)[0]}/{name}"
         url, target = dsn.replace("postgresql://", "postgresql+psycopg://", 1), dsn
+        db_cpu = DatabaseCpu(name)
         env["USEREXPORT_DATABASE_URL"] = url
 
         def dropdb() -> None:
@@ -142,22 +227,24 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
         server = ServerProcess(data_dir, env)
         try:
             for fmt in ("csv", "json"):
-                command = peer_command(backend, fmt, tenant, target, root_only)
+                command = peer_command(backend, fmt, tenant, target)
                 service, peers = [], []
                 for run in range(runs):  # interleaved, so load from elsewhere hits both alike
-                    seconds, written = run_service(server, tenant, fmt, root_only)
+                    ours, written = run_service(server, tenant, fmt, db_cpu)
                     assert written == users, (written, users)
-                    service.append(seconds)
-                    peer_seconds, size = run_peer(command) if peer else (float("nan"), 0)
-                    peers.append(peer_seconds)
-                    print(f"  {backend} {fmt} run {run + 1}: service {seconds:.2f} s, peer {peer_seconds:.2f} s "
-                          f"({size / 1e6:.0f} MB)", flush=True)
-                s, p = statistics.median(service), statistics.median(peers)
-                csv_fields = "root columns of the default" if root_only else "default fields"
-                rows.append(f"| {backend} | {f'CSV, {csv_fields}' if fmt == 'csv' else 'NDJSON, whole user'} "
-                            f"| {s:.2f} s ({min(service):.2f}-{max(service):.2f}) "
-                            f"| {p:.2f} s ({min(peers):.2f}-{max(peers):.2f}) | {s / p:.2f}x |")
-            rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB | | |")
+                    service.append(ours)
+                    theirs, size = run_peer(command, db_cpu) if peer else (Run(*[float("nan")] * 3), 0)
+                    peers.append(theirs)
+                    print(f"  {backend} {fmt} run {run + 1}: service {ours.wall:.2f} s (db {ours.database:.2f}, "
+                          f"server {ours.client:.2f} CPU-s), peer {theirs.wall:.2f} s (db {theirs.database:.2f}, "
+                          f"client {theirs.client:.2f} CPU-s) ({size / 1e6:.0f} MB)", flush=True)
+                rows.append(f"| {backend} | {'CSV, default fields' if fmt == 'csv' else 'NDJSON, whole user'} "
+                            f"| {median_cell(service, 'wall')} | {median_cell(peers, 'wall')} "
+                            f"| {ratio(service, peers, 'wall'):.2f}x "
+                            f"| {median_cell(service, 'database', '')} | {median_cell(peers, 'database', '')} "
+                            f"| {ratio(service, peers, 'database'):.2f}x | {median_cell(service, 'client', '')} "
+                            f"| {median_cell(peers, 'client', '')} |")
+            rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB |")
         finally:
             server.signal(2)
             server.wait(60)
@@ -177,8 +264,6 @@ def main() -> None:
     parser.add_argument("--workers", default="2", help="the server's USEREXPORT_WORKERS (default 2)")
     parser.add_argument("--slice-users", default="100000", help="the server's USEREXPORT_SLICE_USERS (default 100000)")
     parser.add_argument("--no-peer", action="store_true", help="time the service only (e.g. peak RSS at 10M users)")
-    parser.add_argument("--csv-root-only", action="store_true",
-                        help="CSV of the default fields without identities[0].connection (PostgreSQL's COPY path)")
     args = parser.parse_args()
     env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level, "USEREXPORT_WORKERS": args.workers,
            "USEREXPORT_SLICE_USERS": args.slice_users}
@@ -190,11 +275,11 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed: apt-get install {packages[tool]}")
     rows = []
     for backend in backends:
-        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer,
-                              root_only=args.csv_root_only)
+        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer)
     print(f"\n{args.users:,} users, medians of {args.runs} (min-max), {os.cpu_count()} cores, peer with pigz -1 "
           f"-p{os.cpu_count()}, server {' '.join(f'{k}={v}' for k, v in env.items())}")
-    print("| database | export | service | peer | service/peer |\n|---|---|---|---|---|")
+    print("| database | export | service wall | peer wall | wall ratio | service db CPU-s | peer db CPU-s | db ratio "
+          "| server CPU-s | peer client CPU-s |\n|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -1,0 +1,57 @@
+"""The PostgreSQL reader's own connection: it takes the caller's export settings, and a cancelled or
+terminated query surfaces at once as the transient error the worker retries."""
+from __future__ import annotations
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, text
+
+from tests.export.support import MemoryWriter, new_tenant
+from tests.integration.pg_faults import admin_execute
+from userexport_server.api.requests import build_spec
+from userexport_server.db.faults import is_transient_db_error
+from userexport_server.export.engine import run_export
+from userexport_server.export.reader import ColumnReader
+from userexport_server.seed import seed_users
+
+JSON = build_spec(format="json", connection_id=None, limit=None, fields=[])
+
+
+@pytest.fixture(scope="module")
+def seeded(engine: Engine) -> tuple[Engine, str]:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the reader's own connection is PostgreSQL's")
+    tenant = new_tenant()
+    seed_users(engine, tenant=tenant, users=20_000)
+    return engine, tenant
+
+
+def test_the_reader_runs_with_the_callers_statement_timeout(seeded: tuple[Engine, str]) -> None:
+    engine, tenant = seeded
+    with engine.connect() as conn:
+        conn.execute(text("SET LOCAL statement_timeout = 1"))
+        with pytest.raises(psycopg.OperationalError, match="statement timeout"):
+            run_export(conn, tenant, JSON, MemoryWriter())
+
+
+@pytest.mark.parametrize("how", ["cancel", "terminate"])
+def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Engine, str], how: str) -> None:
+    engine, tenant = seeded
+    readers: list[ColumnReader] = []
+    calls: list[int] = []
+
+    def progress(written: int) -> bool:
+        if not calls:
+            if how == "cancel":
+                readers[0].cancel()
+            else:
+                admin_execute("SELECT pg_terminate_backend(%s)", (readers[0].backend_pid,))
+        calls.append(written)
+        return True
+
+    with engine.connect() as conn, pytest.raises(psycopg.OperationalError) as raised:
+        run_export(conn, tenant, JSON, MemoryWriter(), progress=progress, batch_rows=100, on_query=readers.append)
+    assert is_transient_db_error(raised.value)
+    assert calls[-1] < 20_000  # stopped, not read to the end
+    pid = readers[0].backend_pid
+    assert not admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
