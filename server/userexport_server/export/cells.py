@@ -29,7 +29,7 @@ from userexport_server.export.sql import Column
 
 # First characters that make a spreadsheet evaluate a cell; such cells get a leading quote.
 GUARD_CHARS = "=+-@\t\r"
-_GUARDED = "^([" + "".join("\\" + c if c in "-" else c for c in GUARD_CHARS) + "])"
+_GUARDED = "^[" + GUARD_CHARS.replace("-", "\\-") + "]"
 _ISO_MS = "%Y-%m-%dT%H:%M:%S%.3fZ"  # chrono's %.3f truncates, as PostgreSQL's to_char MS did
 # JSON string escapes: backslash, quote, the short forms, \u00XX for the other control characters.
 _SHORT = {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}
@@ -45,9 +45,10 @@ def csv_quote(value: str) -> str:
 
 
 def _csv_string(value: pl.Expr) -> pl.Expr:
-    """The string-cell rule over a column: guarded, inner quotes doubled, quoted; null stays null."""
-    guarded = value.str.replace(_GUARDED, "'$1").str.replace_all('"', '""', literal=True)
-    return pl.concat_str(pl.lit('"'), guarded, pl.lit('"'))
+    """The string-cell rule over a column: guarded, inner quotes doubled, quoted; null stays null.
+    One concatenation with the guard as its own part: a regex replace at the start costs twice as much."""
+    guard = pl.when(value.str.contains(_GUARDED)).then(pl.lit("'")).otherwise(pl.lit(""))
+    return pl.concat_str(pl.lit('"'), guard, value.str.replace_all('"', '""', literal=True), pl.lit('"'))
 
 
 def _json_string(value: pl.Expr) -> pl.Expr:
