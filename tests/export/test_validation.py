@@ -31,15 +31,15 @@ def fields_of(violations: Sequence[Violation]) -> list[str]:
 
 
 @pytest.mark.parametrize("format", [None, "", "CSV", "xml", "ndjson"])
-def test_format_must_be_csv_or_json(format: str | None) -> None:
+def test_format_must_be_one_of_the_apis(format: str | None) -> None:
     [violation] = violations(format=format)
     assert violation.field == "format"
-    expected = f"must be CSV or JSON, got {format}" if format else "is required: CSV or JSON"
+    expected = f"must be CSV or JSON or PARQUET, got {format}" if format else "is required: CSV or JSON or PARQUET"
     assert violation.description == expected
 
 
-@pytest.mark.parametrize("format", ["csv", "json"])
-def test_both_formats_are_accepted(format: str) -> None:
+@pytest.mark.parametrize("format", ["csv", "json", "parquet"])
+def test_every_format_is_accepted(format: str) -> None:
     assert build(format=format).format is Format(format)
 
 

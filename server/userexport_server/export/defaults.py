@@ -16,10 +16,10 @@ DEFAULT_CSV_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("identities[0].connection", "connection"),
 )
 
-# JSON carries every root attribute whole, so an export is a complete, re-importable profile.
+# JSON (and Parquet) carry every root attribute whole, so an export is a complete, re-importable profile.
 DEFAULT_JSON_FIELDS: tuple[FieldSpec, ...] = tuple(FieldSpec(name) for name in ROOT_KINDS)
 
 
 def default_fields(format: Format) -> tuple[FieldSpec, ...]:
     """The fields exported when a request of `format` names none."""
-    return DEFAULT_CSV_FIELDS if format is Format.CSV else DEFAULT_JSON_FIELDS
+    return DEFAULT_CSV_FIELDS if format is Format.CSV else DEFAULT_JSON_FIELDS  # JSON's for Parquet

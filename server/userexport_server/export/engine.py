@@ -1,10 +1,11 @@
 """Run an export: typed columns from the database, cells formatted in columns, gzip, the writer.
 
-The database returns the projection's typed columns (sql.py), read in batches into Arrow by ADBC
-(reader.py); polars formats a whole batch's cells at once (cells.py); ISA-L deflates on its own
+The database returns the projection's typed columns (sql.py), read in batches without Python per
+row (reader.py); polars formats a whole batch's cells at once (cells.py); ISA-L deflates on its own
 threads (`isal.igzip_threaded`, pigz-style: two threads compress blocks primed with the previous
-block's last 32 KiB into one gzip member, a third writes them in order). Python never loops per
-row: per batch it makes a few calls into native code. Bounded batches and queues keep memory flat
+block's last 32 KiB into one gzip member, a third writes them in order). A Parquet export writes
+the typed columns instead (parquet.py). Python never loops per row: per batch it makes a few calls
+into native code. Bounded batches and queues keep memory flat
 whatever the user count. The engine knows nothing of gRPC or jobs: it takes a connection, a spec
 and a writer, and reports progress through a callback.
 """
@@ -14,13 +15,15 @@ import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
+import polars as pl
 from isal import igzip_threaded
 from sqlalchemy import Connection
 
 from userexport_server.export.cells import Formatter
+from userexport_server.export.parquet import ParquetColumns, ParquetStream
 from userexport_server.export.reader import ColumnReader, open_reader
-from userexport_server.export.spec import ExportSpec
-from userexport_server.export.sql import KeyRange, projection
+from userexport_server.export.spec import ExportSpec, Format
+from userexport_server.export.sql import KeyRange, Projection, projection
 
 # Compressed bytes are handed to the writer in pieces at least this big (fewer, larger uploads).
 WRITE_BYTES = 256 * 1024
@@ -58,9 +61,10 @@ def run_export(
     key_range: KeyRange | None = None,
     on_query: Callable[[ColumnReader], None] | None = None,
 ) -> int:
-    """Write `spec`'s export of `tenant` (or one `key_range` of it) to `writer` as one gzip member;
-    return the users written. Only the first range (or the whole export) starts with the CSV header,
-    so members of consecutive ranges concatenate into the whole export.
+    """Write `spec`'s export of `tenant` (or one `key_range` of it) to `writer` as one gzip member
+    (Parquet: one whole file, see parquet.assemble_parquet); return the users written. Only the
+    first range (or the whole export) starts with the CSV header, so members of consecutive ranges
+    concatenate into the whole export.
 
     `progress(users_written)` is called at every multiple of `batch_rows` users and at the end;
     returning False stops the export with ExportCancelled. `on_query(reader)` is called once the
@@ -69,21 +73,22 @@ def run_export(
     aborted: that is the caller's decision.
     """
     query = projection(spec, tenant, conn.dialect.name, key_range)
-    formatter = Formatter(spec, query.columns, query.fields)
+    sink = _Coalesced(writer)
     written = 0
-    with contextlib.closing(open_reader(conn, query)) as reader, _GzipStream(writer, gzip_level) as out:
+    with contextlib.closing(open_reader(conn, query)) as reader, _output(spec, query, sink, gzip_level) as out:
         if on_query is not None:
             on_query(reader)
-        if formatter.header is not None and (key_range is None or key_range.after is None):
-            out.write(formatter.header + formatter.line_end)
+        if key_range is None or key_range.after is None:
+            out.start()
         for frame in reader:
-            out.write(formatter.render(frame))
+            out.write(frame)
             before, written = written, written + frame.height
             for reached in range(before - before % batch_rows + batch_rows, written + 1, batch_rows):
                 _report(progress, reached)
         if written % batch_rows:
             _report(progress, written)
         out.finish()
+    sink.drain()
     return written
 
 
@@ -93,8 +98,8 @@ def _report(progress: Callable[[int], bool] | None, written: int) -> None:
 
 
 class _Coalesced:
-    """The storage writer behind deflate: writes of at least WRITE_BYTES (the last may be smaller),
-    and none at all once the stream is abandoned."""
+    """The storage writer behind the output: writes of at least WRITE_BYTES (the last may be
+    smaller), and none at all once the output is abandoned."""
 
     def __init__(self, writer: Writer) -> None:
         self._writer = writer
@@ -103,6 +108,7 @@ class _Coalesced:
         self.abandoned = False
 
     def write(self, data: bytes) -> int:
+        """Keep `data` for the writer (nothing once abandoned); hand it over once there is enough."""
         if not self.abandoned:
             self._pending.append(bytes(data))
             self._size += len(data)
@@ -111,7 +117,8 @@ class _Coalesced:
         return len(data)
 
     def flush(self) -> None:
-        """Nothing: igzip flushes before its trailer, which would make a small write."""
+        """Nothing: igzip flushes before its trailer, which would make a small write; run_export
+        drains the rest once the output is finished."""
 
     def drain(self) -> None:
         """Hand what is pending to the writer."""
@@ -120,12 +127,80 @@ class _Coalesced:
         self._pending, self._size = [], 0
 
 
+class _Output(Protocol):
+    """Frames in, a file out: `start()` writes what only a whole export's first part begins with,
+    `finish()` the end; leaving the block without finish() abandons it (the sink takes nothing more)."""
+
+    def __enter__(self) -> _Output: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def start(self) -> None: ...
+    def write(self, frame: pl.DataFrame) -> None: ...
+    def finish(self) -> None: ...
+
+
+def _output(spec: ExportSpec, query: Projection, sink: _Coalesced, gzip_level: int) -> _Output:
+    if spec.format is Format.PARQUET:
+        return _ParquetOutput(ParquetColumns(spec, query.columns, query.fields), sink)
+    return _TextOutput(Formatter(spec, query.columns, query.fields), sink, gzip_level)
+
+
+class _ParquetOutput:
+    """A slice's Parquet file (see parquet.py); every part is a whole file, so start() adds nothing."""
+
+    def __init__(self, columns: ParquetColumns, sink: _Coalesced) -> None:
+        self._columns, self._sink = columns, sink
+        self._stream = ParquetStream(columns.schema, sink.write)
+        self._finished = False
+
+    def __enter__(self) -> _ParquetOutput:
+        return self
+
+    def start(self) -> None:
+        pass
+
+    def write(self, frame: pl.DataFrame) -> None:
+        self._stream.write(self._columns.table(frame))
+
+    def finish(self) -> None:
+        self._stream.close()
+        self._finished = True
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self._sink.abandoned = True
+            with contextlib.suppress(Exception):  # the error that got us here is the one to raise
+                self._stream.close()
+
+
+class _TextOutput:
+    """CSV or NDJSON lines through one gzip member; the CSV header starts the whole export."""
+
+    def __init__(self, formatter: Formatter, sink: _Coalesced, gzip_level: int) -> None:
+        self._formatter, self._gzip = formatter, _GzipStream(sink, gzip_level)
+
+    def __enter__(self) -> _TextOutput:
+        return self
+
+    def start(self) -> None:
+        if self._formatter.header is not None:
+            self._gzip.write(self._formatter.header + self._formatter.line_end)
+
+    def write(self, frame: pl.DataFrame) -> None:
+        self._gzip.write(self._formatter.render(frame))
+
+    def finish(self) -> None:
+        self._gzip.finish()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gzip.__exit__(*exc)
+
+
 class _GzipStream:
     """Text in, one gzip member out to the writer; its errors surface at the next write or finish.
     Leaving the block without finish() abandons the stream: no further byte reaches the writer."""
 
-    def __init__(self, writer: Writer, level: int) -> None:
-        self._sink = _Coalesced(writer)
+    def __init__(self, sink: _Coalesced, level: int) -> None:
+        self._sink = sink
         self._gzip = igzip_threaded.open(self._sink, "wb", compresslevel=isal_level(level), threads=DEFLATE_THREADS,
                                          block_size=DEFLATE_BLOCK)
         self._finished = False
@@ -137,9 +212,8 @@ class _GzipStream:
         self._gzip.write(data)
 
     def finish(self) -> None:
-        """Deflate the rest, write the trailer and the last piece; raise the writer's error if any."""
+        """Deflate the rest and write the trailer; raise the writer's error if any."""
         self._gzip.close()
-        self._sink.drain()
         self._finished = True
 
     def __exit__(self, *exc: object) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 class Format(enum.StrEnum):
     CSV = "csv"
     JSON = "json"
+    PARQUET = "parquet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,4 +34,5 @@ class ExportSpec:
 
     @property
     def file_suffix(self) -> str:
-        return f".{self.format.value}.gz"
+        """CSV and NDJSON are gzip text; Parquet compresses inside the file."""
+        return ".parquet" if self.format is Format.PARQUET else f".{self.format.value}.gz"
