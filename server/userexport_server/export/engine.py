@@ -29,7 +29,7 @@ from userexport_server.export.sql import KeyRange, Projection, projection
 WRITE_BYTES = 256 * 1024
 # Threads deflating blocks; with the reading and formatting thread, enough to keep two cores busy.
 DEFLATE_THREADS = 2
-DEFLATE_BLOCK = 1024 * 1024  # bytes per deflated block (igzip_threaded's default)
+DEFLATE_BLOCK = 512 * 1024  # bytes per deflated block (half igzip_threaded's default: memory)
 DEFAULT_BATCH_ROWS = 2000
 
 

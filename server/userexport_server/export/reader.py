@@ -39,7 +39,7 @@ from userexport_server.export.sql import Chunks, Projection
 # Bytes of rows per PostgreSQL batch (the driver's hint) and users per SQLite chunk: big enough
 # that per-batch costs vanish, small enough that two exports stay far below the memory goal.
 PG_BATCH_BYTES = 1024 * 1024
-SQLITE_CHUNK_ROWS = 4000
+SQLITE_CHUNK_ROWS = 2000
 # The export_reads settings the ADBC connection copies from the caller's.
 _MIRRORED = ("statement_timeout", "max_parallel_workers_per_gather", "jit")
 _DATE_TEXT = "%Y-%m-%d %H:%M:%S%.f"  # SQLAlchemy's DateTime text on SQLite (UTC by convention)
