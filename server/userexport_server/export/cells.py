@@ -12,16 +12,15 @@ Rules (SPEC, "The export file"):
   omitted. JSON values are spliced as stored, never re-encoded; strings are escaped the way
   PostgreSQL's to_json and SQLite's json_quote escape them.
 
-A frame becomes text through polars' CSV writer with quoting off: each column is already a
-finished cell (CSV) or the whole line (NDJSON).
+A frame becomes one column of whole lines, whose Arrow values buffer is the text to write.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Union
 
 import polars as pl
+import pyarrow as pa
 
 from userexport_server.export.paths import Kind, Segment, output_keys, parse_path
 from userexport_server.export.spec import ExportSpec, Format
@@ -36,6 +35,7 @@ _SHORT = {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}
 _ESCAPED = ["\\", '"', *map(chr, range(32))]
 _ESCAPES = ["\\\\", '\\"', *(_SHORT.get(c, f"\\u{c:04x}") for c in range(32))]
 _NOT_NULL = frozenset({"user_id"})  # root attributes the schema declares NOT NULL
+_LINE = "line"  # the rendered line's column (frame columns are c<i> and nulls)
 
 
 def csv_quote(value: str) -> str:
@@ -149,10 +149,10 @@ def _insert(tree: _Tree, keys: Sequence[Segment], leaf: _Leaf) -> None:
 
 
 class Formatter:
-    """The cells of one spec, compiled once into polars expressions and applied to every frame."""
+    """The cells of one spec, compiled once into one polars expression of the whole line (line end
+    included) and applied to every frame."""
 
     def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None]) -> None:
-        self.format = spec.format
         value = lambda i: pl.col(f"c{i}")
         if spec.format is Format.CSV:
             self.header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
@@ -162,7 +162,7 @@ class Formatter:
                 # A one-column row whose cell is empty would be a blank line, which readers skip;
                 # write it as "" the way Python's csv module does.
                 cells = [pl.when(cells[0] != "").then(cells[0]).otherwise(pl.lit('""'))]
-            self.exprs = [cell.alias(f"f{n}") for n, cell in enumerate(cells)]
+            line = pl.concat_str(cells, separator=",")
         else:
             self.header, self.line_end = None, b"\n"
             tree: _Tree = {}
@@ -171,13 +171,14 @@ class Formatter:
                     path, column = parse_path(f.name), columns[i]
                     always = column.kind is Kind.STRING and column.path is None and column.root in _NOT_NULL
                     _insert(tree, output_keys(path, f.export_as), (_json_leaf(column, value(i)), always))
-            self.exprs = [json_line(tree).alias("line")]
-        self.names = [expr.meta.output_name() for expr in self.exprs]
+            line = json_line(tree)
+        self._line = pl.concat_str(line, pl.lit(self.line_end.decode())).alias(_LINE)
 
-    def render(self, frame: pl.DataFrame) -> bytes:
-        """The frame's lines, each ending in the format's line end, as UTF-8."""
-        out = io.BytesIO()
-        # with_columns, not select: a literal-only cell (a field no user has) must span every row.
-        frame.with_columns(self.exprs).select(self.names).write_csv(
-            out, include_header=False, quote_style="never", null_value="", line_terminator=self.line_end.decode())
-        return out.getvalue()
+    def render(self, frame: pl.DataFrame) -> memoryview:
+        """The frame's lines, each ending in the format's line end, as UTF-8: the values buffer of
+        the line column in Arrow, which is every line one after the other (a third cheaper than
+        polars' CSV writer copying them out, for NDJSON)."""
+        # with_columns, not select: a literal-only line (no field any user has) must span every row.
+        lines = frame.with_columns(self._line).get_column(_LINE).to_arrow().cast(pa.large_string())
+        offsets = memoryview(lines.buffers()[1]).cast("q")
+        return memoryview(lines.buffers()[2])[offsets[lines.offset]:offsets[lines.offset + len(lines)]]

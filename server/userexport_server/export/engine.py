@@ -208,7 +208,7 @@ class _GzipStream:
     def __enter__(self) -> _GzipStream:
         return self
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._gzip.write(data)
 
     def finish(self) -> None:
