@@ -13,7 +13,7 @@ import sys
 import sqlalchemy.exc
 
 from userexport.client.api import TlsConfig, open_channel
-from userexport.client.cli import add_tls_options, tls_config
+from userexport.client.tls_options import add_tls_options, tls_config
 from userexport_server import logs
 from userexport_server.settings import PREFIX, Settings
 
@@ -131,17 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         target = settings.listen.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
         return health_check(args.target or target, tls)
     if args.command == "seed":
-        from userexport_server.db.engine import make_engine
-        from userexport_server.private_files import make_private_dirs
-        from userexport_server.seed import seed_and_report
+        from userexport_server.seed import seed_database
 
-        make_private_dirs(settings.data_dir)
-        engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
-        try:
-            print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
-                                  start_index=args.start_index))
-        finally:
-            engine.dispose()
+        print(seed_database(settings, tenant=args.tenant, users=args.users, connections=args.connections,
+                            start_index=args.start_index))
         return 0
     os.umask(0o077)  # besides the explicit modes: whatever else the server creates is private too
     try:

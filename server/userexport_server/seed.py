@@ -26,6 +26,7 @@ from sqlalchemy import Engine, text
 
 from userexport_server.db.engine import make_engine, unbounded_statements, write_transaction
 from userexport_server.db.migrate import upgrade
+from userexport_server.private_files import make_private_dirs
 from userexport_server.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -292,15 +293,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     target.add_argument("--data-dir", type=pathlib.Path, help="directory of the default SQLite database")
     args = parser.parse_args(argv)
     settings = Settings.from_env(database_url=args.database_url, data_dir=args.data_dir)
+    print(seed_database(settings, tenant=args.tenant, users=args.users, connections=args.connections,
+                        seed=args.seed, start_index=args.start_index))
+    return 0
+
+
+def seed_database(settings: Settings, *, tenant: str, users: int, connections: int, seed: int = 0,
+                  start_index: int = 0) -> str:
+    """Seed the configured database (the data folder made private first, as the server makes it);
+    returns the report line."""
     if not settings.database_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(settings.data_dir)
     engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
     try:
-        print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
-                              seed=args.seed, start_index=args.start_index))
+        return seed_and_report(engine, tenant=tenant, users=users, connections=connections, seed=seed,
+                               start_index=start_index)
     finally:
         engine.dispose()
-    return 0
 
 
 if __name__ == "__main__":

@@ -180,10 +180,10 @@ def test_a_scrape_answers_without_jobs_while_the_database_is_down_or_hanging(
     monkeypatch.setattr(metrics_module, "JOBS_QUERY_TIMEOUT_SECONDS", 0.2)
     hang = threading.Event()
 
-    def down() -> dict[JobStatus, int]:
+    def down() -> dict[str, int]:
         raise ConnectionRefusedError("the database is down")
 
-    def hanging() -> dict[JobStatus, int]:
+    def hanging() -> dict[str, int]:
         hang.wait(10)
         return {}
 

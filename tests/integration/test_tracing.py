@@ -26,8 +26,8 @@ from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.export.engine import ExportCancelled
 from userexport_server.export.spec import ExportSpec, Format
 from userexport_server.jobs import worker
+from userexport_server.jobs.failures import FAILED_INTERNALLY
 from userexport_server.jobs.model import Job, JobStatus
-from userexport_server.jobs.worker import FAILED_INTERNALLY
 from userexport_server.logs import JsonFormatter
 from userexport_server.settings import Settings
 from userexport_server.tracing import JOB_ID, Tracing
@@ -244,7 +244,7 @@ def test_a_stopped_stage_is_an_event_not_an_error() -> None:
     now = dt.datetime.now(dt.UTC)
     job = Job(id="job_S", tenant="t", status=JobStatus.PROCESSING, version=2, spec=ExportSpec(Format.CSV, ()),
               connection_name=None, created_at=now, updated_at=now, expires_at=now)  # created while tracing was off
-    with pytest.raises(ExportCancelled), tracing.span("slice", job):
+    with pytest.raises(ExportCancelled), tracing.span("slice", (job.id, job.trace_parent)):
         raise ExportCancelled()
     stopped, = spans.get_finished_spans()
     assert stopped.status.is_unset and [event.name for event in stopped.events] == ["stopped"]

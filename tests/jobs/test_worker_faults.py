@@ -99,7 +99,7 @@ def test_sqlite_lock_while_idle_workers_claim_is_survived(make_server, backend: 
     caplog.set_level(logging.ERROR, logger="userexport_server.jobs.worker")
     with exclusive_lock(str(server.data_dir / "userexport.db")):
         deadline = time.monotonic() + 10
-        while "claiming a job failed" not in caplog.text:
+        while "claiming work failed" not in caplog.text:
             assert time.monotonic() < deadline, "no claim ran into the lock"
             time.sleep(0.05)
     assert_still_serving(server, Caller(server, tenant))

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from userexport.backoff import Backoff
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
@@ -36,7 +37,7 @@ _EXPIRED_URL_STATUSES = frozenset({400, 403})
 _COPY_CHUNK_BYTES = 1 << 20
 # watch_job: how long to keep watching again after UNAVAILABLE, and the pauses between tries.
 REATTACH_SECONDS = 60.0
-REATTACH_BACKOFF_FIRST, REATTACH_BACKOFF_MAX = 0.1, 2.0
+REATTACH_BACKOFF = Backoff(initial=0.1, maximum=2.0)
 _Resp = TypeVar("_Resp")
 
 
@@ -253,8 +254,8 @@ class UsersExportClient:
                     raise failure from None
             finally:
                 call.cancel()  # a no-op once the stream has ended; frees it when the caller stops early
-            time.sleep(min(REATTACH_BACKOFF_MAX, REATTACH_BACKOFF_FIRST * 2 ** min(failures, 8)))
             failures += 1
+            time.sleep(REATTACH_BACKOFF.delay(failures))
 
     def list_jobs(
         self,

@@ -6,7 +6,7 @@ a request.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -105,17 +105,23 @@ class NewExport:
     request_id: str | None
 
 
-async def new_export(request: pb.ExportRequest,
-                     connection_name: Callable[[str], Awaitable[str | None]]) -> NewExport:
-    """The request as a NewExport; `connection_name` looks a well-formed connection id up in the
-    caller's tenant (None: it does not exist there)."""
+def connection_to_look_up(request: pb.ExportRequest) -> str | None:
+    """The request's connection id when it is well-formed, for the caller to look up in its tenant
+    before new_export (a malformed one is new_export's violation, and is never looked up)."""
+    connection_id = request.connection_id if request.HasField("connection_id") else None
+    return connection_id if connection_id is not None and matches(CONNECTION_ID, connection_id) else None
+
+
+def new_export(request: pb.ExportRequest, connection_name: str | None) -> NewExport:
+    """The request as a NewExport, or InvalidArgument with every violation; `connection_name` is the
+    name found for connection_to_look_up(request) in the caller's tenant (None: not found)."""
     connection_id = request.connection_id if request.HasField("connection_id") else None
     spec, violations = _export_spec(format=_format_text(request.format), connection_id=connection_id,
                                     limit=request.limit if request.HasField("limit") else None,
                                     fields=[(f.name, f.export_as) for f in request.fields])
     name = None
-    if connection_id is not None and matches(CONNECTION_ID, connection_id):
-        name = await connection_name(connection_id)
+    if connection_to_look_up(request) is not None:
+        name = connection_name
         if name is None:
             violations.append(Violation("connection_id", "The connection does not exist."))
     if request.request_id and not matches(REQUEST_ID, request.request_id):

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, delete, exists, func, insert, or_, select, update
 
-from userexport_server.db.engine import write_transaction
+from userexport_server.db.engine import reading, write_transaction
 from userexport_server.db.models import JobSlice as SliceRow
 from userexport_server.export.sql import KeyRange
 from userexport_server.jobs.model import TERMINAL, Job, JobStatus, now_utc, utc
@@ -93,7 +93,7 @@ class SliceStore:
         return self.store.publish(row, "job planned")
 
     def is_planned(self, job_id: str) -> bool:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(select(exists().where(slices.c.job_id == job_id))).scalar_one()
 
     # --- slices phase --------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class SliceStore:
 
     def parts(self, job_id: str) -> list[Part]:
         """The job's finished parts in key order; all of them, once the job is being assembled."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(slices.c.part_key, slices.c.users_written, slices.c.size_bytes)
                                 .where(slices.c.job_id == job_id, slices.c.status == DONE)
                                 .order_by(slices.c.seq)).all()
@@ -197,7 +197,7 @@ class SliceStore:
         """For the reaper: jobs that ended (cancelled, failed, expired, or completed while their
         assembler died before cleaning up) or are gone, and still have slices, with the keys of
         their parts (never the job's own file, which a one-slice job wrote as its part)."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             ended = select(JOBS.c.id).where(JOBS.c.status.in_([s.value for s in TERMINAL])) \
                 .where(exists().where(slices.c.job_id == JOBS.c.id)).limit(limit).scalar_subquery()
             rows = conn.execute(select(slices.c.job_id, slices.c.part_key, JOBS.c.storage_key)

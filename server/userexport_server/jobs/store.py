@@ -16,7 +16,7 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, select, update
 
-from userexport_server.db.engine import write_transaction
+from userexport_server.db.engine import reading, write_transaction
 from userexport_server.db.models import Connection as ConnectionRow
 from userexport_server.db.models import Job as JobRow
 from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExceeded
@@ -54,18 +54,18 @@ class JobStore:
     # --- reads -------------------------------------------------------------------------------
 
     def get(self, tenant: str, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(JOBS).where(JOBS.c.id == job_id, JOBS.c.tenant == tenant)).first()
         return Job.from_row(row) if row else None
 
     def get_any(self, job_id: str) -> Job | None:
         """For internal use only (events across replicas): no tenant check."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
         return Job.from_row(row) if row else None
 
     def connection_name(self, tenant: str, connection_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(
                 select(ConnectionRow.name).where(ConnectionRow.tenant == tenant, ConnectionRow.id == connection_id)
             ).scalar()
@@ -81,15 +81,16 @@ class JobStore:
             query = query.where(or_(JOBS.c.created_at < created,
                                     and_(JOBS.c.created_at == created, JOBS.c.id < job_id)))
         query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).limit(page_size + 1)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [Job.from_row(r) for r in rows[:page_size]], len(rows) > page_size
 
-    def count_by_status(self) -> dict[JobStatus, int]:
-        """Jobs of every tenant by status, for metrics: one GROUP BY over the status index."""
-        with self.engine.connect() as conn:
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs of every tenant by status (every status, zero included), for metrics: one GROUP BY over
+        the status index."""
+        with reading(self.engine) as conn:
             rows = conn.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status)).all()
-        return {JobStatus(status): count for status, count in rows}
+        return {status.value: 0 for status in JobStatus} | {status: count for status, count in rows}
 
     # --- API-side changes ----------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class JobStore:
         job = Job.from_row(row)
         log.info("job created job_id=%s tenant=%s request_id=%s format=%s connection_id=%s limit=%s fields=%d",
                  job.id, tenant, request_id, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
-        self.bus.publish(job)
+        self.bus.deliver(job)
         return job, True
 
     def cancel(self, tenant: str, job_id: str) -> Job | None:
@@ -265,7 +266,7 @@ class JobStore:
 
     def expired_with_files(self, limit: int = 1000) -> builtins.list[Job]:
         """Expired (or revoked) jobs whose file is not deleted yet: just expired, or a delete failed."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
                                                    JOBS.c.storage_key.is_not(None)).limit(limit)).all()
         return [Job.from_row(row) for row in rows]
@@ -316,7 +317,7 @@ class JobStore:
             log.log(level, "%s job_id=%s tenant=%s status=%s version=%d written=%d/%d error=%s %s", event,
                     job.id, job.tenant, job.status.value, job.version, job.users_written, job.users_total,
                     job.error, details)
-        self.bus.publish(job)
+        self.bus.deliver(job)
         return job
 
 
