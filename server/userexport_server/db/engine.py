@@ -18,6 +18,8 @@ from userexport_server.private_files import create_private_file
 
 # TCP keepalives on every PostgreSQL connection: a database host that vanished is noticed after
 # 10 s idle and 3 probes 5 s apart, instead of libpq's default of about two hours.
+# What an export's reads are called in pg_stat_activity.
+EXPORT_APPLICATION_NAME = "userexport-export"
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
@@ -86,9 +88,11 @@ def export_reads(connection: Connection) -> None:
     """Set this transaction up for an export's reads: no statement timeout (see unbounded_statements)
     and, on PostgreSQL, no parallel plan and no JIT. Slices are the parallelism: each streams one
     range of the index in order, where a parallel plan would sort it (spilling to disk) and every
-    query would first spend about 135 ms compiling its expressions."""
+    query would first spend about 135 ms compiling its expressions. The backend shows as
+    application_name EXPORT_APPLICATION_NAME in pg_stat_activity, so a DBA can tell export reads apart."""
     unbounded_statements(connection)
     if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL application_name = '{EXPORT_APPLICATION_NAME}'")
         connection.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
         connection.exec_driver_sql("SET LOCAL jit = off")
 
