@@ -57,6 +57,9 @@ class ServerHandle(_MintsTokens):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
 
     def stop(self, grace: float = 5.0) -> None:
+        """Stop the server and its loop; a second call does nothing."""
+        if self.loop.is_closed():
+            return
         self.call(self.app.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

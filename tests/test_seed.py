@@ -76,8 +76,11 @@ def test_users_exercise_quoting_and_the_guard(engine: Engine) -> None:
 
 
 def test_console_entry_migrates_then_seeds(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m userexport_server.seed` makes the data folder private (0700), as the server does:
+    it holds the database of user data."""
     assert main(["--users", "50", "--tenant", "acme", "--data-dir", str(tmp_path / "data")]) == 0
     assert "seeded 50 users for tenant 'acme'" in capsys.readouterr().out
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
     seeded = make_engine(f"sqlite:///{tmp_path / 'data' / 'userexport.db'}")
     assert len(users_of(seeded, "acme")) == 50
 
