@@ -21,7 +21,7 @@ class _Context:
 def test_a_status_code_an_int_an_unknown_int_and_none() -> None:
     """grpc.aio reports the enum or its number (metrics used to assume the enum and would have
     failed on a number); an unknown number is UNKNOWN, and no code is None."""
-    assert final_code(_Context(grpc.StatusCode.NOT_FOUND)) is grpc.StatusCode.NOT_FOUND  # type: ignore[arg-type]
-    assert final_code(_Context(5)) is grpc.StatusCode.NOT_FOUND  # type: ignore[arg-type]
-    assert final_code(_Context(99)) is grpc.StatusCode.UNKNOWN  # type: ignore[arg-type]
-    assert final_code(_Context(None)) is None  # type: ignore[arg-type]
+    assert final_code(_Context(grpc.StatusCode.NOT_FOUND)) is grpc.StatusCode.NOT_FOUND
+    assert final_code(_Context(5)) is grpc.StatusCode.NOT_FOUND
+    assert final_code(_Context(99)) is grpc.StatusCode.UNKNOWN
+    assert final_code(_Context(None)) is None

@@ -1,12 +1,14 @@
 """The final gRPC status of a call, as interceptors see it: one rule for metrics and traces."""
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+def final_code(context: Any) -> grpc.StatusCode | None:
     """The status the handler set, None when none: grpc.aio reports it as the enum or as its number
     (an unknown number is UNKNOWN)."""
     code = context.code()
