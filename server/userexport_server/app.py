@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import uuid
 
 import grpc
@@ -26,6 +25,7 @@ from userexport_server.jobs.reaper import Reaper
 from userexport_server.jobs.store import JobStore, Limits
 from userexport_server.jobs.worker import WorkerPool
 from userexport_server.listen import check_free, describe_error
+from userexport_server.logs import EventLog
 from userexport_server.metrics import Metrics
 from userexport_server.private_files import make_private_dirs
 from userexport_server.reflection import enable_server_reflection
@@ -36,7 +36,7 @@ from userexport_server.storage.local import LocalStorage
 from userexport_server.tls import server_credentials
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
 # After the workers are done: how long calls in flight (drained watchers sending their last
 # versions, unary calls) get before the server cancels them.
@@ -147,9 +147,9 @@ class App:
         self.reaper.start()
         await self.monitor.start()
         metrics_port = self.metrics.start()
-        log.info("server started listen=%s port=%d tls=%s database=%s storage=%s workers=%d metrics_port=%d",
-                 settings.listen, self.port, _tls_mode(settings), self.engine.url.render_as_string(hide_password=True),
-                 settings.storage, settings.workers, metrics_port)
+        log.info("server started", listen=settings.listen, port=self.port, tls=_tls_mode(settings),
+                 database=self.engine.url.render_as_string(hide_password=True), storage=settings.storage,
+                 workers=settings.workers, metrics_port=metrics_port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -158,7 +158,7 @@ class App:
         that clients watch again on another replica, and stop the server. Every wait is bounded, and
         parts that never started are skipped."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        log.info("server stopping grace_seconds=%.1f watchers=%d", grace, self.bus.watcher_count())
+        log.info("server stopping", grace_seconds=round(grace, 1), watchers=self.bus.watcher_count())
         await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
         if self.workers is not None:

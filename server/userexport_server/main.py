@@ -17,7 +17,7 @@ from userexport.client.tls_options import add_tls_options, tls_config
 from userexport_server import logs
 from userexport_server.settings import PREFIX, Settings
 
-log = logging.getLogger("userexport_server")
+log = logs.EventLog("userexport_server")
 # What a bad configuration or environment raises while the server starts: each ends the process
 # with one line (the traceback is logged at DEBUG), never a traceback on the operator's screen.
 _STARTUP_ERRORS = (ValueError, OSError, sqlalchemy.exc.SQLAlchemyError)
@@ -55,7 +55,7 @@ async def serve(settings: Settings) -> None:
         app = App(settings)
         await app.start()
     except _STARTUP_ERRORS as exc:
-        log.debug("startup failed", exc_info=True)
+        log.log(logging.DEBUG, "startup failed", exc_info=True)
         raise StartupFailed(_startup_message(exc, settings)) from None
     tune_gc()
     stop = asyncio.Event()

@@ -26,11 +26,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from userexport_server.listen import describe_error, parse_listen
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 from userexport_server.rpc_codes import final_code
 from userexport_server.settings import PREFIX, ConfigError
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 # A scrape waits this long for the jobs-by-status count, then answers without it (Prometheus's own
 # scrape timeout is 10 s by default).
 JOBS_QUERY_TIMEOUT_SECONDS = 2.0
@@ -158,8 +158,7 @@ class _JobsCollector(Collector):
         try:
             counts = running.result(timeout=JOBS_QUERY_TIMEOUT_SECONDS)
         except Exception as exc:
-            self._limited_log.log(logging.WARNING, "jobs", "metrics left out jobs by status error=%s",
-                                  type(exc).__name__)
+            self._limited_log.log(logging.WARNING, "jobs", "metrics left out jobs by status", error=type(exc).__name__)
             return []
         for status, count in counts.items():
             family.add_metric([status], count)

@@ -18,7 +18,7 @@ from tests.integration.support import Caller, error_reason, violations
 from tests.integration.test_auth import call_get, hs256
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.api.servicer import SERVICE
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 
 METHODS = list(SERVICE.methods)
 UNKNOWN_FIELD_100 = b"\xa0\x06\x01"  # field 100, varint 1
@@ -140,21 +140,21 @@ def test_bad_requests_log_no_traceback_and_a_bounded_number_of_lines(
         assert refusal(caller, method, raw).code() == grpc.StatusCode.INVALID_ARGUMENT
     records = [r for r in caplog.records if r.name.startswith(("userexport", "grpc"))]
     assert not [r for r in records if r.exc_info or "Traceback" in r.getMessage()], records
-    limit = RateLimitedLog(logging.getLogger()).limit
+    limit = RateLimitedLog(EventLog("test")).limit
     assert len(records) <= len(kinds) * (limit + 1), [r.getMessage() for r in records]
 
 
 def test_the_rate_limited_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
-    limited = RateLimitedLog(logging.getLogger("test.limited"), limit=3, window=60, clock=lambda: now[0])
+    limited = RateLimitedLog(EventLog("test.limited"), limit=3, window=60, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="test.limited"):
         for i in range(50):
-            limited.log(logging.INFO, "k", "line %d", i)
+            limited.log(logging.INFO, "k", "line", n=i)
         limited.log(logging.INFO, "other", "another key is counted apart")
         now[0] = 61.0
         limited.log(logging.INFO, "k", "after the window")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages[:3] == ["line 0", "line 1", "line 2"]
+    assert messages[:3] == ["line n=0", "line n=1", "line n=2"]
     assert "log rate limit reached key=k" in messages[3]
     assert messages[4] == "another key is counted apart"
     assert messages[5].startswith("log lines suppressed key=k count=47")

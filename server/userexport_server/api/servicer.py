@@ -29,11 +29,11 @@ from userexport_server.jobs.events import Draining, EventBus
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.store import JobStore
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 from userexport_server.storage.base import Storage
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
 # Repeated refusals and failures are logged at a bounded rate, keyed by method and reason.
 _limited_log = RateLimitedLog(log)
@@ -58,8 +58,8 @@ async def _as_status(context: grpc.aio.ServicerContext, method: str) -> AsyncIte
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as error:
-        _limited_log.log(logging.ERROR, f"{method}:{type(error).__name__}", "rpc failed method=%s error=%r",
-                         method, error, exc_info=error)
+        _limited_log.log(logging.ERROR, f"{method}:{type(error).__name__}", "rpc failed", method=method, error=error,
+                         exc_info=error)
         status = to_grpc_status(ServiceError("Internal error; it was logged. Retry later."))
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -100,8 +100,8 @@ def _parse(method: str, request_class: type[Message], raw: bytes, context: grpc.
     try:
         return requests.parse_request(request_class, raw)
     except InvalidArgument as error:
-        _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused method=%s reason=%s peer=%s "
-                         "bytes=%d", method, error.reason, context.peer(), len(raw))
+        _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused", method=method,
+                         reason=error.reason, peer=context.peer(), bytes=len(raw))
         raise
 
 
@@ -153,8 +153,7 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
             return await loop.run_in_executor(self._pools[pool], call)
         except DatabaseUnavailable as error:
             name = getattr(function, "__qualname__", pool)
-            _limited_log.log(logging.WARNING, f"unavailable:{name}", "database unavailable call=%s error=%s", name,
-                             error)
+            _limited_log.log(logging.WARNING, f"unavailable:{name}", "database unavailable", call=name, error=error)
             raise Unavailable("The database is busy or unreachable; retry in a moment.") from error
 
     async def principal(self, context: grpc.aio.ServicerContext, scopes: frozenset[str]) -> Principal:

@@ -16,7 +16,6 @@ job id, version and status, which is all a notification carries. On PostgreSQL t
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 
 from userexport_server.jobs.cache import JobCache
 from userexport_server.jobs.model import Job, JobStatus
+from userexport_server.logs import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +171,7 @@ class EventBus:
             try:
                 observer(change)
             except Exception:
-                log.exception("event observer failed job_id=%s version=%d", change.job_id, change.version)
+                log.exception("event observer failed", job_id=change.job_id, version=change.version)
 
     def _fan_out(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         with self._lock:

@@ -3,7 +3,6 @@ or storage's, else the job fails with a message that names the cause and nothing
 the last write of any work, retried over database faults before it is left to lease rescue."""
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,9 +13,10 @@ from userexport_server.errors import StorageError
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.retry import retry_transient
 from userexport_server.jobs.store import JobStore
+from userexport_server.logs import EventLog
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 T = TypeVar("T")
 
 FAILED_INTERNALLY = "The export failed because of an internal error; it is logged under this job's id."
@@ -51,18 +51,18 @@ class FailurePolicy:
         elif isinstance(error, DatabaseUnavailable):
             cause = DATABASE_UNAVAILABLE
         else:
-            log.exception("export failed job_id=%s tenant=%s", job.id, job.tenant)
+            log.exception("export failed", job_id=job.id, tenant=job.tenant)
             self.fail(job, FAILED_INTERNALLY)
             return
         if attempts < self.attempts:
             delay = JOB_RETRY_BACKOFF.delay(attempts)
-            log.warning("export attempt failed, will retry job_id=%s tenant=%s attempt=%d/%d retry_in_seconds=%.1f "
-                        "cause=%r error=%s", job.id, job.tenant, attempts, self.attempts, delay, cause, error)
+            log.warning("export attempt failed, will retry", job_id=job.id, tenant=job.tenant,
+                        attempt=f"{attempts}/{self.attempts}", retry_in_seconds=round(delay, 1), cause=cause,
+                        error=error)
             self.stopping.wait(delay)  # the heartbeat keeps the lease meanwhile
             self.final_write(job, "hand back", retry)
             return
-        log.error("export failed job_id=%s tenant=%s attempts=%d cause=%r error=%s", job.id, job.tenant,
-                  attempts, cause, error)
+        log.error("export failed", job_id=job.id, tenant=job.tenant, attempts=attempts, cause=cause, error=error)
         self.fail(job, f"The export failed after {attempts} attempt{'s' * (attempts != 1)}: {cause}")
 
     def fail(self, job: Job, message: str) -> None:
@@ -73,12 +73,11 @@ class FailurePolicy:
         """A last write of some work, retried over database faults; if it still cannot be made, the
         work keeps its lease until it lapses and another claim takes it over."""
         try:
-            return retry_transient(write, what=f"{what} job_id={job.id}", attempts=FINAL_WRITE_ATTEMPTS,
+            return retry_transient(write, what=what, job_id=job.id, attempts=FINAL_WRITE_ATTEMPTS,
                                    backoff=FINAL_WRITE_BACKOFF)
         except DatabaseUnavailable as error:
-            log.error("%s could not be written, left to lease rescue job_id=%s tenant=%s error=%s", what,
-                      job.id, job.tenant, error)
+            log.error(f"{what} could not be written, left to lease rescue", job_id=job.id, tenant=job.tenant,
+                      error=error)
         except Exception:
-            log.exception("%s could not be written, left to lease rescue job_id=%s tenant=%s", what, job.id,
-                          job.tenant)
+            log.exception(f"{what} could not be written, left to lease rescue", job_id=job.id, tenant=job.tenant)
         return UNWRITTEN

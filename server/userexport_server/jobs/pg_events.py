@@ -26,9 +26,9 @@ from userexport.backoff import Backoff
 from userexport_server.identifiers import JOB_ID
 from userexport_server.jobs.events import EventBus, JobChange
 from userexport_server.jobs.model import Job, JobStatus
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 CHANNEL = "userexport_jobs"
 # `<origin>:<job id>:<version>:<status>`, as the trigger writes it; anything else is dropped.
 PAYLOAD = re.compile(rf"(?P<origin>[0-9a-f]{{12}})?:(?P<job_id>{JOB_ID.strip('^$')}):"
@@ -66,7 +66,7 @@ class PgListener:
         self._thread = threading.Thread(target=self._listen_forever, name="pg-listener", daemon=True)
         self._thread.start()
         if not self._ready.wait(ready_timeout):
-            log.warning("pg listener not ready after %.0f s; health says so until it is", ready_timeout)
+            log.warning("pg listener not ready; health says so until it is", waited_seconds=ready_timeout)
 
     def healthy(self) -> str | None:
         if self._thread is None or not self._thread.is_alive():
@@ -88,7 +88,7 @@ class PgListener:
                     # Notifications sent while no LISTEN was in place are gone: what the cache
                     # holds may be old (it was bypassed meanwhile).
                     if self.bus.healthy() is not None:
-                        log.info("pg listener listening channel=%s origin=%s", CHANNEL, self.origin)
+                        log.info("pg listener listening", channel=CHANNEL, origin=self.origin)
                     self.bus.feed_restored()
                     self._ready.set()
                     failures = 0
@@ -100,7 +100,7 @@ class PgListener:
             except psycopg.Error as exc:
                 error = " ".join(str(exc).split())  # libpq's messages span lines; a log line must not
                 self.bus.feed_lost(f"event listener has no database connection: {error}")
-                log.warning("pg listener lost its connection error=%s", error)
+                log.warning("pg listener lost its connection", error=error)
             except Exception as exc:
                 self.bus.feed_lost(f"event listener failed: {exc!r}")
                 log.exception("pg listener failed")
@@ -114,9 +114,8 @@ class PgListener:
         try:
             found = PAYLOAD.fullmatch(payload) if len(payload) <= MAX_PAYLOAD_CHARS else None
             if found is None:
-                self._limited_log.log(logging.WARNING, "malformed", "pg listener dropped a malformed notification "
-                                      "channel=%s payload=%r length=%d", CHANNEL, payload[:MAX_PAYLOAD_CHARS],
-                                      len(payload))
+                self._limited_log.log(logging.WARNING, "malformed", "pg listener dropped a malformed notification",
+                                      channel=CHANNEL, payload=payload[:MAX_PAYLOAD_CHARS], length=len(payload))
                 return
             if found["origin"] == self.origin:
                 return
@@ -127,8 +126,8 @@ class PgListener:
                 if job is not None and self.on_delivered is not None:
                     self.on_delivered(job.updated_at.timestamp())
         except Exception as exc:
-            self._limited_log.log(logging.ERROR, "handle", "pg listener could not handle a notification payload=%r",
-                                  payload[:MAX_PAYLOAD_CHARS], exc_info=exc)
+            self._limited_log.log(logging.ERROR, "handle", "pg listener could not handle a notification",
+                                  payload=payload[:MAX_PAYLOAD_CHARS], exc_info=exc)
 
     def _resync(self) -> None:
         """After (re)connecting, notifications may have been missed: refresh every watched job, so no
@@ -148,8 +147,8 @@ class PgListener:
             job = self.load(job_id)
         except Exception as exc:
             self._stale.add(job_id)
-            self._limited_log.log(logging.WARNING, "reload", "reloading a job for its watchers failed job_id=%s "
-                                  "error=%r retry_in=%.1fs", job_id, exc, TICK_SECONDS)
+            self._limited_log.log(logging.WARNING, "reload", "reloading a job for its watchers failed", job_id=job_id,
+                                  error=exc, retry_in_seconds=TICK_SECONDS)
             return None
         self._stale.discard(job_id)
         if job is not None:

@@ -23,12 +23,12 @@ from userexport_server.jobs.planning import PlanningStore
 from userexport_server.jobs.runs import Run, Runs
 from userexport_server.jobs.slices import Slice, SliceStore
 from userexport_server.jobs.store import JobStore
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 from userexport_server.metrics import Metrics
 from userexport_server.storage.base import ObjectWriter, Storage, object_key
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 _limited_log = RateLimitedLog(log, limit=1)
 # A slice writes progress at most this often (and at least once a second while rows flow): each
 # write is a transaction and a message to every watcher, and on 2 cores every message to 1,000
@@ -68,8 +68,8 @@ class _SliceProgress:
             except Exception as error:
                 # Progress is for watchers; what counts is the final write, and the lease, which
                 # follows the rows read, not these writes: a stalled database slows progress only.
-                _limited_log.log(logging.WARNING, "progress", "progress write failed, export goes on job_id=%s "
-                                 "slice=%d error=%s", self.piece.job_id, self.piece.seq, error)
+                _limited_log.log(logging.WARNING, "progress", "progress write failed, export goes on",
+                                 job_id=self.piece.job_id, slice=self.piece.seq, error=error)
                 self.last_write = now + PROGRESS_RETRY_SECONDS
                 return True
             if job is None:
@@ -121,8 +121,7 @@ class Phases:
                     return
                 if HAND_BACK.intersection(run.reasons):
                     self.policy.final_write(job, "release", lambda: self._hand_back_job(job, planned))
-                log.info("job stopped job_id=%s tenant=%s work=%s reason=%s", job.id, job.tenant, work,
-                         ",".join(run.reasons))
+                log.info("job stopped", job_id=job.id, tenant=job.tenant, work=work, reason=",".join(run.reasons))
 
     def _plan(self, job: Job, run: Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
@@ -162,8 +161,8 @@ class Phases:
             self._discard(job, key)
         else:
             self.tracing.ended("completed", _ref(job), {"userexport.users": written, "userexport.bytes": size})
-            log.info("export done job_id=%s tenant=%s users=%d parts=%d bytes=%d assemble_seconds=%.2f", job.id,
-                     job.tenant, written, len(parts), size, time.monotonic() - started)
+            log.info("export done", job_id=job.id, tenant=job.tenant, users=written, parts=len(parts), bytes=size,
+                     assemble_seconds=round(time.monotonic() - started, 2))
             if done.started_at is not None and done.finished_at is not None:
                 self.metrics.export_done((done.finished_at - done.started_at).total_seconds())
         self._clear_leftovers(job, [source for source in sources if source != key])
@@ -176,8 +175,8 @@ class Phases:
                 self.storage.delete(part)
             self.slices.forget(job.id)
         except Exception as error:
-            log.warning("deleting export parts failed job_id=%s tenant=%s error=%s; the reaper retries", job.id,
-                        job.tenant, error)
+            log.warning("deleting export parts failed; the reaper retries", job_id=job.id, tenant=job.tenant,
+                        error=error)
 
     # --- a slice -------------------------------------------------------------------------------
 
@@ -198,8 +197,8 @@ class Phases:
                     return
                 if HAND_BACK.intersection(run.reasons):
                     self.policy.final_write(job, "slice hand back", lambda: self.slices.hand_back(piece))
-                log.info("slice stopped job_id=%s tenant=%s slice=%d reason=%s", job.id, job.tenant, piece.seq,
-                         ",".join(run.reasons))
+                log.info("slice stopped", job_id=job.id, tenant=job.tenant, slice=piece.seq,
+                         reason=",".join(run.reasons))
                 return
             outcome = self.policy.final_write(job, "slice done", lambda: self.slices.finish(
                 piece, part_key=key, written=written, size_bytes=size))
@@ -207,8 +206,8 @@ class Phases:
                 return  # the slice's lease lapses and another worker exports it again
             recorded, assemble = outcome
             seconds = time.monotonic() - started
-            log.info("slice done job_id=%s tenant=%s slice=%d users=%d seconds=%.2f recorded=%s", job.id,
-                     job.tenant, piece.seq, written, seconds, recorded)
+            log.info("slice done", job_id=job.id, tenant=job.tenant, slice=piece.seq, users=written,
+                     seconds=round(seconds, 2), recorded=recorded)
             if not recorded:
                 self._discard(job, key)
                 return
@@ -254,10 +253,9 @@ class Phases:
                                         (not current.status.is_terminal and key.endswith(job.filename))):
                 return
             self.storage.delete(key)
-            log.info("export output discarded job_id=%s tenant=%s key=%s", job.id, job.tenant, key)
+            log.info("export output discarded", job_id=job.id, tenant=job.tenant, key=key)
         except Exception as error:  # the orphan sweep deletes it later
-            log.error("discarding export output failed job_id=%s tenant=%s key=%s error=%s", job.id, job.tenant,
-                      key, error)
+            log.error("discarding export output failed", job_id=job.id, tenant=job.tenant, key=key, error=error)
 
 
 def _ref(job: Job) -> tuple[str, str | None]:

@@ -6,7 +6,6 @@ at the next round, so one failure neither stops the others nor kills the thread.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,9 +16,10 @@ from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus
 from userexport_server.jobs.slices import SliceStore
 from userexport_server.jobs.store import JobStore
+from userexport_server.logs import EventLog
 from userexport_server.storage.base import Storage, StoredEntry
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 class Reaper:
@@ -47,7 +47,7 @@ class Reaper:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("reaper did not stop within %.0f s; left behind", timeout)
+                log.warning("reaper did not stop in time; left behind", waited_seconds=timeout)
 
     def run_once(self) -> None:
         steps: tuple[tuple[str, Callable[[], object]], ...] = (
@@ -59,9 +59,9 @@ class Reaper:
             try:
                 step()
             except (DatabaseUnavailable, StorageError) as exc:  # expected while either is away: no traceback
-                log.warning("reaper step failed step=%s error=%s; retried next round", name, exc)
+                log.warning("reaper step failed; retried next round", step=name, error=exc)
             except Exception:
-                log.exception("reaper step failed step=%s", name)
+                log.exception("reaper step failed", step=name)
 
     def delete_expired_files(self) -> int:
         """Delete the files of expired and revoked jobs; one that fails keeps its key and is retried."""
@@ -75,7 +75,7 @@ class Reaper:
             for key in keys:
                 self.storage.delete(key)
             self.slices.forget(job_id)
-            log.info("slice parts deleted job_id=%s parts=%d", job_id, len(keys))
+            log.info("slice parts deleted", job_id=job_id, parts=len(keys))
             cleared += 1
         return cleared
 
@@ -83,7 +83,7 @@ class Reaper:
         """Remove what no job needs (see `_keep`); returns how many files and folders went."""
         removed = self.storage.sweep(self._keeper())
         if removed:
-            log.info("orphan sweep removed count=%d", removed)
+            log.info("orphan sweep removed", count=removed)
         return removed
 
     def _sweep_when_due(self) -> None:

@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 
 from userexport_server.db.faults import DatabaseUnavailable
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 # A failed renewal is expected while the database is away: a line per run and minute is enough.
 _limited_log = RateLimitedLog(log, limit=1)
 
@@ -56,7 +56,7 @@ class Run:
                 try:
                     cancel()
                 except Exception:
-                    log.exception("cancelling work failed job_id=%s work=%s", self.job_id, self.work)
+                    log.exception("cancelling work failed", job_id=self.job_id, work=self.work)
 
     @contextlib.contextmanager
     def cancellable(self, cancel: Callable[[], None]) -> Iterator[None]:
@@ -131,21 +131,21 @@ class Runs:
         while not run.stop.wait(self.interval):
             idle = run.idle_seconds()
             if idle > self.stall_seconds:
-                log.warning("work stalled, cancelled and handed back job_id=%s work=%s idle_seconds=%.1f",
-                            run.job_id, run.work, idle)
+                log.warning("work stalled, cancelled and handed back", job_id=run.job_id, work=run.work,
+                            idle_seconds=round(idle, 1))
                 run.cancel("stalled")
                 return
             try:
                 held = renew()
             except DatabaseUnavailable as error:  # the next beat retries, well within the lease
-                _limited_log.log(logging.WARNING, "renew", "lease renewal failed job_id=%s work=%s error=%s",
-                                 run.job_id, run.work, error)
+                _limited_log.log(logging.WARNING, "renew", "lease renewal failed", job_id=run.job_id, work=run.work,
+                                 error=error)
                 continue
             except Exception as error:
-                _limited_log.log(logging.ERROR, "renew-error", "lease renewal failed job_id=%s work=%s",
-                                 run.job_id, run.work, exc_info=error)
+                _limited_log.log(logging.ERROR, "renew-error", "lease renewal failed", job_id=run.job_id, work=run.work,
+                                 exc_info=error)
                 continue
             if not held:
-                log.info("lease lost, work cancelled job_id=%s work=%s", run.job_id, run.work)
+                log.info("lease lost, work cancelled", job_id=run.job_id, work=run.work)
                 run.cancel("lease lost")
                 return

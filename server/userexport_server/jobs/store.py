@@ -23,8 +23,9 @@ from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExc
 from userexport_server.export.spec import ExportSpec
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
+from userexport_server.logs import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 JOBS = cast(Table, JobRow.__table__)
 
 
@@ -130,8 +131,8 @@ class JobStore:
             )
             row = conn.execute(JOBS.insert().values(**values).returning(*JOBS.c)).one()
         job = Job.from_row(row)
-        log.info("job created job_id=%s tenant=%s request_id=%s format=%s connection_id=%s limit=%s fields=%d",
-                 job.id, tenant, request_id, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
+        log.info("job created", job_id=job.id, tenant=tenant, request_id=request_id, format=spec.format.value,
+                 connection_id=spec.connection_id, limit=spec.limit, fields=len(spec.fields))
         self.bus.deliver(job)
         return job, True
 
@@ -294,7 +295,7 @@ class JobStore:
             result = conn.execute(delete(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
                                                      JOBS.c.expires_at <= cutoff, JOBS.c.storage_key.is_(None)))
         if result.rowcount:
-            log.info("jobs purged count=%d", result.rowcount)
+            log.info("jobs purged", count=result.rowcount)
         return result.rowcount
 
     # --- helpers -------------------------------------------------------------------------------
@@ -313,10 +314,8 @@ class JobStore:
     def _published_job(self, job: Job, event: str, **extra: Any) -> Job:
         level = logging.DEBUG if event == "job progress" else logging.INFO
         if log.isEnabledFor(level):
-            details = " ".join(f"{k}={v}" for k, v in extra.items())
-            log.log(level, "%s job_id=%s tenant=%s status=%s version=%d written=%d/%d error=%s %s", event,
-                    job.id, job.tenant, job.status.value, job.version, job.users_written, job.users_total,
-                    job.error, details)
+            log.log(level, event, job_id=job.id, tenant=job.tenant, status=job.status.value, version=job.version,
+                    written=f"{job.users_written}/{job.users_total}", error=job.error, **extra)
         self.bus.deliver(job)
         return job
 

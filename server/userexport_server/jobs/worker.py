@@ -2,7 +2,6 @@
 never waits longer than its grace period plus a few seconds."""
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -18,11 +17,12 @@ from userexport_server.jobs.phases import Phases
 from userexport_server.jobs.runs import Runs
 from userexport_server.jobs.slices import Slice, SliceStore
 from userexport_server.jobs.store import JobStore
+from userexport_server.logs import EventLog
 from userexport_server.metrics import Metrics
 from userexport_server.storage.base import Storage
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 # Between failed claims.
 CLAIM_BACKOFF = Backoff(initial=0.5, maximum=30.0)
 # After the grace period, how long stopped work gets to hand itself back before shutdown goes on.
@@ -62,8 +62,7 @@ class WorkerPool:
                          for i in range(self.workers)]
         for thread in self._threads:
             thread.start()
-        log.info("workers started owner=%s count=%d slice_users=%d", self.owner, self.workers,
-                 self.phases.slice_users)
+        log.info("workers started", owner=self.owner, count=self.workers, slice_users=self.phases.slice_users)
 
     def wake(self) -> None:
         """Work may wait: idle workers claim now rather than at their next poll."""
@@ -99,8 +98,8 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = [thread.name for thread in self._threads if thread.is_alive()]
         if stuck:
-            log.error("workers did not stop in time, left behind owner=%s threads=%s", self.owner, ",".join(stuck))
-        log.info("workers stopped owner=%s cancelled_runs=%d", self.owner, stopped)
+            log.error("workers did not stop in time, left behind", owner=self.owner, threads=",".join(stuck))
+        log.info("workers stopped", owner=self.owner, cancelled_runs=stopped)
 
     def _on_change(self, change: JobChange) -> None:
         """A job was created (here or elsewhere): claim it; it ended: stop its work here at once."""
@@ -123,8 +122,8 @@ class WorkerPool:
             except Exception as error:
                 failures += 1
                 delay = CLAIM_BACKOFF.delay(failures)
-                log.error("claiming work failed owner=%s failures=%d retry_in_seconds=%.1f error=%s", self.owner,
-                          failures, delay, error, exc_info=not isinstance(error, DatabaseUnavailable))
+                log.error("claiming work failed", owner=self.owner, failures=failures, retry_in_seconds=round(delay, 1),
+                          error=error, exc_info=not isinstance(error, DatabaseUnavailable))
                 self._stopping.wait(delay)
                 continue
             failures = 0
@@ -147,7 +146,7 @@ class WorkerPool:
                     self.wake()  # a worker that found no free slot may take the next slice now
         except Exception:  # the phases handle their errors; this is the last line, so the thread lives
             failed = job or (piece[1] if piece else None)
-            log.exception("export worker error job_id=%s", failed.id if failed else None)
+            log.exception("export worker error", job_id=failed.id if failed else None)
 
     def _claim_slice(self, owner: str) -> tuple[Slice, Job] | None:
         """A slice, holding one of this process's slice slots (released by _run), or None."""
