@@ -117,6 +117,7 @@ class App:
         # Port reuse off: with it on (grpcio's default) a second server binds a port in use and
         # takes half the calls.
         self.tracing.start()
+        await asyncio.to_thread(self.storage.start)  # the local backend binds its download server here
         self.server = grpc.aio.server(interceptors=[*self.tracing.interceptors(), self.metrics.interceptor],
                                       options=[("grpc.max_receive_message_length", settings.max_request_bytes),
                                                ("grpc.so_reuseport", 0), *BURST_OPTIONS])

@@ -29,6 +29,7 @@ KEY = object_key("acme", "job_0123456789abcdef", "acme.csv.gz")
 @pytest.fixture
 def storage(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     local = LocalStorage(tmp_path / "files", b"test-secret", listen="127.0.0.1:0")
+    local.start()
     yield local
     local.close()
 
@@ -81,6 +82,7 @@ def test_head_sends_headers_only(storage: LocalStorage) -> None:
 def test_public_url_is_the_base_of_signed_urls(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"s", listen="127.0.0.1:0", public_url="https://files.example.com/")
     try:
+        local.start()
         assert local.sign_url(KEY, 60)[0].startswith(f"https://files.example.com/files/{KEY}?expires=")
     finally:
         local.close()
@@ -263,6 +265,7 @@ def test_delete(storage: LocalStorage) -> None:
 
 def test_close_stops_the_server(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"s", listen="127.0.0.1:0")
+    local.start()
     port = local.port
     local.close()
     local.close()
@@ -307,6 +310,7 @@ def test_make_storage_local(tmp_path: pathlib.Path) -> None:
     settings = Settings(data_dir=tmp_path, files_listen="127.0.0.1:0")
     first = make_storage(settings)
     try:
+        first.start()
         assert isinstance(first, LocalStorage)
         put(first, KEY, b"data")
         assert (tmp_path / "files" / KEY).read_bytes() == b"data"
@@ -315,6 +319,7 @@ def test_make_storage_local(tmp_path: pathlib.Path) -> None:
         first.close()
     restarted = make_storage(settings)  # the same secret file: links survive a restart
     try:
+        restarted.start()
         assert isinstance(restarted, LocalStorage)
         assert fetch(url.replace(first.base_url, restarted.base_url))[2] == b"data"
     finally:
@@ -331,6 +336,7 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
         pytest.skip("no IPv6")
     try:
         local = LocalStorage(tmp_path, b"s", listen="[::1]:0")
+        local.start()
     except OSError:
         pytest.skip("IPv6 loopback unavailable")
     try:
@@ -344,4 +350,4 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
 
 def test_listen_address_in_use_names_the_address(storage: LocalStorage, tmp_path: pathlib.Path) -> None:
     with pytest.raises(OSError, match=f"cannot serve file downloads on 127.0.0.1:{storage.port}"):
-        LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}")
+        LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}").start()

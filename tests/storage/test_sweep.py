@@ -47,6 +47,7 @@ def test_local_sweep_sees_partial_files_of_an_unfinished_writer(tmp_path: pathli
     the sweep reports as partial and deletes when refused; a directory in its place is left alone."""
     storage = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")
     try:
+        storage.start()
         writer = storage.open_writer(f"t/{ORPHAN}/t.json.gz", "t.json.gz")
         writer.write(b"half an export")
         (tmp_path / "files" / "t" / LIVE / "t.json.gz").mkdir(parents=True)  # not a file: not ours to judge

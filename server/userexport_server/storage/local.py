@@ -28,6 +28,8 @@ from userexport_server.private_files import make_private_dirs
 from userexport_server.storage.base import (
     ObjectExistsError,
     StoredEntry,
+    delete_each,
+    leftovers_scope,
     validate_combine_args,
     validate_key,
     validate_writer_args,
@@ -54,6 +56,8 @@ class LocalStorage:
 
     `public_url` is the base put into signed URLs when clients reach the server through another
     address (a proxy, a published port); by default it is http://<bound host>:<bound port>.
+    Building one touches nothing (an App may be built and never started, or started later);
+    start() creates the root folder and binds, and URLs are signed only after it.
     """
 
     signs_locally = True  # an HMAC with the secret at hand
@@ -62,15 +66,27 @@ class LocalStorage:
                  limits: DownloadLimits | None = None) -> None:
         self.root = root
         self._secret = secret
-        make_private_dirs(self.root)
-        self._real_root = root.resolve()
+        self._real_root = root.absolute()  # resolved by start(), once the folder exists
         self._server = DownloadServer(listen, self._authorize, self._open_for_download,
                                       limits or DownloadLimits())
+        self._public_url = public_url.rstrip("/")
+        self._started = False
+        self.port = 0  # the bound port, after start()
+        self.base_url = ""  # what signed URLs start with, after start()
+
+    def start(self) -> None:
+        """Create the root folder and serve downloads on a thread of its own; OSError (naming the
+        address) when the port cannot be bound. Once only: a second call does nothing."""
+        if self._started:
+            return
+        make_private_dirs(self.root)
+        self._real_root = self.root.resolve()
         self._server.start()
+        self._started = True
         bound_host, bound_port = self._server.address
-        self.port: int = bound_port
-        self.base_url = (public_url or f"http://{_url_host(str(bound_host))}:{bound_port}").rstrip("/")
-        log.info("local storage serving root=%s listen=%s:%d base_url=%s", root, bound_host, bound_port,
+        self.port = bound_port
+        self.base_url = self._public_url or f"http://{_url_host(str(bound_host))}:{bound_port}"
+        log.info("local storage serving root=%s listen=%s:%d base_url=%s", self.root, bound_host, bound_port,
                  self.base_url)
 
     def open_writer(self, key: str, filename: str) -> LocalWriter:
@@ -93,13 +109,36 @@ class LocalStorage:
 
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         validate_key(key)
+        if not self._started:  # the URL names the bound port
+            raise RuntimeError("LocalStorage.start() must be called before URLs are signed")
         expires = math.ceil(time.time()) + ttl_seconds  # whole seconds, never shorter than asked
         query = urllib.parse.urlencode({"expires": expires, "signature": self._signature(key, str(expires))})
         return (f"{self.base_url}{PREFIX}{key}?{query}",
                 dt.datetime.fromtimestamp(expires, dt.UTC))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        _delete_file(self._path(key))
+
+    def delete_leftovers(self, tenant: str, job_id: str, keep: str | None) -> int:
+        """See Storage.delete_leftovers: every file in the job's folder (partial `.tmp-` files,
+        slices, any other) but `keep`; a folder in it is not ours and stays."""
+        prefix, keep = leftovers_scope(tenant, job_id, keep)
+        folder = self.root / prefix
+        try:
+            with os.scandir(folder) as listing:
+                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise _storage_error("listing", folder, exc, "Listing the job's files") from exc
+        kept = keep.rsplit("/", 1)[-1] if keep is not None else None
+        try:
+            removed = delete_each((name for name in names if name != kept), lambda name: _delete_file(folder / name))
+        finally:
+            if keep is None:
+                _remove_empty_folder(folder)
+        log.info("job leftovers deleted folder=%s kept=%s count=%d", prefix, kept, removed)
+        return removed
 
     def sweep(self, keep: Callable[[StoredEntry], bool]) -> int:
         """See Storage.sweep: regular files and `.tmp-` partial files in `<tenant>/<job id>/` folders."""
@@ -118,6 +157,7 @@ class LocalStorage:
         return self._server.problem()
 
     def close(self) -> None:
+        """Stop serving downloads; safe without start() and more than once."""
         self._server.stop()
 
     def _path(self, key: str) -> pathlib.Path:
@@ -271,6 +311,17 @@ def _sweep_job_folder(tenant: str, job_dir: pathlib.Path, keep: Callable[[Stored
     return removed
 
 
+def _delete_file(path: pathlib.Path) -> bool:
+    """Delete the file at `path`; False if there was none."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise _storage_error("deleting", path, exc, "Deleting the export file") from exc
+    return True
+
+
 def _remove_empty_folder(folder: pathlib.Path) -> int:
     """1 if `folder` was empty and is gone; a folder just written into stays (rmdir refuses it)."""
     try:
@@ -298,7 +349,9 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _storage_error(action: str, path: pathlib.Path, exc: OSError) -> StorageError:
-    """A StorageError safe to show on the job (no paths); the details go to the log."""
+def _storage_error(action: str, path: pathlib.Path, exc: OSError, summary: str = "Writing the export file"
+                   ) -> StorageError:
+    """A StorageError safe to show on the job, "<summary> failed: <the system's reason>." (no
+    paths); the details go to the log."""
     log.error("local storage failed action=%s path=%s error=%s", action, path, exc)
-    return StorageError(f"Writing the export file failed: {exc.strerror or exc}.")
+    return StorageError(f"{summary} failed: {exc.strerror or exc}.")
