@@ -263,6 +263,42 @@ def test_delete(storage: LocalStorage) -> None:
     assert not storage.exists(KEY)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_construction_binds_nothing_and_start_binds(tmp_path: pathlib.Path) -> None:
+    """Built, LocalStorage holds values only: its port is still free, no thread started, no folder
+    made; signing before start() is a RuntimeError (the URL names the bound port), and close()
+    without start() (an App built and never started) and twice is fine. start() binds and serves."""
+    port, threads = free_port(), threading.active_count()
+    local = LocalStorage(tmp_path / "files", b"s", listen=f"127.0.0.1:{port}")
+
+    with socket.create_server(("127.0.0.1", port)):  # the port is still free
+        pass
+    assert threading.active_count() == threads
+    assert not (tmp_path / "files").exists()
+    with pytest.raises(RuntimeError, match=r"start\(\) must be called"):
+        local.sign_url(KEY, 60)
+    local.close()
+    local.close()
+
+    started = LocalStorage(tmp_path / "files", b"s", listen=f"127.0.0.1:{port}")
+    try:
+        started.start()
+        started.start()  # once only: the second does nothing
+        assert (started.port, threading.active_count()) == (port, threads + 1)
+        put(started, KEY, b"data")
+        assert fetch(started.sign_url(KEY, 60)[0])[2] == b"data"
+        with pytest.raises(OSError):  # bound now
+            socket.create_server(("127.0.0.1", port)).close()
+    finally:
+        started.close()
+    assert threading.active_count() == threads
+
+
 def test_close_stops_the_server(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"s", listen="127.0.0.1:0")
     local.start()

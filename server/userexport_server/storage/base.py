@@ -178,6 +178,9 @@ def validate_combine_args(sources: Sequence[str], key: str, filename: str) -> li
 def leftovers_scope(tenant: str, job_id: str, keep: str | None) -> tuple[str, str | None]:
     """delete_leftovers' checked arguments: the job's prefix `<tenant>/<job_id>/`, and `keep`,
     which must be None or a key directly under it (see Storage.delete_leftovers)."""
+    for segment in (tenant, job_id):
+        if "/" in segment:
+            raise ValueError(f"invalid storage key segment {segment!r}: a tenant or job id has no '/'")
     prefix = f"{validate_key(tenant)}/{validate_key(job_id)}/"
     if keep is not None and not (validate_key(keep).startswith(prefix) and "/" not in keep[len(prefix):]):
         raise ValueError(f"keep {keep!r} must be a key in {prefix!r} (or None)")

@@ -16,8 +16,9 @@ import contextlib
 import datetime as dt
 import logging
 import secrets
+import sys
 import threading
-import traceback
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -337,8 +338,8 @@ class GcsWriter:
         try:
             transport.delete(upload.resumable_url, timeout=CANCEL_TIMEOUT_SECONDS)
         except Exception as exc:  # abort runs while another error propagates; an unfinished session expires anyway
-            log.warning("cancelling a gcs upload failed key=%s error=%r", self._blob.name, exc)
             _release(exc)
+            log.warning("cancelling a gcs upload failed key=%s error=%s", self._blob.name, repr(exc))
 
     def _failures(self) -> contextlib.AbstractContextManager[None]:
         return _failures("Uploading the export file to Cloud Storage", self._blob.bucket.name, self._blob.name)
@@ -367,29 +368,49 @@ def _storage_error(action: str, bucket: str, name: str, exc: BaseException) -> S
     status = getattr(getattr(cause, "response", None), "status_code", None) or getattr(cause, "code", None)
     if status == 412:
         return ObjectExistsError("The export file already exists; it was not overwritten.")
-    log.error("gcs request failed action=%r bucket=%s key=%s status=%s error=%r", action, bucket, name, status, exc)
+    # repr now: a log record that held the exception (a handler may keep records) would hold the
+    # frames of its traceback, and so the writer that failed.
+    log.error("gcs request failed action=%r bucket=%s key=%s status=%s error=%s", action, bucket, name, status,
+              repr(exc))
     detail = f"HTTP {status}" if isinstance(status, int) else type(cause).__name__
     return StorageError(f"{action} failed ({detail}).")
 
 
 def _release(exc: BaseException) -> None:
-    """Clear the locals of the finished frames in the tracebacks of `exc` and of the exceptions
-    behind it, so that nothing keeps them alive in a reference cycle.
+    """Clear the locals of the finished frames in the tracebacks of `exc` and of every exception
+    behind it, so that no reference cycle keeps them (and what they hold) alive.
 
-    The library's retry keeps every attempt's exception in a local of a frame that is in those
-    exceptions' own tracebacks: a cycle, which would hold the failed writer (and its buffer, up to
-    a chunk) until a garbage collection. The tracebacks keep their lines; only the locals go.
+    The libraries make such cycles: api_core's retry keeps every attempt's exception in a list in
+    a frame that is in those exceptions' own tracebacks, and urllib3 keeps the connection error in
+    a frame of the MaxRetryError it raises. Through the frames' callers, such a cycle holds the
+    failed writer and its chunk buffer until a garbage collection. The exceptions behind one are
+    found through __cause__/__context__, arguments and attributes (requests' ConnectionError holds
+    the MaxRetryError, which holds its `reason`) and the frames' locals (that list of attempts).
+    The tracebacks keep their lines; only the locals go.
     """
+    running: set[int] = set()  # this thread's stack, whose frames must keep their locals
+    frame: types.FrameType | None = sys._getframe()
+    while frame is not None:
+        running.add(id(frame))
+        frame = frame.f_back
     seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
+    pending: list[object] = [exc]
     while pending:
         current = pending.pop()
-        if current is None or id(current) in seen:
+        if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        cause = getattr(current, "cause", None)
-        pending += [current.__cause__, current.__context__, cause if isinstance(cause, BaseException) else None]
+        pending += [current.__cause__, current.__context__, *current.args, *vars(current).values()]
+        tb = current.__traceback__
+        while tb is not None:
+            if id(tb.tb_frame) not in running:
+                local_values = tb.tb_frame.f_locals  # a snapshot the frame keeps: emptied too
+                for value in local_values.values():
+                    pending += value if isinstance(value, list) else [value]
+                local_values.clear()
+                with contextlib.suppress(RuntimeError):  # a suspended generator's frame, say
+                    tb.tb_frame.clear()
+            tb = tb.tb_next
 
 
 def _load_credentials(credentials_file: str, endpoint: str) -> Credentials:
