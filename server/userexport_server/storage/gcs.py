@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import secrets
 import sys
@@ -178,8 +179,8 @@ class GcsStorage:
         One call lists at most `sweep_pages` pages of `sweep_page_size` objects, from where the
         previous call stopped (a page token kept here), and the call that reaches the bucket's end
         makes the next start over: a round costs the same however large the bucket, and a pass
-        over it takes as many rounds as it needs. GCS page tokens name the last object listed, so
-        objects deleted meanwhile move nothing.
+        over it takes as many rounds as it needs. A GCS page token is a position by name, not an
+        offset, so objects deleted meanwhile make the next call skip nothing.
         """
         now, removed = dt.datetime.now(dt.UTC), 0
         with self._sweep_lock:
@@ -400,16 +401,20 @@ def _release(exc: BaseException) -> None:
         if not isinstance(current, BaseException) or id(current) in seen:
             continue
         seen.add(id(current))
-        pending += [current.__cause__, current.__context__, *current.args, *vars(current).values()]
+        pending += [current.__cause__, current.__context__, *current.args,
+                    *getattr(current, "__dict__", {}).values()]
         tb = current.__traceback__
         while tb is not None:
-            if id(tb.tb_frame) not in running:
-                local_values = tb.tb_frame.f_locals  # a snapshot the frame keeps: emptied too
+            frame = tb.tb_frame
+            # Function frames only: a module's or class body's locals are its namespace, not a copy.
+            if id(frame) not in running and frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+                local_values = frame.f_locals  # a snapshot that the frame keeps (Python 3.11): emptied too
                 for value in local_values.values():
                     pending += value if isinstance(value, list) else [value]
-                local_values.clear()
+                if isinstance(local_values, dict):
+                    local_values.clear()
                 with contextlib.suppress(RuntimeError):  # a suspended generator's frame, say
-                    tb.tb_frame.clear()
+                    frame.clear()
             tb = tb.tb_next
 
 
