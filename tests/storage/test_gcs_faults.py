@@ -84,6 +84,21 @@ def test_abort_before_the_first_chunk_uploads_nothing_ever(gcs: GcsStorage, gcs_
     assert upload_requests(gcs_emulator, key) == []  # not even a session was started
 
 
+def test_a_fenced_writer_never_replaces_a_completed_file(gcs: GcsStorage, key: str) -> None:
+    """The file is complete when a second attempt's writer (fenced off, so it aborts) has written a
+    little: the emulator ignores ifGenerationMatch=0 on uploads, so had anything finalized that
+    upload (the collector did), the truncated bytes would have replaced the file. They never do."""
+    whole = gcs.open_writer(key, FILENAME)
+    whole.write(b"the whole export")
+    whole.commit()
+    fenced = gcs.open_writer(key, FILENAME)
+    fenced.write(b"the first rows")
+    fenced.abort()
+    del fenced
+    gc.collect()
+    assert gcs._bucket.blob(key).download_as_bytes() == b"the whole export"
+
+
 def test_abort_after_some_chunks_cancels_the_session(gcs: GcsStorage, gcs_emulator: GcsEmulator, key: str) -> None:
     """Three chunks sent and part of one buffered: abort() cancels the session (DELETE on its URI)
     and the rest is never sent, at abort or at collection."""
