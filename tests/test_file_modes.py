@@ -54,6 +54,7 @@ def test_everything_a_server_creates_is_private(permissive_umask: None, make_ser
 def test_a_partial_export_file_and_its_folders_are_private(permissive_umask: None, tmp_path: pathlib.Path) -> None:
     storage = LocalStorage(tmp_path / "files", b"secret", listen="127.0.0.1:0")
     try:
+        storage.start()
         writer = storage.open_writer("acme/job_0123456789abcdef/acme.csv.gz", "acme.csv.gz")
         writer.write(b"partial")
         found = modes(tmp_path / "files")

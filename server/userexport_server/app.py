@@ -120,7 +120,7 @@ class App:
         make_private_dirs(settings.data_dir)
         await asyncio.to_thread(upgrade, self.engine)
         self.tracing.start()
-        getattr(self.storage, "start", lambda: None)()  # TEMP until the storage branch lands
+        await asyncio.to_thread(self.storage.start)  # the local backend binds its download server here
         # Port reuse off: with it on (grpcio's default) a second server binds a port in use and
         # takes half the calls.
         self.server = grpc.aio.server(interceptors=[*self.tracing.interceptors(), self.metrics.interceptor],

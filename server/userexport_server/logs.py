@@ -70,6 +70,9 @@ class EventLog:
 
     def _emit(self, level: int, event: str, exc_info: ExcInfo, fields: Mapping[str, object]) -> None:
         if self.logger.isEnabledFor(level):
+            # An exception is kept as its text: a record that held it (in a handler's buffer) would
+            # hold its traceback's frames, and with them whatever failed, alive.
+            fields = {key: _plain(value) for key, value in fields.items()}
             self.logger.log(level, "%s", _Text(event, fields), exc_info=exc_info, stacklevel=3,
                             extra={_EVENT: event, _FIELDS: fields})
 

@@ -18,6 +18,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[
     backend: Storage
     if request.param == "local":
         backend = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")
+        backend.start()
     else:
         emulator: GcsEmulator = request.getfixturevalue("gcs_emulator")
         backend = GcsStorage(emulator.bucket, endpoint=emulator.endpoint)

@@ -37,6 +37,7 @@ def make_storage(tmp_path: pathlib.Path) -> Iterator[Callable[..., LocalStorage]
             local = LocalStorage(tmp_path / f"files{next(count)}", b"secret", listen="127.0.0.1:0",
                                  limits=DownloadLimits(**limits))  # type: ignore[arg-type]
             stack.callback(local.close)
+            local.start()
             put(local, KEY, BODY)
             return local
         yield make
@@ -118,6 +119,7 @@ def test_the_read_threads_are_the_only_threads_the_server_adds(tmp_path: pathlib
     """The bound itself: one loop thread plus READ_THREADS, however many downloads ran."""
     before = threading.active_count()
     local = LocalStorage(tmp_path, b"secret", listen="127.0.0.1:0")
+    local.start()
     try:
         put(local, KEY, BODY)
         url = local.sign_url(KEY, 60)[0]
@@ -277,6 +279,7 @@ def test_a_client_that_hangs_up_mid_download_leaves_the_server_serving(storage: 
 
 def test_stop_closes_open_connections(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"secret", listen="127.0.0.1:0")
+    local.start()
     sock = connect(local)
     try:
         sock.sendall(b"GET /fi")

@@ -165,14 +165,14 @@ class Phases:
                      assemble_seconds=round(time.monotonic() - started, 2))
             if done.started_at is not None and done.finished_at is not None:
                 self.metrics.export_done((done.finished_at - done.started_at).total_seconds())
-        self._clear_leftovers(job, [source for source in sources if source != key])
+        self._clear_leftovers(job, keep=key)
 
-    def _clear_leftovers(self, job: Job, parts: list[str]) -> None:
-        """Parts are not needed once the job's file exists or the job ended. A failure is logged and
-        left to the reaper, which deletes the parts of ended jobs and then their slices."""
+    def _clear_leftovers(self, job: Job, keep: str | None) -> None:
+        """Parts, and a killed attempt's partial file, are not needed once the job's file (`keep`, unless
+        _discard deleted it) exists or the job ended. A failure is logged and left to the reaper, which deletes the parts of
+        ended jobs and then their slices, and to the orphan sweep."""
         try:
-            for part in parts:
-                self.storage.delete(part)
+            self.storage.delete_leftovers(job.tenant, job.id, keep)
             self.slices.forget(job.id)
         except Exception as error:
             log.warning("deleting export parts failed; the reaper retries", job_id=job.id, tenant=job.tenant,
