@@ -167,10 +167,10 @@ class Phases:
                 self.metrics.export_done((done.finished_at - done.started_at).total_seconds())
         self._clear_leftovers(job, keep=key)
 
-    def _clear_leftovers(self, job: Job, keep: str | None) -> None:
+    def _clear_leftovers(self, job: Job, keep: str) -> None:
         """Parts, and a killed attempt's partial file, are not needed once the job's file (`keep`, unless
-        _discard deleted it) exists or the job ended. A failure is logged and left to the reaper, which deletes the parts of
-        ended jobs and then their slices, and to the orphan sweep."""
+        _discard deleted it) exists or the job ended. A failure is logged and left to the reaper, which
+        deletes the parts of ended jobs and then their slices, and to the orphan sweep."""
         try:
             self.storage.delete_leftovers(job.tenant, job.id, keep)
             self.slices.forget(job.id)
