@@ -111,7 +111,7 @@ class App:
         try:
             return await self._start()
         except BaseException:
-            await self.stop(grace=0)
+            await self._stop_parts(grace=0)  # quietly: the caller reports the failure in one line
             raise
 
     async def _start(self) -> int:
@@ -159,6 +159,10 @@ class App:
         parts that never started are skipped."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         log.info("server stopping", grace_seconds=round(grace, 1), watchers=self.bus.watcher_count())
+        await self._stop_parts(grace)
+        log.info("server stopped")
+
+    async def _stop_parts(self, grace: float) -> None:
         await self.monitor.stop()
         await self.health.enter_graceful_shutdown()
         if self.workers is not None:
@@ -175,7 +179,6 @@ class App:
             await asyncio.to_thread(self.listener.stop)
         self.engine.dispose()
         self.tracing.stop()  # last: the spans of the exports that just stopped are flushed too
-        log.info("server stopped")
 
 
 def _libpq_dsn(engine: Engine) -> str:

@@ -19,6 +19,7 @@ def delete_export_file(store: JobStore, storage: Storage, job: Job) -> bool:
     if not job.storage_key:
         return True
     try:
+        storage.delete(job.storage_key)
         storage.delete_leftovers(job.tenant, job.id, keep=None)
     except Exception as exc:  # any backend's failure: the key stays, so the reaper retries
         log.warning("deleting an export file failed; will retry", job_id=job.id, tenant=job.tenant, key=job.storage_key,

@@ -88,6 +88,8 @@ class WorkerPool:
         """Stop claiming; let running work finish for `grace` seconds, then cancel the rest in place
         (its queries too) so that it is handed back, and wait at most STOP_SECONDS more for that."""
         self._stopping.set()
+        if not self._threads:
+            return
         self.wake()
         deadline = time.monotonic() + grace
         for thread in self._threads:

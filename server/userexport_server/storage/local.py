@@ -62,10 +62,13 @@ class LocalStorage:
 
     signs_locally = True  # an HMAC with the secret at hand
 
-    def __init__(self, root: pathlib.Path, secret: bytes, listen: str, public_url: str = "",
+    def __init__(self, root: pathlib.Path, secret: bytes | Callable[[], bytes], listen: str, public_url: str = "",
                  limits: DownloadLimits | None = None) -> None:
+        """`secret` signs URLs: the bytes, or a function that loads them at start() (making a new
+        secret file is a side effect that construction must not have)."""
         self.root = root
-        self._secret = secret
+        self._load_secret = secret if callable(secret) else lambda: secret
+        self._secret = b""
         self._real_root = root.absolute()  # resolved by start(), once the folder exists
         self._server = DownloadServer(listen, self._authorize, self._open_for_download,
                                       limits or DownloadLimits())
@@ -81,6 +84,7 @@ class LocalStorage:
             return
         make_private_dirs(self.root)
         self._real_root = self.root.resolve()
+        self._secret = self._load_secret()
         self._server.start()
         self._started = True
         bound_host, bound_port = self._server.address
