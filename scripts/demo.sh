@@ -51,8 +51,10 @@ echo "== exporting every user as CSV (the CLI mints a local token from the serve
 echo "== first lines of $USEREXPORT_DATA_DIR/users.csv.gz"
 { gzip -dc "$USEREXPORT_DATA_DIR/users.csv.gz" || true; } | head -n 4  # head closes the pipe early
 
-echo "== five users of connection $connection, three fields, as NDJSON"
-.venv/bin/userexport export --format json --connection "$connection" --field email \
+echo "== the tenant's connections"
+.venv/bin/userexport connections list
+echo "== five users of connection Username-Password-Authentication ($connection), three fields, as NDJSON"
+.venv/bin/userexport export --format json --connection Username-Password-Authentication --field email \
   --field 'identities[0].connection=provider' --field user_metadata.preferences --limit 5 --wait \
   --output "$USEREXPORT_DATA_DIR/users.json.gz"
 gzip -dc "$USEREXPORT_DATA_DIR/users.json.gz"
