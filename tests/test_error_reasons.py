@@ -40,22 +40,27 @@ def reasons_in_code() -> dict[str, str]:
             if isinstance(node, ast.ClassDef) and node.name in classes:
                 for statement in node.body:
                     if (isinstance(statement, ast.Assign) and [getattr(t, "id", None) for t in statement.targets]
-                            == ["reason"] and isinstance(statement.value, ast.Constant)):
-                        found[statement.value.value] = classes[node.name]
+                            == ["reason"]):
+                        found[_text(statement.value)] = classes[node.name]
             if not isinstance(node, ast.Call):
                 continue
             callee = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
             for keyword in node.keywords:
                 if keyword.arg == "reason" and isinstance(keyword.value, ast.Constant):
-                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
-                    assert callee in classes, f"{where}: reason {keyword.value.value} raised by {callee}()"
-                    found[keyword.value.value] = classes[callee]
+                    reason = _text(keyword.value)
+                    assert callee in classes, f"{path.relative_to(ROOT)}:{node.lineno}: {reason} raised by {callee}()"
+                    found[reason] = classes[callee]
             if (path == REQUESTS and callee == "append" and isinstance(node.func, ast.Attribute)
                     and getattr(node.func.value, "id", None) == "reasons"):
                 (argument,) = node.args
-                assert isinstance(argument, ast.Constant), ast.dump(node)
-                found[argument.value] = "INVALID_ARGUMENT"
+                found[_text(argument)] = "INVALID_ARGUMENT"
     return found
+
+
+def _text(node: ast.expr) -> str:
+    """A reason as written: a string literal, nothing computed (which the collector could not follow)."""
+    assert isinstance(node, ast.Constant) and isinstance(node.value, str), ast.dump(node)
+    return node.value
 
 
 def reasons_in_proto() -> dict[str, str]:
