@@ -20,7 +20,7 @@ WORKDIR /home/userexport
 # (`docker run -v userexport-data:/home/userexport/data`) starts as a copy of it, so the server can
 # write there; a folder the engine made for the volume would belong to root.
 RUN mkdir -m 700 data
-# Configuration is by environment (see README "Configuration"); these make the container reachable.
+# Configuration is by environment (see docs/configuration.md); these make the container reachable.
 ENV USEREXPORT_LISTEN=0.0.0.0:50051 \
     USEREXPORT_FILES_LISTEN=0.0.0.0:50052 \
     USEREXPORT_METRICS_LISTEN=0.0.0.0:9464 \
