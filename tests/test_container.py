@@ -272,3 +272,22 @@ def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pat
             server.kill()
             server.wait(30)
         subprocess.run([buildah, "rm", container], capture_output=True)
+
+
+def test_the_buildah_block_of_the_docs_ends_cleanly(buildah: str, image: str, tmp_path: pathlib.Path) -> None:
+    """docs/operations.md's block as written, on the image built here and free ports: the server seeds,
+    serves, answers health, exports through the host's CLI and stops with exit 0, so the block ends
+    without buildah's `Error: exit status 1` (what `kill %1` of `buildah run` left)."""
+    block = re.search(r"<!-- buildah-run -->\n```bash\n(.*?)```", (ROOT / "docs/operations.md").read_text(), re.S)
+    assert block, "docs/operations.md lost its buildah block"
+    build, *lines = block.group(1).strip().splitlines()
+    assert build.startswith("bash scripts/image.sh localhost/userexport:dev")  # the fixture built it
+    script = "\n".join(lines).replace("localhost/userexport:dev", image)
+    for documented, port in zip((50061, 50062, 9465), free_ports(3)):
+        script = script.replace(f"127.0.0.1:{documented}", f"127.0.0.1:{port}")
+    environment = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SERVING" in result.stdout and "Error" not in result.stderr, result.stdout + result.stderr
+    assert "server stopped" in result.stderr and (tmp_path / "default.csv.gz").is_file()
