@@ -13,7 +13,7 @@ from tests.export.support import engine, new_tenant  # noqa: F401  (engine is a 
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
-from userexport_server.seed import AlreadySeeded, main, seed_users
+from userexport_server.seed import AlreadySeeded, ascii_spelling, main, seed_users
 
 
 def users_of(engine: Engine, tenant: str) -> list[tuple[object, ...]]:
@@ -106,3 +106,21 @@ def test_seeding_many_users_prints_progress_then_a_second_run_adds_nothing(tmp_p
     with seeded.connect() as conn:
         assert conn.execute(select(func.count()).select_from(User)).scalar_one() == 200_010
     seeded.dispose()
+
+
+@pytest.mark.parametrize(("name", "spelling"), [("Łukasz", "lukasz"), ("Søren", "soren"), ("Zoë", "zoe"),
+                                                ("Ångström", "angstrom"), ("O'Brien", "obrien"), ("山田", "user")])
+def test_names_are_transliterated_into_email_local_parts(name: str, spelling: str) -> None:
+    """Accents are dropped, not the letters under them: before, Łukasz gave `ukasz.dubois.1@`."""
+    assert ascii_spelling(name) == spelling
+
+
+def test_every_seeded_email_is_ascii_and_keeps_the_whole_name(engine: Engine) -> None:
+    tenant = new_tenant()
+    seed_users(engine, tenant=tenant, users=400)
+    with engine.connect() as conn:
+        emails = [email for email in conn.execute(select(User.email).where(User.tenant == tenant)).scalars() if email]
+    assert emails and all(email.isascii() for email in emails)
+    locals_ = {email.split("@")[0].rsplit(".", 1)[0] for email in emails}
+    assert any(local.startswith("lukasz.") for local in locals_) and not any(local.startswith("ukasz.")
+                                                                              for local in locals_)

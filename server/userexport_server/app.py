@@ -187,15 +187,19 @@ def _libpq_dsn(engine: Engine) -> str:
 
 
 def _check_ports_free(settings: Settings) -> None:
-    """A port in use ends startup here, with one line naming it, before migrations or any bind."""
+    """Ports in use end startup here, before migrations or any bind, with one line for each of them:
+    the operator frees or moves them all in one go, not one per try."""
     addresses = {"listen": settings.listen, **({"files_listen": settings.files_listen}
                                                if settings.storage == "local" else {}),
                  **({"metrics_listen": settings.metrics_listen} if settings.metrics_listen else {})}
+    problems = []
     for name, address in addresses.items():
         try:
             check_free(address)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {address}: {describe_error(exc)} ({PREFIX}{name.upper()})") from None
+            problems.append(f"cannot listen on {address}: {describe_error(exc)} ({PREFIX}{name.upper()})")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:

@@ -307,6 +307,19 @@ def test_iter_jobs_follows_page_tokens_until_empty(server: Server, client: Users
     assert [j.version for j in jobs.result(WAIT)] == [1, 2, 3]
 
 
+def test_iter_connections_follows_page_tokens_until_empty(server: Server, client: UsersExportClient) -> None:
+    connections = in_thread(lambda: list(client.iter_connections(page_size=1)))
+    pages = {"": ("con_a", "page-2"), "page-2": ("con_b", "")}
+    for token in ("", "page-2"):
+        metadata, request, rpc = server.take_unary("ListConnections")
+        assert request == pb.ListConnectionsRequest(page_size=1, page_token=token)
+        assert authorization(metadata) == [f"Bearer {TOKEN}"]
+        connection_id, next_token = pages[token]
+        rpc.terminate(pb.ListConnectionsResponse(connections=[pb.Connection(id=connection_id, name="n")],
+                                                 next_page_token=next_token), (), grpc.StatusCode.OK, "")
+    assert [c.id for c in connections.result(WAIT)] == ["con_a", "con_b"]
+
+
 def refuse_get_job(server: Server, client: UsersExportClient, status: grpc.Status) -> UsersExportError:
     """The error get_job raises when the server ends the call with `status`."""
     result = in_thread(lambda: client.get_job(JOB_ID))

@@ -31,6 +31,9 @@ def test_delete_removes_the_file_at_once_and_the_job_reads_expired(server: Serve
 
     deleted = delete(caller, done.id)
     assert deleted.status == pb.Job.EXPIRED and not deleted.location and deleted.size_bytes == 0
+    # It expired when it was deleted, not 24 hours after its creation (an expired job with a future
+    # expires_at reads as a contradiction).
+    assert done.finished_at.ToDatetime() <= deleted.expires_at.ToDatetime() <= deleted.updated_at.ToDatetime()
     assert not export_files(server, done.id)  # gone now, not at the next reaper round
     assert http_status(done.location) == 404  # a URL signed before the delete finds nothing
     assert caller.get(done.id).status == pb.Job.EXPIRED and not caller.get(done.id).location

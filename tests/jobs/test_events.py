@@ -86,7 +86,7 @@ def test_drain_hands_over_what_is_pending_then_raises_for_present_and_future_wat
 
 
 def test_ten_thousand_idle_watchers_stay_small() -> None:
-    """The memory a subscription costs, measured: the bound stated in the README (1 KiB each)."""
+    """The memory a subscription costs, measured: the bound stated in docs/operations.md (1 KiB each)."""
     async def scenario() -> int:
         bus = EventBus()
         tracemalloc.start()

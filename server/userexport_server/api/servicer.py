@@ -23,6 +23,7 @@ from userexport_server.api import convert, requests
 from userexport_server.api.pagination import PageTokens
 from userexport_server.api.status import to_grpc_status
 from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principal
+from userexport_server.db.connections import list_connections
 from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.errors import InvalidArgument, JobNotFound, ServiceError, Unavailable
 from userexport_server.jobs.events import Draining, EventBus
@@ -232,6 +233,17 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         if await self.blocking("write", delete_export_file, self.store, self.storage, job):
             job = job.evolve(storage_key=None, size_bytes=0)
         return await self.render(job)
+
+    @rpc(READ_OR_CREATE)
+    async def ListConnections(self, request: pb.ListConnectionsRequest, context: Any,
+                              principal: Principal) -> pb.ListConnectionsResponse:
+        listing = requests.connection_listing(request, principal.tenant, self.page_tokens)
+        connections, more = await self.blocking("read", list_connections, self.store.engine, principal.tenant,
+                                                page_size=listing.page_size, after=listing.after)
+        last = connections[-1] if more else None
+        token = self.page_tokens.seal_keys(listing.binding, (last.name, last.id)) if last else ""
+        return pb.ListConnectionsResponse(connections=[pb.Connection(id=c.id, name=c.name) for c in connections],
+                                          next_page_token=token)
 
     async def find(self, principal: Principal, job_id: str) -> Job:
         """The job at its newest version: from the event feed's cache when it holds it, else read."""

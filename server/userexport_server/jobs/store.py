@@ -162,7 +162,7 @@ class JobStore:
                 return None if row is None else Job.from_row(row)
             row = change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
                                               "lease_expires_at": None, "time_left_seconds": None,
-                                              "finished_at": row.finished_at or now_utc()})
+                                              "finished_at": row.finished_at or now_utc(), "expires_at": now_utc()})
         return self.publish(row, "job revoked")
 
     def forget_file(self, job_id: str, key: str) -> None:

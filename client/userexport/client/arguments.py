@@ -1,9 +1,9 @@
-"""The TLS command-line options, shared by the `userexport` CLI and `userexport-server health`
-(kept apart from the CLI, so the server needs nothing of it)."""
+"""Command-line pieces shared by the `userexport` CLI and `userexport-server` (kept apart from the
+CLI, so the server imports nothing of it): the TLS options, and integer arguments with a floor."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .api import TlsConfig
 
@@ -37,3 +37,20 @@ def tls_config(args: argparse.Namespace) -> TlsConfig | None:
     config = TlsConfig(ca_file=args.tls_ca_file, cert_file=args.tls_client_cert_file,
                        key_file=args.tls_client_key_file, server_name=args.tls_server_name)
     return config if args.tls or config != TlsConfig() else None
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for an integer >= `minimum` whose error says so: argparse's own would read
+    "invalid parse value: 'abc'"."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    return parse
