@@ -7,8 +7,8 @@ of it, so it still grows, yet no two waiters keep the same rhythm.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from random import uniform
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,4 +21,4 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         """The wait after failed attempt number `attempt` (1 = the first)."""
         ceiling = min(self.maximum, self.initial * 2 ** min(max(0, attempt - 1), 32))
-        return random.uniform(ceiling / 2, ceiling)  # spreading retries, not a secret
+        return uniform(ceiling / 2, ceiling)  # spreading retries, not a secret

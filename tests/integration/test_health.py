@@ -100,7 +100,8 @@ def test_event_listener_down_makes_health_not_serving_until_it_reconnects(
         eventually(lambda: statuses(server) == {NOT_SERVING}, "health turning NOT_SERVING")
         eventually(lambda: "events: event listener has no database connection" in caplog.text,
                    "the listener reason being logged")
-        assert server.app.bus._thread.is_alive()
+        assert server.app.listener is not None and server.app.listener._thread is not None
+        assert server.app.listener._thread.is_alive()
     eventually(lambda: statuses(server) == {SERVING}, "health turning SERVING again")
     assert server.app.bus.healthy() is None
 

@@ -25,7 +25,7 @@ from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.export.engine import ExportCancelled
 from userexport_server.export.spec import ExportSpec, Format
-from userexport_server.jobs import worker
+from userexport_server.jobs import phases
 from userexport_server.jobs.failures import FAILED_INTERNALLY
 from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.logs import JsonFormatter
@@ -139,7 +139,7 @@ def test_a_failed_export_ends_in_a_failed_span(traced: tuple[ServerHandle, InMem
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise RuntimeError("the engine broke")
-    monkeypatch.setattr(worker, "run_export", broken)
+    monkeypatch.setattr(phases, "run_export", broken)
     caller = Caller(server, tenant)
     try:
         job = caller.create(format=pb.ExportRequest.JSON)

@@ -27,6 +27,7 @@ from isal import isal_zlib
 from sqlalchemy import Connection
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from userexport_server.errors import WorkStopped
 from userexport_server.export.spec import ExportSpec
 from userexport_server.export.sql import Chunks, ExportQuery, KeyRange, compile_export
 
@@ -49,7 +50,7 @@ def isal_level(gzip_level: int) -> int:
     return min(3, max(1, (gzip_level + 2) // 3))
 
 
-class ExportCancelled(Exception):
+class ExportCancelled(WorkStopped):
     """progress() returned False; the export stopped and the caller should abort the writer."""
 
 
