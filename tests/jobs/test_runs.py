@@ -1,8 +1,11 @@
 """Runs renew their lease only while they move; a stalled one is cancelled and reported by health."""
 from __future__ import annotations
 
+import logging
 import threading
 import time
+
+import pytest
 
 from tests.integration.support import eventually
 from userexport_server.db.faults import DatabaseUnavailable
@@ -36,9 +39,12 @@ def test_a_moving_run_is_renewed_and_a_stalled_one_cancelled_and_reported() -> N
     assert runs.problem() is None
 
 
-def test_a_lost_lease_cancels_and_a_database_fault_only_skips_a_beat() -> None:
+def test_a_lost_lease_cancels_and_a_database_fault_only_skips_a_beat(caplog: pytest.LogCaptureFixture) -> None:
+    """Renewals failing while the database is away are logged once a minute, without a traceback
+    (they used to log a full traceback at every beat); a lost lease cancels the run."""
+    caplog.set_level(logging.WARNING, logger="userexport_server.jobs.runs")
     runs = Runs(lease_seconds=0.15, stall_seconds=60)
-    answers: list[bool | Exception] = [DatabaseUnavailable("down"), True, False]
+    answers: list[bool | Exception] = [*[DatabaseUnavailable("down")] * 5, True, False]
     cancelled = threading.Event()
 
     def renew() -> bool:
@@ -52,6 +58,8 @@ def test_a_lost_lease_cancels_and_a_database_fault_only_skips_a_beat() -> None:
             run.moved()
             time.sleep(0.01)
         assert cancelled.is_set() and run.reasons == ["lease lost"]
+    failures = [r for r in caplog.records if r.getMessage().startswith("lease renewal failed")]
+    assert len(failures) == 1 and failures[0].exc_info is None, [r.getMessage() for r in caplog.records]
 
 
 def test_a_canceller_runs_only_while_registered() -> None:
