@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.file_modes import modes, permissive_umask  # noqa: F401  (the fixture)
 from userexport_server.errors import StorageError
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import Settings
@@ -387,3 +388,18 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
 def test_listen_address_in_use_names_the_address(storage: LocalStorage, tmp_path: pathlib.Path) -> None:
     with pytest.raises(OSError, match=f"cannot serve file downloads on 127.0.0.1:{storage.port}"):
         LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}").start()
+
+
+def test_a_partial_export_file_and_its_folders_are_private(permissive_umask: None, tmp_path: pathlib.Path) -> None:
+    storage = LocalStorage(tmp_path / "files", b"secret", listen="127.0.0.1:0")
+    try:
+        storage.start()
+        writer = storage.open_writer("acme/job_0123456789abcdef/acme.csv.gz", "acme.csv.gz")
+        writer.write(b"partial")
+        found = modes(tmp_path / "files")
+        assert [p for p in found if ".tmp-" in p], found
+        assert set(found.values()) == {"0o700", "0o600"}, found
+        assert {p for p, m in found.items() if m == "0o600"} == {p for p in found if ".tmp-" in p}
+        writer.abort()
+    finally:
+        storage.close()
