@@ -111,17 +111,6 @@ def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[
     return (signing_input + b"." + signature).decode()
 
 
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 20.0, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail saying `what` did not happen in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {value!r})")
-        time.sleep(every)
-
 SECRET_CLAIMS = {"iss": "userexport-local", "aud": "userexport", "scope": "read:users"}
 
 
@@ -139,6 +128,7 @@ def hs256(server: ServerHandle, secret: bytes | None = None, **claims: Any) -> l
     key = secret if secret is not None else (server.data_dir / "jwt_secret").read_bytes()
     return [("authorization", "Bearer " + jwt.encode(body, key, algorithm="HS256"))]
 
+
 UNKNOWN_FIELD_100 = b"\xa0\x06\x01"  # field 100, varint 1
 
 
@@ -148,3 +138,11 @@ def raw_call(channel: grpc.Channel, method: MethodDescriptor) -> Callable[..., A
     response = GetMessageClass(method.output_type).FromString
     make = channel.unary_stream if method.server_streaming else channel.unary_unary
     return make(path, request_serializer=lambda raw: raw, response_deserializer=response)
+
+
+def wait_until_writing(caller: Caller, job_id: str) -> None:
+    """Watch the job until it is PROCESSING and has written users; fail if it ends first."""
+    for message in caller.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=caller.metadata, timeout=60):
+        if message.status == pb.Job.PROCESSING and message.users_written > 0:
+            return
+    raise AssertionError(f"job {job_id} ended before it wrote anything")

@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.pg_faults import connections_refused, terminate_all, terminate_listeners
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
 from tests.integration.test_read_starvation import retry_delay
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.app import SERVICE_NAME
 

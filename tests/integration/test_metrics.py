@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.harness import ServerHandle
 from tests.integration.pg_faults import connections_refused, terminate_all
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from tests.test_metrics import Samples, by_label, one, parse, scrape
 from tests.tools import required_tool
 from userexport.v1 import users_export_pb2 as pb

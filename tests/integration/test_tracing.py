@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from tests.test_tracing import attribute
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc

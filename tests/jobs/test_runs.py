@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.integration.support import eventually
+from tests.polling import eventually
 from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.jobs.runs import Runs
 

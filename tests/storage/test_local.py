@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.file_modes import modes, permissive_umask  # noqa: F401  (the fixture)
+from tests.harness import free_port
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import Settings
@@ -33,12 +35,6 @@ def storage(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     local.start()
     yield local
     local.close()
-
-
-def put(storage: LocalStorage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -262,12 +258,6 @@ def test_delete(storage: LocalStorage) -> None:
     storage.delete(KEY)
     storage.delete(KEY)  # missing is fine
     assert not storage.exists(KEY)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_construction_binds_nothing_and_start_binds(tmp_path: pathlib.Path) -> None:
