@@ -11,7 +11,7 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin userexport
 # Every wheel the build stage made for '.[server]', and nothing from an index. They are bind-mounted
 # from the build stage for this one step, so no layer of the image holds them (a COPY and then `rm`
-# would leave them in the COPY's layer); tests/test_container.py checks that.
+# would leave them in the COPY's layer); tests/integration/test_container.py checks that.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl
 USER 10001

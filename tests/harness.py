@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import socket
 import threading
 import uuid
 from collections.abc import Sequence
@@ -67,6 +68,13 @@ class ServerHandle(_MintsTokens):
 
     def seed(self, users: int, tenant: str = "default", connections: int = 3, seed: int = 0) -> list[str]:
         return seed_users(self.app.engine, tenant=tenant, users=users, connections=connections, seed=seed)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a server that must not be there, or one started later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def new_tenant() -> str:

@@ -1,23 +1,20 @@
 """Log lines from events: the fields travel on the record, so the JSON form writes them typed and whole
 (no text is parsed back), with the identifiers and the current span's trace id in keys of their own
-and an exception as a field; the text form stays `event key=value`; and the real server's stderr is
-JSON when USEREXPORT_LOG_FORMAT=json."""
+and an exception as a field; the text form stays `event key=value`; a rate-limited log says how many
+lines it left out. (The real server's stderr as JSON: tests/integration/test_logs.py.)"""
 from __future__ import annotations
 
 import io
 import json
 import logging
-import pathlib
-import signal
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from tests.harness import ServerProcess
 from userexport_server import logs
-from userexport_server.logs import EventLog, JsonFormatter
+from userexport_server.logs import EventLog, JsonFormatter, RateLimitedLog
 
 FIXED_KEYS = {"time", "level", "logger", "event", "job_id", "tenant", "request_id", "trace_id", "span_id"}
 
@@ -109,15 +106,18 @@ def test_text_stays_the_default() -> None:
         root.setLevel(level)
 
 
-def test_the_server_writes_json_lines_when_configured(tmp_path: pathlib.Path) -> None:
-    server = ServerProcess(tmp_path / "data", env={"USEREXPORT_LOG_FORMAT": "json"})
-    try:
-        server.signal(signal.SIGTERM)
-        assert server.wait() == 0
-    finally:
-        server.stop()
-    records = [json.loads(line) for line in server.log_text().splitlines()]
-    assert records and all(record.keys() >= FIXED_KEYS for record in records)
-    started, = (r for r in records if r["event"] == "server started")
-    assert started["port"] == server.port and started["workers"] == 2
-    assert any(r["event"] == "server stopped" for r in records)
+def test_the_rate_limited_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limited = RateLimitedLog(EventLog("test.limited"), limit=3, window=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.limited"):
+        for i in range(50):
+            limited.log(logging.INFO, "k", "line", n=i)
+        limited.log(logging.INFO, "other", "another key is counted apart")
+        now[0] = 61.0
+        limited.log(logging.INFO, "k", "after the window")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:3] == ["line n=0", "line n=1", "line n=2"]
+    assert "log rate limit reached key=k" in messages[3]
+    assert messages[4] == "another key is counted apart"
+    assert messages[5].startswith("log lines suppressed key=k count=47")
+    assert messages[6:] == ["after the window"]

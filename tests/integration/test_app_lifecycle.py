@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.harness import TEST_DEFAULTS, ServerHandle
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.app import App
 from userexport_server.settings import ConfigError, Settings

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -10,6 +9,7 @@ from google.rpc import error_details_pb2
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, detail, error_reason, http_status, violations
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 
@@ -68,9 +68,7 @@ def test_deleting_a_running_export_stops_it_and_leaves_no_file(server: ServerHan
             break
     assert delete(caller, job.id).status == pb.Job.EXPIRED
     assert list(watching)[-1].status == pb.Job.EXPIRED  # the watcher hears of it, and its stream ends
-    deadline = time.monotonic() + 30
-    while job.id in ",".join(server.app.workers.running()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: job.id not in ",".join(server.app.workers.running()), "the export stopping", timeout=30)
     assert job.id not in server.app.workers.running()
     assert not export_files(server, job.id)  # neither the partial nor a finished file
     assert caller.get(job.id).status == pb.Job.EXPIRED

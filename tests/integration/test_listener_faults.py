@@ -19,7 +19,8 @@ import pytest
 from tests.databases import BACKENDS, fresh_postgres_database
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.pg_faults import admin_execute, listener_pids, notify, terminate_listeners
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
@@ -55,10 +56,12 @@ def replica(data_dir: pathlib.Path, url: str, workers: int) -> ServerHandle:
     return ServerHandle(data_dir, database_url=url, workers=workers)
 
 
-def watch_in_background(caller: Caller, job_id: str) -> concurrent.futures.Future[list[pb.Job]]:
+def watch_in_background(server: ServerHandle, caller: Caller, job_id: str) -> concurrent.futures.Future[list[pb.Job]]:
+    """A watch of the job on another thread, returned once `server` has it subscribed."""
     pool = concurrent.futures.ThreadPoolExecutor(1)
     future = pool.submit(caller.watch, job_id, 60)
     pool.shutdown(wait=False)
+    eventually(lambda: server.app.bus.watcher_count(job_id), "the watcher subscribing")
     return future
 
 
@@ -86,8 +89,7 @@ def test_hostile_payloads_and_a_killed_listener_leave_cross_replica_watch_workin
         b.seed(200, tenant=tenant)
         caller = Caller(b, tenant)
         job = caller.create(format=pb.ExportRequest.CSV)
-        watched = watch_in_background(caller, job.id)
-        eventually(lambda: b.app.bus.watcher_count(job.id), "the watcher subscribing")
+        watched = watch_in_background(b, caller, job.id)
 
         notify(database, *HOSTILE_PAYLOADS * 5)
         killed = terminate_listeners(database)
@@ -136,8 +138,7 @@ def test_terminal_transition_while_the_listener_is_away_reaches_the_watcher_afte
         b.seed(100, tenant=tenant)
         caller = Caller(b, tenant)
         job = caller.create(format=pb.ExportRequest.CSV)
-        watched = watch_in_background(caller, job.id)
-        eventually(lambda: b.app.bus.watcher_count(job.id), "the watcher subscribing")
+        watched = watch_in_background(b, caller, job.id)
 
         admin_execute(f'ALTER ROLE "{role}" NOLOGIN')
         killed = admin_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s "
@@ -217,8 +218,7 @@ def test_a_change_committed_by_any_writer_reaches_other_replicas_within_a_second
         caller = Caller(b, tenant)
         job = caller.create(format=pb.ExportRequest.CSV)
         assert caller.get(job.id).status == pb.Job.PENDING  # now in B's cache
-        watched = watch_in_background(caller, job.id)
-        eventually(lambda: b.app.bus.watcher_count(job.id), "the watcher subscribing")
+        watched = watch_in_background(b, caller, job.id)
 
         with psycopg.connect(database) as rolled_back:
             rolled_back.execute("UPDATE jobs SET status = 'failed', version = version + 1 WHERE id = %s", (job.id,))

@@ -27,7 +27,8 @@ import pytest
 from tests.databases import BACKENDS, fresh_postgres_database
 from tests.harness import ServerHandle, ServerProcess, new_tenant
 from tests.integration.pg_faults import listener_pids
-from tests.integration.support import Caller, download, eventually
+from tests.integration.support import Caller, download
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import EXPORT_APPLICATION_NAME, make_engine
 from userexport_server.db.migrate import upgrade

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.integration.support import eventually
+from tests.polling import eventually
 from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.jobs.runs import Runs
 

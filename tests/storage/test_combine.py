@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.storage import ObjectExistsError
 from userexport_server.storage import gcs as gcs_module
@@ -55,12 +56,6 @@ def gcs(gcs_emulator: GcsEmulator) -> Iterator[GcsStorage]:
 def folder() -> str:
     """A job folder of its own: the emulator's bucket is shared by the whole session."""
     return f"{TENANT}/job_{uuid.uuid4().hex[:16]}"
-
-
-def put(storage: Storage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def read(storage: Storage, key: str) -> bytes:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.polling import eventually
 from tests.storage.test_local import fetch, put
 from userexport_server.storage import object_key
 from userexport_server.storage.download_server import READ_THREADS, DownloadLimits
@@ -173,10 +174,12 @@ def test_connections_past_the_cap_get_503_and_a_freed_slot_serves_again(
         status, headers, _ = fetch(storage.sign_url(KEY, 60)[0])
         assert (status, headers["Retry-After"]) == (503, "1")
         idle.pop().close()
-        deadline = time.monotonic() + 5
-        while (status := fetch(storage.sign_url(KEY, 60)[0])[0]) == 503 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert status == 200
+
+        def not_busy() -> int | None:
+            found = fetch(storage.sign_url(KEY, 60)[0])[0]
+            return None if found == 503 else found
+
+        assert eventually(not_busy, "a connection slot freeing", timeout=5) == 200
     finally:
         for sock in idle:
             sock.close()
@@ -297,7 +300,6 @@ def test_a_dead_download_server_is_reported_for_health(storage: LocalStorage) ->
     loop = storage._server._loop
     assert loop is not None
     loop.call_soon_threadsafe(loop.stop)
-    deadline = time.monotonic() + 5
-    while storage.healthy() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: storage.healthy() is not None, "the download server's stop being reported", timeout=5,
+               every=0.02)
     assert storage.healthy() == "the download server on 127.0.0.1:0 stopped"

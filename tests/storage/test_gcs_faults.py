@@ -46,11 +46,6 @@ def gcs(gcs_emulator: GcsEmulator) -> Iterator[GcsStorage]:
 
 
 @pytest.fixture
-def key() -> str:
-    return object_key("acme", f"job_{uuid.uuid4().hex[:16]}", FILENAME)
-
-
-@pytest.fixture
 def outage() -> Iterator[tuple[GcsStorage, Callable[[], None]]]:
     """A storage on an emulator of its own, and what stops that emulator's process (GCS goes down:
     its port refuses connections)."""

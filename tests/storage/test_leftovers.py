@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from tests.gcs_emulator import gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.storage.base import Storage, delete_each, object_key
 from userexport_server.storage.gcs import GcsStorage
@@ -27,12 +28,6 @@ TENANT, FILENAME = "acme", "acme.csv.gz"
 @pytest.fixture
 def job_id() -> str:
     return f"job_{uuid.uuid4().hex[:16]}"
-
-
-def put(storage: Storage, key: str, data: bytes = b"rows") -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def names_in(storage: Storage, tenant: str, job_id: str) -> list[str]:

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.file_modes import modes, permissive_umask  # noqa: F401  (the fixture)
+from tests.harness import free_port
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import Settings
@@ -32,12 +35,6 @@ def storage(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     local.start()
     yield local
     local.close()
-
-
-def put(storage: LocalStorage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -263,12 +260,6 @@ def test_delete(storage: LocalStorage) -> None:
     assert not storage.exists(KEY)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_construction_binds_nothing_and_start_binds(tmp_path: pathlib.Path) -> None:
     """Built, LocalStorage holds values only: its port is still free, no thread started, no folder
     made; signing before start() is a RuntimeError (the URL names the bound port), and close()
@@ -387,3 +378,18 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
 def test_listen_address_in_use_names_the_address(storage: LocalStorage, tmp_path: pathlib.Path) -> None:
     with pytest.raises(OSError, match=f"cannot serve file downloads on 127.0.0.1:{storage.port}"):
         LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}").start()
+
+
+def test_a_partial_export_file_and_its_folders_are_private(permissive_umask: None, tmp_path: pathlib.Path) -> None:
+    storage = LocalStorage(tmp_path / "files", b"secret", listen="127.0.0.1:0")
+    try:
+        storage.start()
+        writer = storage.open_writer("acme/job_0123456789abcdef/acme.csv.gz", "acme.csv.gz")
+        writer.write(b"partial")
+        found = modes(tmp_path / "files")
+        assert [p for p in found if ".tmp-" in p], found
+        assert set(found.values()) == {"0o700", "0o600"}, found
+        assert {p for p, m in found.items() if m == "0o600"} == {p for p in found if ".tmp-" in p}
+        writer.abort()
+    finally:
+        storage.close()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.storage.support import put
 from userexport_server.storage.base import Storage, StoredEntry
 from userexport_server.storage.gcs import GcsStorage
 from userexport_server.storage.local import LocalStorage
@@ -20,16 +21,10 @@ from userexport_server.storage.local import LocalStorage
 LIVE, ORPHAN = "job_LIVELIVELIVELIVE", "job_GONEGONEGONEGONE"
 
 
-def put(storage: Storage, key: str) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(b"user data")
-    writer.commit()
-
-
 def test_sweep_deletes_what_keep_refuses_and_keeps_the_rest(storage: Storage, tmp_path: pathlib.Path) -> None:
     """An orphan's file goes; a live job's file stays; asked entries carry tenant, job id and age."""
-    put(storage, f"tenant/{LIVE}/tenant.csv.gz")
-    put(storage, f"tenant/{ORPHAN}/tenant.csv.gz")
+    put(storage, f"tenant/{LIVE}/tenant.csv.gz", b"user data")
+    put(storage, f"tenant/{ORPHAN}/tenant.csv.gz", b"user data")
     seen: list[StoredEntry] = []
 
     def keep(entry: StoredEntry) -> bool:
@@ -95,7 +90,7 @@ def test_gcs_sweep_lists_a_bounded_part_and_resumes(small_budget: tuple[GcsStora
     storage, emulator = small_budget
     keys = sorted(f"t/job_{n:02d}aaaaaaaaaaaaa/t.csv.gz" for n in range(14))
     for key in keys:
-        put(storage, key)
+        put(storage, key, b"user data")
     seen: list[list[str]] = []
 
     def keep_all(entry: StoredEntry) -> bool:

@@ -1,11 +1,13 @@
-"""Hostile bytes and text on a real server: each ends as a clean INVALID_ARGUMENT or UNAUTHENTICATED,
-logs no traceback, and repeats are logged at a bounded rate."""
+"""Input handling on a real server: each request rule is INVALID_ARGUMENT with its violation, all at
+once, and nothing is created; a missing or unknown format names the proto's enum values; hostile
+bytes and text end as a clean INVALID_ARGUMENT or UNAUTHENTICATED, log no traceback, and repeats are
+logged at a bounded rate. (The rules on their own: tests/api/test_requests.py; fuzzing:
+test_input_fuzz.py; every error's details: test_error_details.py.)"""
 from __future__ import annotations
 
 import gzip
 import logging
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,23 +16,13 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message_factory import GetMessageClass
 
 from tests.harness import ServerHandle
-from tests.integration.support import Caller, error_reason, violations
-from tests.integration.test_auth import call_get, hs256
+from tests.integration.support import UNKNOWN_FIELD_100, Caller, call_get, error_reason, hs256, raw_call, violations
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.api.servicer import SERVICE
 from userexport_server.logs import EventLog, RateLimitedLog
 
 METHODS = list(SERVICE.methods)
-UNKNOWN_FIELD_100 = b"\xa0\x06\x01"  # field 100, varint 1
 A_JOB = "job_" + "A" * 16
-
-
-def raw_call(channel: grpc.Channel, method: MethodDescriptor) -> Callable[..., Any]:
-    """The RPC with the request sent as the given bytes, the reply read as the real response type."""
-    path = f"/{SERVICE.full_name}/{method.name}"
-    response = GetMessageClass(method.output_type).FromString
-    make = channel.unary_stream if method.server_streaming else channel.unary_unary
-    return make(path, request_serializer=lambda raw: raw, response_deserializer=response)
 
 
 def refusal(caller: Caller, method: MethodDescriptor, raw: bytes) -> grpc.RpcError:
@@ -144,24 +136,7 @@ def test_bad_requests_log_no_traceback_and_a_bounded_number_of_lines(
     assert len(records) <= len(kinds) * (limit + 1), [r.getMessage() for r in records]
 
 
-def test_the_rate_limited_log_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
-    now = [0.0]
-    limited = RateLimitedLog(EventLog("test.limited"), limit=3, window=60, clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="test.limited"):
-        for i in range(50):
-            limited.log(logging.INFO, "k", "line", n=i)
-        limited.log(logging.INFO, "other", "another key is counted apart")
-        now[0] = 61.0
-        limited.log(logging.INFO, "k", "after the window")
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages[:3] == ["line n=0", "line n=1", "line n=2"]
-    assert "log rate limit reached key=k" in messages[3]
-    assert messages[4] == "another key is counted apart"
-    assert messages[5].startswith("log lines suppressed key=k count=47")
-    assert messages[6:] == ["after the window"]
-
-
-# Paths no user has (a typo in a root, `emial`, is refused instead: tests/integration/test_bad_input.py).
+# Paths no user has (a typo in a root, `emial`, is refused instead: the request rules below).
 NEVER_PRESENT = [["email.x"], ["user_metadata.foo.bar", "email.x"]]
 
 
@@ -180,3 +155,134 @@ def test_an_export_of_fields_that_never_hold_a_value_completes_with_empty_rows(
         assert text == ",".join(f'"{n}"' for n in names) + "\r\n" + (empty_row + "\r\n") * 3
     else:
         assert text == "{}\n" * 3
+
+
+# Request rules, over the wire.
+
+@pytest.fixture
+def seeded_caller(server: ServerHandle, tenant: str) -> Caller:
+    server.seed(3, tenant=tenant)
+    return Caller(server, tenant)
+
+
+def rejected(caller: Caller, request: pb.ExportRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        caller.stub.CreateUsersExportJob(request, metadata=caller.metadata)
+    assert list(caller.list().jobs) == [], "a rejected request creates nothing"
+    return error.value
+
+
+CASES = {
+    # name: (request, the violated fields)
+    "format missing": (pb.ExportRequest(), {"format"}),
+    "format unknown number": (pb.ExportRequest(format=7), {"format"}),  # type: ignore[arg-type]
+    "connection_id pattern": (pb.ExportRequest(format=pb.ExportRequest.CSV, connection_id="con_short"),
+                              {"connection_id"}),
+    "connection does not exist": (pb.ExportRequest(format=pb.ExportRequest.CSV, connection_id="con_" + "A" * 16),
+                                  {"connection_id"}),
+    "limit zero": (pb.ExportRequest(format=pb.ExportRequest.CSV, limit=0), {"limit"}),
+    "limit negative": (pb.ExportRequest(format=pb.ExportRequest.JSON, limit=-5), {"limit"}),
+    "field name empty": (pb.ExportRequest(format=pb.ExportRequest.CSV, fields=[pb.Field(name="email"), pb.Field()]),
+                         {"fields[1].name"}),
+    "field name too long": (pb.ExportRequest(format=pb.ExportRequest.CSV, fields=[pb.Field(name="a" * 101)]),
+                            {"fields[0].name"}),
+    "field path invalid": (pb.ExportRequest(format=pb.ExportRequest.CSV, fields=[pb.Field(name="a..b")]),
+                           {"fields[0].name"}),
+    "field root unknown (a typo)": (pb.ExportRequest(format=pb.ExportRequest.CSV,
+                                                     fields=[pb.Field(name="email"), pb.Field(name="emial")]),
+                                    {"fields[1].name"}),
+    "export_as too long": (pb.ExportRequest(format=pb.ExportRequest.CSV,
+                                            fields=[pb.Field(name="email", export_as="x" * 101)]),
+                           {"fields[0].export_as"}),
+    "too many fields": (pb.ExportRequest(format=pb.ExportRequest.CSV,
+                                         fields=[pb.Field(name=f"user_metadata.f{i}") for i in range(31)]),
+                        {"fields"}),
+    "duplicate columns": (pb.ExportRequest(format=pb.ExportRequest.CSV,
+                                           fields=[pb.Field(name="email"), pb.Field(name="name", export_as="email")]),
+                          {"fields[1].export_as"}),
+    "request_id too long": (pb.ExportRequest(format=pb.ExportRequest.CSV, request_id="r" * 37), {"request_id"}),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_each_rule_is_invalid_argument_with_its_violation(seeded_caller: Caller, case: str) -> None:
+    request, fields = CASES[case]
+    error = rejected(seeded_caller, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(error)) == fields, violations(error)
+    assert error_reason(error) == "INVALID_ARGUMENT"
+
+
+def test_all_violations_are_reported_at_once(seeded_caller: Caller) -> None:
+    error = rejected(seeded_caller, pb.ExportRequest(
+        connection_id="nope", limit=0, fields=[pb.Field(name=""), pb.Field(name="email", export_as="y" * 200)]))
+    assert set(violations(error)) == {"format", "connection_id", "limit", "fields[0].name", "fields[1].export_as"}
+    assert "connection_id" in error.details()
+
+
+def test_unknown_request_fields_are_rejected(seeded_caller: Caller) -> None:
+    raw = pb.ExportRequest(format=pb.ExportRequest.CSV).SerializeToString() + b"\xa0\x06\x01"  # field 100
+    call = seeded_caller.channel.unary_unary("/userexport.v1.UsersExportService/CreateUsersExportJob",
+                                             request_serializer=lambda b: b, response_deserializer=pb.Job.FromString)
+    with pytest.raises(grpc.RpcError) as error:
+        call(raw, metadata=seeded_caller.metadata)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(error.value) == "UNKNOWN_FIELDS"
+    assert list(seeded_caller.list().jobs) == []
+
+
+def test_oversize_request_is_refused_by_grpc(seeded_caller: Caller) -> None:
+    huge = pb.ExportRequest(format=pb.ExportRequest.CSV, request_id="x" * 200_000)
+    error = rejected(seeded_caller, huge)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_unknown_job_is_not_found(seeded_caller: Caller) -> None:
+    for call in (seeded_caller.get, seeded_caller.cancel, seeded_caller.watch):
+        with pytest.raises(grpc.RpcError) as error:
+            call("job_" + "Z" * 16)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_reason(error.value) == "JOB_NOT_FOUND"
+
+
+def test_malformed_job_id_is_invalid_argument(seeded_caller: Caller) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        seeded_caller.get("../../etc/passwd")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(error.value)) == {"id"}
+
+
+def test_internal_errors_leak_no_detail(make_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = make_server(workers=0)
+    tenant = "t" + "x" * 8
+    caller = Caller(broken, tenant)
+
+    def failing_list(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("SELECT * FROM jobs WHERE secret = 'hunter2'")
+
+    monkeypatch.setattr(broken.app.store, "list_page", failing_list)
+    with pytest.raises(grpc.RpcError) as error:
+        caller.list()
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert "SELECT" not in error.value.details() and "hunter2" not in error.value.details()
+    assert error_reason(error.value) == "INTERNAL_ERROR"
+
+
+# The format violation speaks the proto's language: the enum values a client sends (CSV, JSON), never
+# Python's None or the service's lowercase spelling.
+
+@pytest.mark.parametrize(("request_format", "description"), [
+    (pb.ExportRequest.FORMAT_UNSPECIFIED, "is required: CSV or JSON"),  # what a request without a format reads as
+    (7, "must be CSV or JSON, got 7"),  # a newer client's value
+])
+def test_a_missing_or_unknown_format_names_the_enum_values(server: ServerHandle, tenant: str,
+                                                           request_format: int, description: str) -> None:
+    caller = Caller(server, tenant)
+    request = pb.ExportRequest(format=request_format)  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as error:
+        caller.stub.CreateUsersExportJob(request, metadata=caller.metadata)
+    caller.close()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(error.value) == {"format": description}
+    assert error.value.details() == f"The export request is invalid: format: {description}"
+    assert "None" not in error.value.details()

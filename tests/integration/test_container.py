@@ -38,7 +38,7 @@ from tests.tools import required_tool
 from userexport.client import UsersExportClient
 from userexport_server.export.defaults import DEFAULT_CSV_FIELDS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BASE = "docker.io/library/python:3.11-slim"
 USERS = 1000
 INSTALL = "apt-get install buildah podman mmdebstrap (scripts/setup.sh does)"
