@@ -11,12 +11,16 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin userexport
 # Every wheel the build stage made for '.[server]', and nothing from an index. They are bind-mounted
 # from the build stage for this one step, so no layer of the image holds them (a COPY and then `rm`
-# would leave them in the COPY's layer); tests/test_container.py checks that.
+# would leave them in the COPY's layer); tests/integration/test_container.py checks that.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl
 USER 10001
 WORKDIR /home/userexport
-# Configuration is by environment (see README "Configuration"); these make the container reachable.
+# The data directory exists in the image, owned by the server's user: a named volume mounted on it
+# (`docker run -v userexport-data:/home/userexport/data`) starts as a copy of it, so the server can
+# write there; a folder the engine made for the volume would belong to root.
+RUN mkdir -m 700 data
+# Configuration is by environment (see docs/configuration.md); these make the container reachable.
 ENV USEREXPORT_LISTEN=0.0.0.0:50051 \
     USEREXPORT_FILES_LISTEN=0.0.0.0:50052 \
     USEREXPORT_METRICS_LISTEN=0.0.0.0:9464 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Dockerfile into an image with buildah, where no Docker engine runs (README "Docker").
+# Builds the Dockerfile into an image with buildah, where no Docker engine runs (docs/operations.md "Docker").
 #   bash scripts/image.sh TAG [buildah bud options]      e.g. bash scripts/image.sh localhost/userexport:dev
 # No registry is reached for the FROM image: when container storage has no python:3.11-slim, one is
 # made here from Debian bookworm (whose python3 is 3.11) with mmdebstrap, laid out as the official

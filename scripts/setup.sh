@@ -14,7 +14,11 @@ fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  # setuptools adds "BuildBackendWarning: Editable installation. Please be careful with folders in
+  # your working directory with the same name as your package" to every editable install of a
+  # project whose packages sit in more than one folder (client/, server/); nothing in pyproject.toml
+  # turns it off (its editable modes all say it). No such folder is here, so the notice is dropped.
+  PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install --quiet -e '.[dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

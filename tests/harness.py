@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import socket
 import threading
 import uuid
 from collections.abc import Sequence
@@ -57,6 +58,9 @@ class ServerHandle(_MintsTokens):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
 
     def stop(self, grace: float = 5.0) -> None:
+        """Stop the server and its loop; a second call does nothing."""
+        if self.loop.is_closed():
+            return
         self.call(self.app.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -64,6 +68,13 @@ class ServerHandle(_MintsTokens):
 
     def seed(self, users: int, tenant: str = "default", connections: int = 3, seed: int = 0) -> list[str]:
         return seed_users(self.app.engine, tenant=tenant, users=users, connections=connections, seed=seed)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a server that must not be there, or one started later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def new_tenant() -> str:

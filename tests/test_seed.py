@@ -13,7 +13,7 @@ from tests.export.support import engine, new_tenant  # noqa: F401  (engine is a 
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.models import Connection, User
-from userexport_server.seed import AlreadySeeded, main, seed_users
+from userexport_server.seed import AlreadySeeded, ascii_spelling, main, seed_users
 
 
 def users_of(engine: Engine, tenant: str) -> list[tuple[object, ...]]:
@@ -76,8 +76,11 @@ def test_users_exercise_quoting_and_the_guard(engine: Engine) -> None:
 
 
 def test_console_entry_migrates_then_seeds(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m userexport_server.seed` makes the data folder private (0700), as the server does:
+    it holds the database of user data."""
     assert main(["--users", "50", "--tenant", "acme", "--data-dir", str(tmp_path / "data")]) == 0
     assert "seeded 50 users for tenant 'acme'" in capsys.readouterr().out
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
     seeded = make_engine(f"sqlite:///{tmp_path / 'data' / 'userexport.db'}")
     assert len(users_of(seeded, "acme")) == 50
 
@@ -103,3 +106,21 @@ def test_seeding_many_users_prints_progress_then_a_second_run_adds_nothing(tmp_p
     with seeded.connect() as conn:
         assert conn.execute(select(func.count()).select_from(User)).scalar_one() == 200_010
     seeded.dispose()
+
+
+@pytest.mark.parametrize(("name", "spelling"), [("Łukasz", "lukasz"), ("Søren", "soren"), ("Zoë", "zoe"),
+                                                ("Ångström", "angstrom"), ("O'Brien", "obrien"), ("山田", "user")])
+def test_names_are_transliterated_into_email_local_parts(name: str, spelling: str) -> None:
+    """Accents are dropped, not the letters under them: before, Łukasz gave `ukasz.dubois.1@`."""
+    assert ascii_spelling(name) == spelling
+
+
+def test_every_seeded_email_is_ascii_and_keeps_the_whole_name(engine: Engine) -> None:
+    tenant = new_tenant()
+    seed_users(engine, tenant=tenant, users=400)
+    with engine.connect() as conn:
+        emails = [email for email in conn.execute(select(User.email).where(User.tenant == tenant)).scalars() if email]
+    assert emails and all(email.isascii() for email in emails)
+    locals_ = {email.split("@")[0].rsplit(".", 1)[0] for email in emails}
+    assert any(local.startswith("lukasz.") for local in locals_) and not any(local.startswith("ukasz.")
+                                                                              for local in locals_)

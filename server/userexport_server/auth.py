@@ -16,9 +16,9 @@ from jwt.types import Options
 
 from userexport_server.errors import PermissionDenied, Unauthenticated
 from userexport_server.identifiers import TENANT, matches
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 _fetch_failures = RateLimitedLog(log)
 READ = frozenset({"read:users"})
 READ_OR_CREATE = frozenset({"read:users", "create:users"})
@@ -78,7 +78,7 @@ class _KeyUrl:
         try:
             keys = _signing_keys(self.client.get_jwk_set())
         except (jwt.PyJWKClientError, jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as exc:
-            _fetch_failures.log(logging.WARNING, "jwks fetch", "jwks fetch failed url=%s error=%s", self.url, exc)
+            _fetch_failures.log(logging.WARNING, "jwks fetch", "jwks fetch failed", url=self.url, error=exc)
             raise Unauthenticated("The token signing keys cannot be loaded; retry later.",
                                   reason="KEYS_UNAVAILABLE") from exc
         if kid is None or any(key.key_id == kid for key in keys):

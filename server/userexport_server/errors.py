@@ -101,3 +101,8 @@ class PermissionDenied(ServiceError):
 
 class StorageError(Exception):
     """Storage failed after its retries; the message is safe to show on the failed job."""
+
+
+class WorkStopped(Exception):
+    """Background work stopped because it was told to (a cancel, shutdown, a lost lease, a stall):
+    not a failure, so spans and logs say "stopped" rather than "error"."""

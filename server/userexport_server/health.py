@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import Engine, text
 
-log = logging.getLogger(__name__)
+from userexport_server.logs import EventLog
+
+log = EventLog(__name__)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 # A check that takes longer than this counts as failed (a database that hangs is as bad as a dead one).
 CHECK_TIMEOUT_SECONDS = 3.0
@@ -86,7 +88,7 @@ class HealthMonitor:
             raise
         except Exception as exc:
             if repr(exc) != self._last_error:
-                log.exception("health check round failed error=%r", exc)
+                log.exception("health check round failed", error=exc)
             self._last_error = repr(exc)
 
     async def _reasons(self) -> list[str]:
@@ -115,8 +117,8 @@ class HealthMonitor:
         failing = frozenset(reason.split(":", 1)[0] for reason in reasons)
         if status != self._status or failing != self._failing:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
-            (log.warning if reasons else log.info)("health changed status=%s reasons=%s", name,
-                                                   "; ".join(reasons) or "none")
+            log.log(logging.WARNING if reasons else logging.INFO, "health changed", status=name,
+                    reasons="; ".join(reasons) or "none")
             for service in self.services:
                 await self.servicer.set(service, status)
             self._status, self._failing = status, failing

@@ -1,30 +1,30 @@
-"""Structured logs: one line per event. Every message is an event phrase then `key=value` pairs
-(`job created job_id=%s tenant=%s`, a value with spaces as %r); the text form prints it after a fixed
-prefix, easy to grep; the JSON form parses it into one object a line, for log pipelines."""
+"""Structured logs: one line per event, an event phrase and named fields.
+
+Code logs through EventLog: `log.info("job created", job_id=job.id, tenant=tenant)`. The fields travel
+on the record (`extra`), so the JSON form writes them as they are, typed, and never parses text back;
+the text form prints `event key=value ...` after a fixed prefix, easy to grep. A line of another
+library's logger has its whole message as the JSON event.
+"""
 from __future__ import annotations
 
-import ast
 import datetime as dt
 import json
 import logging
-import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeAlias
 
 from opentelemetry import trace
 
 TEXT_FORMAT = "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
-# Keys every JSON line has (null when the message does not say); the identifiers stay strings.
+# Keys every JSON line has (null when the line does not say); the identifiers stay strings.
 _IDENTIFIERS = ("job_id", "tenant", "request_id")
-_KEY = re.compile(r"(?:^| )([a-z_][a-z0-9_]*)=")
-_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
-_CALL = re.compile(r"[A-Za-z_][\w.]*\(")
-_NUMBER = re.compile(r"-?\d+(\.\d+)?")
-_WORDS: dict[str, Any] = {"True": True, "False": False, "None": None}
+_EVENT, _FIELDS = "userexport_event", "userexport_fields"  # where the record carries them
+ExcInfo: TypeAlias = BaseException | bool | tuple[type[BaseException], BaseException, TracebackType] | None
 
 
 def configure(level: str, log_format: str = "text") -> None:
@@ -37,24 +37,85 @@ def configure(level: str, log_format: str = "text") -> None:
     logging.getLogger("alembic").setLevel(max(root.level, logging.WARNING))
 
 
+class EventLog:
+    """A module's logger of events: `log.warning("lease renewal failed", job_id=..., error=error)`.
+    Fields are rendered only when the line is written."""
+
+    __slots__ = ("logger",)
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self.logger.isEnabledFor(level)
+
+    def log(self, level: int, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
+        self._emit(level, event, exc_info, fields)
+
+    def debug(self, event: str, /, **fields: object) -> None:
+        self._emit(logging.DEBUG, event, None, fields)
+
+    def info(self, event: str, /, **fields: object) -> None:
+        self._emit(logging.INFO, event, None, fields)
+
+    def warning(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
+        self._emit(logging.WARNING, event, exc_info, fields)
+
+    def error(self, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
+        self._emit(logging.ERROR, event, exc_info, fields)
+
+    def exception(self, event: str, /, **fields: object) -> None:
+        """An error with the exception being handled."""
+        self._emit(logging.ERROR, event, True, fields)
+
+    def _emit(self, level: int, event: str, exc_info: ExcInfo, fields: Mapping[str, object]) -> None:
+        if self.logger.isEnabledFor(level):
+            # An exception is kept as its text: a record that held it (in a handler's buffer) would
+            # hold its traceback's frames, and with them whatever failed, alive.
+            fields = {key: _plain(value) for key, value in fields.items()}
+            self.logger.log(level, "%s", _Text(event, fields), exc_info=exc_info, stacklevel=3,
+                            extra={_EVENT: event, _FIELDS: fields})
+
+
+class _Text:
+    """`event key=value ...`, made when (and only if) a handler formats the line."""
+
+    __slots__ = ("event", "fields")
+
+    def __init__(self, event: str, fields: Mapping[str, object]) -> None:
+        self.event, self.fields = event, fields
+
+    def __str__(self) -> str:
+        return " ".join([self.event, *(f"{key}={_plain(value)}" for key, value in self.fields.items())])
+
+
+def _plain(value: object) -> object:
+    """A field's value for a line: an exception as `Type: first line of its message`."""
+    if isinstance(value, BaseException):
+        text = str(getattr(value, "orig", None) or value).strip().splitlines()
+        return f"{type(value).__name__}: {text[0]}" if text else type(value).__name__
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, event, job_id, tenant, request_id, trace_id and span_id
-    (from the current OpenTelemetry span), every other `key=value` of the message as its own key, and
+    (from the current OpenTelemetry span), every other field of the event as its own key, and
     `exception` with the traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        event, pairs = parse_message(record.getMessage())
+        fields: dict[str, object] = dict(getattr(record, _FIELDS, None) or {})
+        event = getattr(record, _EVENT, None) or record.getMessage()
         span = trace.get_current_span().get_span_context()
         line: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname, "logger": record.name, "event": event,
-            **{key: _identifier(pairs.pop(key, None)) for key in _IDENTIFIERS},
+            **{key: _identifier(fields.pop(key, None)) for key in _IDENTIFIERS},
             "trace_id": f"{span.trace_id:032x}" if span.is_valid else None,
             "span_id": f"{span.span_id:016x}" if span.is_valid else None,
         }
-        for key, value in pairs.items():
-            line.setdefault(key, _typed(value))  # a pair named like a fixed key does not replace it
+        for key, value in fields.items():
+            line.setdefault(key, _plain(value))  # a field named like a fixed key does not replace it
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -62,71 +123,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
-def parse_message(message: str) -> tuple[str, dict[str, str]]:
-    """The event phrase (the text before the first `key=`) and the pairs. A value runs to the next
-    ` key=`, unless it is what %r writes: a quoted string (unquoted) or a call such as an exception's
-    repr, each taken whole, so spaces and `=` inside them survive."""
-    found = _KEY.search(message)
-    if found is None:
-        return message, {}
-    event, pairs = message[:found.start()], {}
-    while found is not None:
-        start = found.end()
-        end = _repr_end(message, start)
-        if end is not None:
-            value = message[start:end]
-            value = _unquote(value) if value[0] in "'\"" else value
-        else:
-            following = _KEY.search(message, start)
-            end = following.start() if following is not None else len(message)
-            value = message[start:end]
-        pairs[found.group(1)] = value
-        found = _KEY.search(message, end)
-    return event, pairs
-
-
-def _repr_end(text: str, start: int) -> int | None:
-    """Where a %r value starting at `start` ends, if there is one there (followed by a space or the end)."""
-    quoted = _QUOTED.match(text, start)
-    end = quoted.end() if quoted is not None else _call_end(text, start)
-    return end if end is not None and text[end:end + 1] in ("", " ") else None
-
-
-def _call_end(text: str, start: int) -> int | None:
-    """The end of a call such as an exception's repr, `OperationalError('...')`: its parentheses balanced
-    outside quoted strings."""
-    call = _CALL.match(text, start)
-    if call is None:
-        return None
-    depth, i = 1, call.end()
-    while i < len(text):
-        inner = _QUOTED.match(text, i)
-        if inner is not None:
-            i = inner.end()
-            continue
-        depth += {"(": 1, ")": -1}.get(text[i], 0)
-        i += 1
-        if depth == 0:
-            return i
-    return None
-
-
-def _unquote(literal: str) -> str:
-    try:
-        return str(ast.literal_eval(literal))
-    except (ValueError, SyntaxError):
-        return literal
-
-
-def _identifier(value: str | None) -> str | None:
-    return None if value in (None, "None") else value
-
-
-def _typed(value: str) -> Any:
-    """Numbers and True/False/None as JSON numbers, booleans and null; anything else stays a string."""
-    if _NUMBER.fullmatch(value):
-        return float(value) if "." in value else int(value)
-    return _WORDS.get(value, value)
+def _identifier(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(slots=True)
@@ -143,14 +141,13 @@ class RateLimitedLog:
     Keys must come from a small fixed set (a method and an error reason), never from request text.
     """
 
-    def __init__(self, logger: logging.Logger, *, limit: int = 10, window: float = 60.0,
+    def __init__(self, logger: EventLog, *, limit: int = 10, window: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.logger, self.limit, self.window, self.clock = logger, limit, window, clock
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
-    def log(self, level: int, key: str, message: str, *args: object,
-            exc_info: BaseException | None = None) -> None:
+    def log(self, level: int, key: str, event: str, /, *, exc_info: ExcInfo = None, **fields: object) -> None:
         with self._lock:
             now = self.clock()
             current = self._windows.get(key)
@@ -164,10 +161,9 @@ class RateLimitedLog:
                 current.suppressed += 1
             first_dropped = current.suppressed == 1 and not allowed
         if dropped:
-            self.logger.log(level, "log lines suppressed key=%s count=%d window_seconds=%.0f", key, dropped,
-                            self.window)
+            self.logger.log(level, "log lines suppressed", key=key, count=dropped, window_seconds=self.window)
         if allowed:
-            self.logger.log(level, message, *args, exc_info=exc_info)
+            self.logger.log(level, event, exc_info=exc_info, **fields)
         elif first_dropped:
-            self.logger.log(level, "log rate limit reached key=%s limit=%d window_seconds=%.0f; "
-                                   "suppressing until the window ends", key, self.limit, self.window)
+            self.logger.log(level, "log rate limit reached", key=key, limit=self.limit, window_seconds=self.window,
+                            then="suppressed until the window ends")

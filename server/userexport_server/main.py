@@ -1,4 +1,4 @@
-"""`userexport-server`: run the service (default) or seed sample users."""
+"""userexport-server: run the service (the default command), check its health, or seed sample users."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,11 @@ import sys
 import sqlalchemy.exc
 
 from userexport.client.api import TlsConfig, open_channel
-from userexport.client.cli import add_tls_options, tls_config
+from userexport.client.arguments import add_tls_options, int_at_least, tls_config
 from userexport_server import logs
-from userexport_server.settings import PREFIX, Settings
+from userexport_server.settings import PREFIX, ConfigError, Settings
 
-log = logging.getLogger("userexport_server")
+log = logs.EventLog("userexport_server")
 # What a bad configuration or environment raises while the server starts: each ends the process
 # with one line (the traceback is logged at DEBUG), never a traceback on the operator's screen.
 _STARTUP_ERRORS = (ValueError, OSError, sqlalchemy.exc.SQLAlchemyError)
@@ -28,23 +28,42 @@ class StartupFailed(Exception):
     """The server could not start; the message says why in one line, naming the setting."""
 
 
+# Options every command takes, before or after its name: flag, help.
+_COMMON_OPTIONS = (
+    ("--data-dir", "data directory: SQLite database, local files, generated secrets (env USEREXPORT_DATA_DIR)"),
+    ("--database-url", "SQLAlchemy URL, e.g. postgresql://user@host:5432/db (env USEREXPORT_DATABASE_URL)"),
+)
+# Flags that override a setting of the same name (see settings.py).
+_SETTING_FLAGS = ("data_dir", "database_url", "listen", "files_listen", "metrics_listen", "workers")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="userexport-server", description=__doc__)
-    parser.add_argument("--data-dir", type=pathlib.Path, help="data directory (env USEREXPORT_DATA_DIR)")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (env USEREXPORT_DATABASE_URL)")
-    commands = parser.add_subparsers(dest="command")
-    serve = commands.add_parser("serve", help="run the gRPC server (the default)")
+    # A copy of the common options for each command, defaulting to nothing, so that a value given
+    # after the command overrides one given before it, and one not given leaves it alone.
+    common = argparse.ArgumentParser(add_help=False)
+    for flag, help_text in _COMMON_OPTIONS:
+        parser.add_argument(flag, help=help_text)
+        common.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", parents=[common], help="run the gRPC server (the default)")
     serve.add_argument("--listen", help="HOST:PORT for gRPC (env USEREXPORT_LISTEN, default 127.0.0.1:50051)")
-    serve.add_argument("--files-listen", help="HOST:PORT of the local download endpoint (env USEREXPORT_FILES_LISTEN)")
-    serve.add_argument("--workers", type=int, help="export worker threads (env USEREXPORT_WORKERS)")
-    check = commands.add_parser("health", help="exit 0 if the server at --target reports SERVING (for HEALTHCHECK)")
+    serve.add_argument("--files-listen", help="HOST:PORT of the local download endpoint (env USEREXPORT_FILES_LISTEN, "
+                                              "default 127.0.0.1:50052)")
+    serve.add_argument("--metrics-listen", help="HOST:PORT of the Prometheus metrics endpoint, empty for none "
+                                                "(env USEREXPORT_METRICS_LISTEN, default 127.0.0.1:9464)")
+    serve.add_argument("--workers", type=int_at_least(0), help="export worker threads (env USEREXPORT_WORKERS)")
+    check = commands.add_parser("health", parents=[common],
+                                help="exit 0 if the server at --target reports SERVING (the image's HEALTHCHECK)")
     check.add_argument("--target", help="HOST:PORT; default: the listen address, 0.0.0.0 read as 127.0.0.1")
     add_tls_options(check, os.environ)  # against a TLS server, each defaults to fit its certificate
-    seed = commands.add_parser("seed", help="create sample users")
-    seed.add_argument("--users", type=int, default=10_000)
-    seed.add_argument("--tenant", default="default")
-    seed.add_argument("--connections", type=int, default=3)
-    seed.add_argument("--start-index", type=int, default=0, help="number of the first user (to add more later)")
+    seed = commands.add_parser("seed", parents=[common], help="create sample users (run again: adds nothing)")
+    seed.add_argument("--users", type=int_at_least(1), default=10_000, help="how many users to add (default 10000)")
+    seed.add_argument("--tenant", default="default", help="the tenant they belong to (default default)")
+    seed.add_argument("--connections", type=int_at_least(1), default=3,
+                      help="connections to spread them over (default 3)")
+    seed.add_argument("--start-index", type=int_at_least(0), default=0,
+                      help="number of the first user: to add more users later, the count already seeded")
     return parser
 
 
@@ -55,7 +74,7 @@ async def serve(settings: Settings) -> None:
         app = App(settings)
         await app.start()
     except _STARTUP_ERRORS as exc:
-        log.debug("startup failed", exc_info=True)
+        log.log(logging.DEBUG, "startup failed", exc_info=True)
         raise StartupFailed(_startup_message(exc, settings)) from None
     tune_gc()
     stop = asyncio.Event()
@@ -77,10 +96,12 @@ def tune_gc() -> None:
 
 
 def _startup_message(exc: BaseException, settings: Settings) -> str:
+    """One line per problem: a ConfigError's lines are each a whole message (every busy port); of
+    anything else only the first line is for the operator."""
     if isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
         variable = "DATABASE_URL" if settings.database_url else "DATA_DIR"
         return f"cannot open the database ({PREFIX}{variable}): {_first_line(getattr(exc, 'orig', None) or exc)}"
-    return _first_line(exc)
+    return str(exc).strip() if isinstance(exc, ConfigError) else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -89,7 +110,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fail(exc: BaseException) -> int:
-    print(f"userexport-server: {exc}", file=sys.stderr)
+    for line in str(exc).splitlines():
+        print(f"userexport-server: {line}", file=sys.stderr)
     return EXIT_STARTUP_FAILED
 
 
@@ -115,7 +137,9 @@ def health_check(target: str, tls: TlsConfig | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {k: getattr(args, k, None) for k in ("data_dir", "database_url", "listen", "files_listen", "workers")}
+    overrides = {k: getattr(args, k, None) for k in _SETTING_FLAGS}
+    if args.data_dir is not None:
+        overrides["data_dir"] = pathlib.Path(args.data_dir)
     try:
         settings = Settings.from_env(**overrides)
     except ValueError as exc:
@@ -131,17 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         target = settings.listen.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
         return health_check(args.target or target, tls)
     if args.command == "seed":
-        from userexport_server.db.engine import make_engine
-        from userexport_server.private_files import make_private_dirs
-        from userexport_server.seed import seed_and_report
+        from userexport_server.seed import seed_database
 
-        make_private_dirs(settings.data_dir)
-        engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
-        try:
-            print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
-                                  start_index=args.start_index))
-        finally:
-            engine.dispose()
+        print(seed_database(settings, tenant=args.tenant, users=args.users, connections=args.connections,
+                            start_index=args.start_index))
         return 0
     os.umask(0o077)  # besides the explicit modes: whatever else the server creates is private too
     try:

@@ -25,12 +25,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from userexport_server.jobs.model import Job, JobStatus, now_utc
 from userexport_server.listen import describe_error, parse_listen
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
+from userexport_server.rpc_codes import final_code
 from userexport_server.settings import PREFIX, ConfigError
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 # A scrape waits this long for the jobs-by-status count, then answers without it (Prometheus's own
 # scrape timeout is 10 s by default).
 JOBS_QUERY_TIMEOUT_SECONDS = 2.0
@@ -76,7 +76,7 @@ class Metrics:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._jobs: _JobsCollector | None = None
 
-    def collect_from(self, *, jobs: Callable[[], Mapping[JobStatus, int]], watchers: Callable[[], int],
+    def collect_from(self, *, jobs: Callable[[], Mapping[str, int]], watchers: Callable[[], int],
                      health: Callable[[], Mapping[str, bool]]) -> None:
         """Read, at each scrape: jobs by status (one database query), the WatchJob streams, each health check."""
         self._jobs = _JobsCollector(jobs)
@@ -99,14 +99,15 @@ class Metrics:
         self.export_bytes.inc(size_bytes)
         self.slice_seconds.observe(seconds)
 
-    def export_done(self, job: Job) -> None:
-        """A job completed by this replica's assembler, so each export is timed once across replicas."""
-        if job.started_at is not None and job.finished_at is not None:
-            self.export_seconds.observe(max(0.0, (job.finished_at - job.started_at).total_seconds()))
+    def export_done(self, seconds: float) -> None:
+        """A job completed by this replica's assembler, `seconds` after it started processing, so each
+        export is timed once across replicas."""
+        self.export_seconds.observe(max(0.0, seconds))
 
-    def event_delivered(self, job: Job) -> None:
-        """A job another replica changed, now with local watchers: how stale the feed is here."""
-        self.event_lag.observe(max(0.0, (now_utc() - job.updated_at).total_seconds()))
+    def event_delivered(self, updated_at: float) -> None:
+        """A job another replica changed at `updated_at` (a Unix time), now with local watchers: how stale
+        the feed is here."""
+        self.event_lag.observe(max(0.0, time.time() - updated_at))
 
     def start(self) -> int:
         """Serve /metrics on `listen` (in daemon threads); the bound port, 0 when not served."""
@@ -140,11 +141,11 @@ class _JobsCollector(Collector):
     the database is down or hanging the scrape answers without these samples (health says why), and
     scrapes meanwhile wait on the query already running instead of piling up more."""
 
-    def __init__(self, count: Callable[[], Mapping[JobStatus, int]]) -> None:
+    def __init__(self, count: Callable[[], Mapping[str, int]]) -> None:
         self._count = count
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="metrics-jobs")
         self._lock = threading.Lock()
-        self._running: Future[Mapping[JobStatus, int]] | None = None
+        self._running: Future[Mapping[str, int]] | None = None
         self._limited_log = RateLimitedLog(log, limit=1)
 
     def collect(self) -> Iterable[Metric]:
@@ -157,11 +158,10 @@ class _JobsCollector(Collector):
         try:
             counts = running.result(timeout=JOBS_QUERY_TIMEOUT_SECONDS)
         except Exception as exc:
-            self._limited_log.log(logging.WARNING, "jobs", "metrics left out jobs by status error=%s",
-                                  type(exc).__name__)
+            self._limited_log.log(logging.WARNING, "jobs", "metrics left out jobs by status", error=type(exc).__name__)
             return []
-        for status in JobStatus:
-            family.add_metric([status.value], counts.get(status, 0))
+        for status, count in counts.items():
+            family.add_metric([status], count)
         return [family]
 
     def close(self) -> None:
@@ -215,9 +215,9 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.UNKNOWN  # what grpc answers for an exception of the handler's own
         try:
             yield
-            code = context.code() or grpc.StatusCode.OK  # a handler may set_code() and return
+            code = final_code(context) or grpc.StatusCode.OK  # a handler may set_code() and return
         except grpc.aio.AbortError:
-            code = context.code() or code
+            code = final_code(context) or code
             raise
         except (asyncio.CancelledError, GeneratorExit):
             remaining = context.time_remaining()

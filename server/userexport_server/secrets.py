@@ -8,15 +8,15 @@ so it also fits where a text setting is expected: USEREXPORT_JWT_SECRET="$(cat d
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import pathlib
 import secrets
 import tempfile
 
+from userexport_server.logs import EventLog
 from userexport_server.private_files import make_private_dirs
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 def load_or_create_secret(path: pathlib.Path) -> bytes:
@@ -35,7 +35,7 @@ def load_or_create_secret(path: pathlib.Path) -> bytes:
                 os.fsync(file.fileno())
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)
-                log.info("secret created path=%s", path)
+                log.info("secret created", path=path)
         finally:
             os.unlink(tmp)
     secret = path.read_bytes()

@@ -17,6 +17,7 @@ import pathlib
 import random
 import string
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,10 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, text
 
+from userexport.client.arguments import int_at_least
 from userexport_server.db.engine import make_engine, unbounded_statements, write_transaction
 from userexport_server.db.migrate import upgrade
+from userexport_server.private_files import make_private_dirs
 from userexport_server.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -62,8 +65,20 @@ _GIVEN = ("Ada", "Alan", "Grace", "Linus", "Zoë", "José", "Renée", "Łukasz",
           "Olivia", "Liam", "Emma", "Hiroshi", "Ana", "Ivan", "Fatima", "Chloé", "Björn")
 _FAMILY = ("Lovelace", "Turing", "Hopper", "Torvalds", "Müller", "García", "O'Brien", "Ångström",
            "Kowalski", "Kierkegaard", "Smith", "Jones", "Dubois", "山田", "Petrov", "Haddad", "Nguyen")
+# Letters that NFKD leaves whole (no base letter and accent to split): their usual ASCII spelling.
+_UNDECOMPOSED = str.maketrans({"Ł": "L", "ł": "l", "Ø": "O", "ø": "o", "Đ": "D", "đ": "d", "ß": "ss", "Æ": "AE",
+                               "æ": "ae", "Œ": "OE", "œ": "oe"})
+
+
+def ascii_spelling(name: str) -> str:
+    """An e-mail-safe spelling of a name: accents dropped, not the letters that carry them
+    ("Łukasz" -> "lukasz", "Zoë" -> "zoe"); "user" for a name with no Latin letter at all (山田)."""
+    decomposed = unicodedata.normalize("NFKD", name.translate(_UNDECOMPOSED))
+    return decomposed.encode("ascii", "ignore").decode().replace("'", "").lower() or "user"
+
+
 # Email-safe spellings of the names above.
-_ASCII = {n: n.encode("ascii", "ignore").decode().replace("'", "").lower() or "user" for n in _GIVEN + _FAMILY}
+_ASCII = {n: ascii_spelling(n) for n in _GIVEN + _FAMILY}
 _DOMAINS = ("example.com", "mail.example.org", "corp.example.net", "gmail.example.com")
 # Values that must survive CSV quoting and the injection guard.
 _TRICKY = ('Smith, "Bobby" Jr.', "Line one\nline two", "=HYPERLINK(\"http://x\")", "+1 (555) 0100",
@@ -282,25 +297,34 @@ def seed_and_report(engine: Engine, *, tenant: str, users: int, connections: int
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry: migrate the database, then seed it."""
     parser = argparse.ArgumentParser(prog="python -m userexport_server.seed", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, required=True, help="how many users to add")
+    parser.add_argument("--users", type=int_at_least(1), required=True, help="how many users to add")
     parser.add_argument("--tenant", default=DEFAULT_TENANT)
-    parser.add_argument("--connections", type=int, default=3)
+    parser.add_argument("--connections", type=int_at_least(1), default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--start-index", type=int, default=0, help="number of the first user (to add more later)")
+    parser.add_argument("--start-index", type=int_at_least(0), default=0,
+                        help="number of the first user (to add more later)")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--database-url", help="SQLAlchemy URL (default: from USEREXPORT_* settings)")
     target.add_argument("--data-dir", type=pathlib.Path, help="directory of the default SQLite database")
     args = parser.parse_args(argv)
     settings = Settings.from_env(database_url=args.database_url, data_dir=args.data_dir)
+    print(seed_database(settings, tenant=args.tenant, users=args.users, connections=args.connections,
+                        seed=args.seed, start_index=args.start_index))
+    return 0
+
+
+def seed_database(settings: Settings, *, tenant: str, users: int, connections: int, seed: int = 0,
+                  start_index: int = 0) -> str:
+    """Seed the configured database (the data folder made private first, as the server makes it);
+    returns the report line."""
     if not settings.database_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(settings.data_dir)
     engine = make_engine(settings.sqlalchemy_url, settings.db_timeouts)
     try:
-        print(seed_and_report(engine, tenant=args.tenant, users=args.users, connections=args.connections,
-                              seed=args.seed, start_index=args.start_index))
+        return seed_and_report(engine, tenant=tenant, users=users, connections=connections, seed=seed,
+                               start_index=start_index)
     finally:
         engine.dispose()
-    return 0
 
 
 if __name__ == "__main__":

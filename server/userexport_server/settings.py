@@ -83,8 +83,12 @@ class Settings:
     gzip_level: int = 1
     # How often idle workers look for jobs created by other replicas.
     poll_interval_seconds: float = 1.0
-    # A claimed job's lease; the running worker renews it every third of this.
+    # A claimed job's lease; the running worker renews it every third of this, while its work moves.
     lease_seconds: float = 30.0
+    # Work that has not moved (no rows read, no bytes written, no step done) for this long is stalled:
+    # its query is cancelled, its lease no longer renewed, and it is handed back for another worker
+    # (any replica) to run. Well above the longest single step: counting 10M users takes seconds.
+    stall_seconds: float = 120.0
     # Job life cycle.
     job_ttl_seconds: int = 24 * 3600
     job_timeout_seconds: float = 8 * 3600
@@ -213,6 +217,7 @@ _EMPTY_MEANS_OFF = frozenset({"metrics_listen"})
 _POSITIVE = frozenset({
     "url_ttl_seconds", "db_busy_timeout_seconds", "db_statement_timeout_seconds", "db_pool_timeout_seconds",
     "api_read_threads", "api_write_threads", "health_interval_seconds", "poll_interval_seconds", "lease_seconds",
+    "stall_seconds",
     "job_ttl_seconds", "job_timeout_seconds", "reaper_interval_seconds", "job_attempts", "slice_users",
     "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "jwt_jwks_cache_seconds", "max_request_bytes",
     "files_head_timeout_seconds", "files_write_timeout_seconds", "files_max_connections",

@@ -25,16 +25,17 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
-from userexport_server.export.engine import ExportCancelled
-from userexport_server.jobs.model import Job
+from userexport_server.errors import WorkStopped
+from userexport_server.rpc_codes import final_code
 
 JOB_ID = "userexport.job_id"
+# A job as its spans know it: its id, and the traceparent of its creation (None: created untraced).
+JobRef = tuple[str, str | None]
 _PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent/tracestate, whatever OTEL_PROPAGATORS says
 # Codes that are the server's fault, so the span's status is ERROR (OpenTelemetry's gRPC conventions).
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
                             grpc.StatusCode.DATA_LOSS})
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class Tracing:
@@ -88,14 +89,14 @@ class Tracing:
             yield Creation(span, carrier.get("traceparent"))
 
     @contextlib.contextmanager
-    def span(self, stage: str, job: Job, attributes: Attributes = None) -> Iterator[trace.Span]:
+    def span(self, stage: str, job: JobRef, attributes: Attributes = None) -> Iterator[trace.Span]:
         """A stage of a job's export, current while it runs (so log lines carry its trace id). An error is
         recorded with status ERROR; a stop (cancel, shutdown, lease lost) is no error, only an event."""
         span = self._start(stage, job, attributes)
         with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
             try:
                 yield span
-            except ExportCancelled:
+            except WorkStopped:
                 span.add_event("stopped")
                 raise
             except Exception as error:
@@ -103,11 +104,11 @@ class Tracing:
                 span.set_status(trace.StatusCode.ERROR, type(error).__name__)
                 raise
 
-    def mark(self, stage: str, job: Job, attributes: Attributes = None) -> None:
+    def mark(self, stage: str, job: JobRef, attributes: Attributes = None) -> None:
         """A moment of a job's export (claimed), as a span of no length."""
         self._start(stage, job, attributes).end()
 
-    def ended(self, outcome: Literal["completed", "failed"], job: Job,
+    def ended(self, outcome: Literal["completed", "failed"], job: JobRef,
               attributes: Attributes = None, error: str | None = None) -> None:
         """The export's last span."""
         span = self._start(outcome, job, attributes)
@@ -115,12 +116,13 @@ class Tracing:
             span.set_status(trace.StatusCode.ERROR, error)
         span.end()
 
-    def _start(self, stage: str, job: Job, attributes: Attributes) -> trace.Span:
+    def _start(self, stage: str, job: JobRef, attributes: Attributes) -> trace.Span:
         """`export.<stage>`, a child of the job's creation span (else of the current span: a job created
         while tracing was off)."""
-        parent = _PROPAGATOR.extract({"traceparent": job.trace_parent}) if job.trace_parent else None
+        job_id, trace_parent = job
+        parent = _PROPAGATOR.extract({"traceparent": trace_parent}) if trace_parent else None
         return self.tracer.start_span(f"export.{stage}", context=parent,
-                                      attributes={JOB_ID: job.id, **(attributes or {})})
+                                      attributes={JOB_ID: job_id, **(attributes or {})})
 
 
 class Creation:
@@ -131,9 +133,9 @@ class Creation:
     def __init__(self, span: trace.Span, traceparent: str | None) -> None:
         self.span, self.traceparent = span, traceparent
 
-    def created(self, job: Job, new: bool) -> None:
+    def created(self, job_id: str, new: bool) -> None:
         """Name the job on the span; a repeated request_id returned the job an earlier call created."""
-        self.span.set_attributes({JOB_ID: job.id, "userexport.created": new})
+        self.span.set_attributes({JOB_ID: job_id, "userexport.created": new})
 
 
 class _RpcSpans(grpc.aio.ServerInterceptor):
@@ -191,8 +193,5 @@ class _RpcSpans(grpc.aio.ServerInterceptor):
 
 
 def _code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status the handler set (grpc.aio reports it as the enum or as its number), OK when none."""
-    code = context.code()
-    if code is None:
-        return grpc.StatusCode.OK
-    return code if isinstance(code, grpc.StatusCode) else _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    """The status the handler set, OK when none."""
+    return final_code(context) or grpc.StatusCode.OK

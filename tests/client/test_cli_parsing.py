@@ -90,12 +90,35 @@ def test_list_arguments() -> None:
         ["export", "--format", "csv", "--limit", "ten"],
         ["jobs", "list", "--status", "done"],
         ["jobs", "get"],
+        ["jobs", "list", "--page-size", "-1"],
         ["token", "--ttl", "0"],
+        ["connections"],
+        ["connections", "list", "--page-size", "many"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("value", "said"), [("abc", "got 'abc'"), ("-5", "got -5"), ("0", "got 0")])
+def test_a_bad_ttl_says_what_is_wanted(value: str, said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not argparse's `invalid _positive_int value: 'abc'`."""
+    assert main(["token", "--ttl", value]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"userexport token: error: argument --ttl: must be a positive integer, {said}"
+
+
+def test_format_and_status_take_either_case() -> None:
+    parser = build_parser({})
+    assert parser.parse_args(["export", "--format", "CSV"]).format == "csv"
+    assert parser.parse_args(["export", "--format", "Json"]).format == "json"
+    assert parser.parse_args(["jobs", "list", "--status", "COMPLETED"]).status == "completed"
+
+
+def test_connections_list_arguments() -> None:
+    args = build_parser({}).parse_args(["connections", "list", "--page-size", "5", "--page-token", "t", "--all"])
+    assert (args.page_size, args.page_token, args.all) == (5, "t", True)
 
 
 def test_cli_prints_rpc_errors_with_violations(

@@ -12,7 +12,6 @@ import io
 import json
 import pathlib
 import re
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.harness import free_port
 from userexport.client import UsersExportClient, UsersExportError
 from userexport.client.cli import main
 from userexport.v1 import users_export_pb2 as pb
@@ -54,12 +54,6 @@ def csv_rows(path: pathlib.Path) -> list[list[str]]:
 
 def ndjson(path: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_create_watch_download_csv(

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from userexport import backoff
 from userexport.client import UsersExportClient, UsersExportError, api
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
@@ -100,8 +101,11 @@ def client(server: Server) -> Iterator[UsersExportClient]:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A clock that only records sleeps, and backoff without its jitter (each wait its ceiling), so
+    the schedule is exact."""
     fake = Clock()
     monkeypatch.setattr(api, "time", fake)
+    monkeypatch.setattr(backoff, "uniform", lambda _low, high: high)
     return fake
 
 
@@ -245,7 +249,7 @@ def test_watch_reattaches_after_the_last_version_received_without_repeats(
 
     assert done.result(WAIT) is None
     assert drain(received) == [3]
-    assert clock.sleeps == [api.REATTACH_BACKOFF_FIRST]
+    assert clock.sleeps == [api.REATTACH_BACKOFF.initial]
 
 
 @pytest.mark.parametrize(
@@ -304,6 +308,19 @@ def test_iter_jobs_follows_page_tokens_until_empty(server: Server, client: Users
         page, next_token = pages[token]
         rpc.terminate(pb.ListJobsResponse(jobs=page, next_page_token=next_token), (), grpc.StatusCode.OK, "")
     assert [j.version for j in jobs.result(WAIT)] == [1, 2, 3]
+
+
+def test_iter_connections_follows_page_tokens_until_empty(server: Server, client: UsersExportClient) -> None:
+    connections = in_thread(lambda: list(client.iter_connections(page_size=1)))
+    pages = {"": ("con_a", "page-2"), "page-2": ("con_b", "")}
+    for token in ("", "page-2"):
+        metadata, request, rpc = server.take_unary("ListConnections")
+        assert request == pb.ListConnectionsRequest(page_size=1, page_token=token)
+        assert authorization(metadata) == [f"Bearer {TOKEN}"]
+        connection_id, next_token = pages[token]
+        rpc.terminate(pb.ListConnectionsResponse(connections=[pb.Connection(id=connection_id, name="n")],
+                                                 next_page_token=next_token), (), grpc.StatusCode.OK, "")
+    assert [c.id for c in connections.result(WAIT)] == ["con_a", "con_b"]
 
 
 def refuse_get_job(server: Server, client: UsersExportClient, status: grpc.Status) -> UsersExportError:

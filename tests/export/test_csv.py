@@ -144,7 +144,7 @@ def test_json_strings_follow_the_string_rule(engine: Engine, tenant: str) -> Non
 
 def test_missing_values_are_empty_unquoted_cells(engine: Engine, tenant: str) -> None:
     names = ("picture", "last_login", "user_metadata.missing", "user_metadata.nothing", "identities[3].connection",
-             "identities[0].connection.x", "multifactor[1]", "favourite_colour", "email.domain", "user_id")
+             "identities[0].connection.x", "multifactor[1]", "app_metadata.favourite_colour", "email.domain", "user_id")
     assert raw_row(engine, tenant, *names) == "," * (len(names) - 1) + '"auth0|alice"'
 
 

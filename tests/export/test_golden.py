@@ -46,7 +46,7 @@ PATHS = ["user_metadata", "user_metadata.n", "user_metadata.e", "user_metadata.b
          "user_metadata.t", "user_metadata.z", "user_metadata.s", "user_metadata.l", "user_metadata.l[0]",
          "user_metadata.l[2]", "user_metadata.o", "user_metadata.o.k", "user_metadata.empty", "user_metadata.none",
          "user_metadata.esc", "user_metadata.a", "user_metadata.c.d[0].e", "user_metadata.missing", "app_metadata",
-         "identities[0].connection", "identities[1]", "multifactor[0]", "email.x", "favourite"]
+         "identities[0].connection", "identities[1]", "multifactor[0]", "email.x", "phone_number.area"]
 
 NESTING = ("user_metadata", "user_metadata.l", "user_metadata.o")  # hold other paths: not with them in JSON
 
@@ -95,7 +95,7 @@ CASES: dict[str, tuple[str, Sequence[tuple[str, str]]]] = {
                              ("identities[1].x", ""), ("identities[0].connection", "")]),
     "csv-one-column": ("csv", [("nickname", "")]),
     "csv-one-path": ("csv", [("user_metadata.s", "")]),
-    "json-none-present": ("json", [("favourite", ""), ("email.x", "")]),
+    "json-none-present": ("json", [("phone_number.area", ""), ("email.x", "")]),
 }
 
 

@@ -80,7 +80,7 @@ def test_list_paths_keep_their_positions(engine: Engine) -> None:
 
 
 def test_paths_that_are_never_present_are_omitted(engine: Engine, tenant: str) -> None:
-    assert alice(engine, tenant, "favourite_colour", "email.domain", "identities[4]", "user_id") == {
+    assert alice(engine, tenant, "app_metadata.favourite_colour", "email.domain", "identities[4]", "user_id") == {
         "user_id": "auth0|alice"
     }
 

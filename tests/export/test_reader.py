@@ -1,5 +1,6 @@
 """The PostgreSQL reader's own connection: it takes the caller's export settings, and a cancelled or
-terminated query surfaces at once as the transient error the worker retries."""
+terminated query surfaces at once as the transient error the worker retries (DatabaseUnavailable
+once translated)."""
 from __future__ import annotations
 
 import psycopg
@@ -9,7 +10,7 @@ from sqlalchemy import Engine, text
 from tests.export.support import MemoryWriter, new_tenant
 from tests.integration.pg_faults import admin_execute
 from userexport_server.api.requests import build_spec
-from userexport_server.db.faults import is_transient_db_error
+from userexport_server.db.faults import DatabaseUnavailable, translated
 from userexport_server.export.engine import run_export
 from userexport_server.export.reader import ColumnReader
 from userexport_server.seed import seed_users
@@ -49,9 +50,9 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
         calls.append(written)
         return True
 
-    with engine.connect() as conn, pytest.raises(psycopg.OperationalError) as raised:
+    with engine.connect() as conn, pytest.raises(DatabaseUnavailable) as raised, translated():
         run_export(conn, tenant, JSON, MemoryWriter(), progress=progress, batch_rows=100, on_query=readers.append)
-    assert is_transient_db_error(raised.value)
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
     assert calls[-1] < 20_000  # stopped, not read to the end
     pid = readers[0].backend_pid
     assert not admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))

@@ -1,4 +1,5 @@
-"""What integration tests share: stubs with a tenant's token, watching to the end, downloading."""
+"""What integration tests share: stubs with a tenant's token, watching to the end, downloading, reading
+error details, tokens of any claims, raw requests."""
 from __future__ import annotations
 
 import gzip
@@ -8,13 +9,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import jwt
+import pytest
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tests.harness import ServerHandle
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
+from userexport_server.api.servicer import SERVICE
 
 _Detail = TypeVar("_Detail", bound=Message)
 T = TypeVar("T")
@@ -96,8 +102,6 @@ def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[
     import base64
     import json
 
-    import jwt
-
     def segment(value: dict[str, Any]) -> bytes:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
 
@@ -107,13 +111,38 @@ def sign_claims(claims: dict[str, Any], key: Any, algorithm: str, headers: dict[
     return (signing_input + b"." + signature).decode()
 
 
-def eventually(probe: Callable[[], T | None], what: str, timeout: float = 20.0, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail saying `what` did not happen in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s (last: {value!r})")
-        time.sleep(every)
+SECRET_CLAIMS = {"iss": "userexport-local", "aud": "userexport", "scope": "read:users"}
+
+
+def call_get(server: ServerHandle, metadata: list[tuple[str, str]] | None) -> grpc.RpcError:
+    stub = pb_grpc.UsersExportServiceStub(grpc.insecure_channel(server.target))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetJob(pb.GetJobRequest(id="job_" + "A" * 16), metadata=metadata)
+    return error.value
+
+
+def hs256(server: ServerHandle, secret: bytes | None = None, **claims: Any) -> list[tuple[str, str]]:
+    now = int(time.time())
+    body = {**SECRET_CLAIMS, "tenant": "acme", "iat": now, "nbf": now, "exp": now + 300, **claims}
+    body = {k: v for k, v in body.items() if v is not None}
+    key = secret if secret is not None else (server.data_dir / "jwt_secret").read_bytes()
+    return [("authorization", "Bearer " + jwt.encode(body, key, algorithm="HS256"))]
+
+
+UNKNOWN_FIELD_100 = b"\xa0\x06\x01"  # field 100, varint 1
+
+
+def raw_call(channel: grpc.Channel, method: MethodDescriptor) -> Callable[..., Any]:
+    """The RPC with the request sent as the given bytes, the reply read as the real response type."""
+    path = f"/{SERVICE.full_name}/{method.name}"
+    response = GetMessageClass(method.output_type).FromString
+    make = channel.unary_stream if method.server_streaming else channel.unary_unary
+    return make(path, request_serializer=lambda raw: raw, response_deserializer=response)
+
+
+def wait_until_writing(caller: Caller, job_id: str) -> None:
+    """Watch the job until it is PROCESSING and has written users; fail if it ends first."""
+    for message in caller.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=caller.metadata, timeout=60):
+        if message.status == pb.Job.PROCESSING and message.users_written > 0:
+            return
+    raise AssertionError(f"job {job_id} ended before it wrote anything")

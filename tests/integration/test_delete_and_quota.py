@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
@@ -10,6 +9,7 @@ from google.rpc import error_details_pb2
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, detail, error_reason, http_status, violations
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 
@@ -31,6 +31,9 @@ def test_delete_removes_the_file_at_once_and_the_job_reads_expired(server: Serve
 
     deleted = delete(caller, done.id)
     assert deleted.status == pb.Job.EXPIRED and not deleted.location and deleted.size_bytes == 0
+    # It expired when it was deleted, not 24 hours after its creation (an expired job with a future
+    # expires_at reads as a contradiction).
+    assert done.finished_at.ToDatetime() <= deleted.expires_at.ToDatetime() <= deleted.updated_at.ToDatetime()
     assert not export_files(server, done.id)  # gone now, not at the next reaper round
     assert http_status(done.location) == 404  # a URL signed before the delete finds nothing
     assert caller.get(done.id).status == pb.Job.EXPIRED and not caller.get(done.id).location
@@ -65,9 +68,7 @@ def test_deleting_a_running_export_stops_it_and_leaves_no_file(server: ServerHan
             break
     assert delete(caller, job.id).status == pb.Job.EXPIRED
     assert list(watching)[-1].status == pb.Job.EXPIRED  # the watcher hears of it, and its stream ends
-    deadline = time.monotonic() + 30
-    while job.id in ",".join(server.app.workers.running()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: job.id not in ",".join(server.app.workers.running()), "the export stopping", timeout=30)
     assert job.id not in server.app.workers.running()
     assert not export_files(server, job.id)  # neither the partial nor a finished file
     assert caller.get(job.id).status == pb.Job.EXPIRED

@@ -1,5 +1,6 @@
-"""scripts/demo.sh, run as a developer runs it, while another userexport server holds 50051: the demo
-must talk to its own server, never to whatever answers on the default port."""
+"""scripts/demo.sh, run as a developer runs it, while the server of the README's "Using it" holds the
+default ports (50051, 50052, 9464): the demo must pick every port itself and talk to its own server,
+never to whatever answers on a default port."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import ServerProcess
+from userexport_server.listen import check_free
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_PORTS = {"USEREXPORT_LISTEN": 50051, "USEREXPORT_FILES_LISTEN": 50052, "USEREXPORT_METRICS_LISTEN": 9464}
 
 
 def run_demo(data_dir: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -35,13 +38,28 @@ def impostor(tmp_path: pathlib.Path) -> Iterator[ServerProcess | None]:
     other.stop()
 
 
-def test_the_demo_uses_ports_of_its_own_when_50051_is_taken(impostor: ServerProcess | None,
-                                                            tmp_path: pathlib.Path) -> None:
+@pytest.fixture
+def using_it_server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
+    """A server on the embedded defaults' three ports, as "Using it" starts one; skipped when one of
+    them is taken on this machine already (the test could not tell who holds it)."""
+    for variable, port in DEFAULT_PORTS.items():
+        try:
+            check_free(f"127.0.0.1:{port}")
+        except OSError as exc:
+            pytest.skip(f"port {port} ({variable}) is in use on this machine: {exc.strerror}")
+    other = ServerProcess(tmp_path / "other", env={k: f"127.0.0.1:{port}" for k, port in DEFAULT_PORTS.items()})
+    yield other
+    other.stop()
+
+
+def test_the_demo_picks_every_port_itself_while_a_server_holds_the_defaults(using_it_server: ServerProcess,
+                                                                            tmp_path: pathlib.Path) -> None:
     result = run_demo(tmp_path / "demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    announced = re.search(r"== server on 127\.0\.0\.1:(\d+) \(gRPC\), downloads on 127\.0\.0\.1:(\d+)", result.stdout)
+    announced = re.search(r"== server on 127\.0\.0\.1:(\d+) \(gRPC\), downloads on 127\.0\.0\.1:(\d+), "
+                          r"metrics on port (\d+)", result.stdout)
     assert announced, result.stdout
-    assert "50051" not in announced.groups()
+    assert not {int(port) for port in announced.groups()} & {*DEFAULT_PORTS.values(), 0}, announced.groups()
     assert '"user_id","email"' in result.stdout  # the first lines of its own CSV export
     assert re.search(r"^job_\w+  completed ", result.stdout, re.M)  # the jobs list
 

@@ -15,8 +15,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import detail
-from tests.integration.test_hostile_input import UNKNOWN_FIELD_100, raw_call
+from tests.integration.support import UNKNOWN_FIELD_100, detail, raw_call
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.api.servicer import SERVICE

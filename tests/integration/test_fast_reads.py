@@ -10,7 +10,8 @@ import pytest
 
 from tests.databases import database_settings
 from tests.harness import ServerHandle
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 

@@ -3,22 +3,21 @@ turn NOT_SERVING while the export workers are dead, the database refuses connect
 listener is down, and SERVING again once the fault is gone."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.pg_faults import connections_refused, terminate_all, terminate_listeners
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
 from tests.integration.test_read_starvation import retry_delay
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.app import SERVICE_NAME
-from userexport_server.health import HealthMonitor
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAST = dict(health_interval_seconds=0.1)
@@ -100,35 +99,7 @@ def test_event_listener_down_makes_health_not_serving_until_it_reconnects(
         eventually(lambda: statuses(server) == {NOT_SERVING}, "health turning NOT_SERVING")
         eventually(lambda: "events: event listener has no database connection" in caplog.text,
                    "the listener reason being logged")
-        assert server.app.bus._thread.is_alive()
+        assert server.app.listener is not None and server.app.listener._thread is not None
+        assert server.app.listener._thread.is_alive()
     eventually(lambda: statuses(server) == {SERVING}, "health turning SERVING again")
     assert server.app.bus.healthy() is None
-
-
-def test_a_check_that_raises_counts_as_down_and_the_monitor_goes_on() -> None:
-    """A check's own exception is a reason (NOT_SERVING), not the end of the monitor: when the
-    check works again, the status returns to SERVING."""
-    failures = iter([RuntimeError("probe broke"), RuntimeError("probe broke")])
-
-    def flaky() -> str | None:
-        error = next(failures, None)
-        if error is not None:
-            raise error
-        return None
-
-    async def scenario() -> list[int]:
-        servicer = health.aio.HealthServicer()
-        monitor = HealthMonitor(servicer, ("", SERVICE_NAME), {"flaky": flaky}, interval=0.05)
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-        await monitor.start()
-        seen = [(await servicer.Check(request, None)).status]
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            seen.append((await servicer.Check(request, None)).status)
-            if seen[-1] == SERVING:
-                break
-        await monitor.stop()
-        return seen
-
-    seen = asyncio.run(scenario())
-    assert seen[0] == NOT_SERVING and seen[-1] == SERVING, seen

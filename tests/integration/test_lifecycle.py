@@ -11,6 +11,7 @@ import pytest
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, http_status
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 BIG = 200_000
@@ -58,9 +59,7 @@ def test_cancel_running_export_stops_and_leaves_no_file(server: ServerHandle, bi
     assert caller.cancel(job.id).status == pb.Job.CANCELLED
     watcher.join(30)
     assert messages[-1].status == pb.Job.CANCELLED
-    deadline = time.monotonic() + 10
-    while job.id in server.app.workers.running() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: job.id not in server.app.workers.running(), "the export stopping", timeout=10, every=0.02)
     assert job.id not in server.app.workers.running()
     assert time.monotonic() - cancelled_at < 5, "a running export stops promptly"
     assert files_of(server, job.id) == []
@@ -118,9 +117,7 @@ def test_disconnecting_watcher_frees_its_subscription(make_server) -> None:
     assert next(call).status == pb.Job.PENDING
     assert idle.app.bus.watcher_count(job.id) == 1
     call.cancel()
-    deadline = time.monotonic() + 5
-    while idle.app.bus.watcher_count(job.id) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: not idle.app.bus.watcher_count(job.id), "the watcher going", timeout=5, every=0.02)
     assert idle.app.bus.watcher_count(job.id) == 0
 
 

@@ -5,55 +5,29 @@ the text passes `promtool check metrics`, and a database that is down or hangs n
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
-import urllib.request
 from collections.abc import Callable
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ServerHandle
 from tests.integration.pg_faults import connections_refused, terminate_all
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
+from tests.test_metrics import Samples, by_label, one, parse, scrape
 from tests.tools import required_tool
 from userexport.v1 import users_export_pb2 as pb
-from userexport_server import metrics as metrics_module
 from userexport_server.jobs.model import JobStatus
-from userexport_server.metrics import Metrics
-from userexport_server.settings import Settings
 
 SERVICE = "userexport.v1.UsersExportService"
 HEALTH = "grpc.health.v1.Health"
 MISSING_JOB = "job_" + "A" * 16
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        return response.read().decode()
-
-
-def parse(text: str) -> Samples:
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
-    """One metric's values by the value of `label` (its only label, or the one that differs)."""
-    return {dict(labels)[label]: value for (sample, labels), value in samples.items() if sample == name}
 
 
 def rpcs(samples: Samples) -> dict[tuple[str, str, str], float]:
     return {(labels_["service"], labels_["method"], labels_["code"]): value for (name, labels), value in samples.items()
             if name == "userexport_rpcs_total" for labels_ in (dict(labels),)}
-
-
-def one(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def promtool_check(text: str) -> None:
@@ -173,38 +147,3 @@ def test_a_scrape_answers_while_postgresql_refuses_connections(make_server: Call
         assert one(samples, "userexport_health_check_healthy", check="events") == 0
     _, samples = settled(server, lambda s: bool(by_label(s, "userexport_jobs", "status")))
     assert by_label(samples, "userexport_jobs", "status")["pending"] == 1
-
-
-def test_a_scrape_answers_without_jobs_while_the_database_is_down_or_hanging(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics_module, "JOBS_QUERY_TIMEOUT_SECONDS", 0.2)
-    hang = threading.Event()
-
-    def down() -> dict[JobStatus, int]:
-        raise ConnectionRefusedError("the database is down")
-
-    def hanging() -> dict[JobStatus, int]:
-        hang.wait(10)
-        return {}
-
-    for count in (down, hanging):
-        metrics = Metrics("127.0.0.1:0")
-        metrics.collect_from(jobs=count, watchers=lambda: 3, health=lambda: {"database": False})
-        port = metrics.start()
-        try:
-            for _ in range(2):  # the second scrape waits on the query still running, and answers alike
-                started = time.monotonic()
-                samples = parse(scrape(port))
-                assert time.monotonic() - started < 2
-                assert not by_label(samples, "userexport_jobs", "status")
-                assert one(samples, "userexport_watchers") == 3
-                assert one(samples, "userexport_health_check_healthy", check="database") == 0
-        finally:
-            metrics.stop()
-    hang.set()
-
-
-def test_an_empty_metrics_listen_turns_the_endpoint_off() -> None:
-    assert Settings.from_env({}).metrics_listen == "127.0.0.1:9464"
-    assert Settings.from_env({"USEREXPORT_METRICS_LISTEN": ""}).metrics_listen == ""
-    assert Metrics("").start() == 0

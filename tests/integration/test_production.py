@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -16,7 +15,8 @@ import pytest
 from tests.databases import fresh_postgres_database
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.harness import ServerProcess, new_tenant
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
 from tests.service_account import new_private_key, verify_v4_url, write_key_file
 from userexport.client.api import UsersExportClient
 from userexport.v1 import users_export_pb2 as pb
@@ -60,9 +60,7 @@ def test_export_into_gcs_with_v4_signed_urls(make_server, gcs_settings, signing_
     assert again.location != job.location or query["X-Goog-Date"] == verify_v4_url(
         again.location, signing_key.public_key())["X-Goog-Date"]  # re-signed (same second may give the same URL)
     # Expiry deletes the object from the bucket.
-    deadline = time.monotonic() + 20
-    while caller.get(job.id).status != pb.Job.EXPIRED and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: caller.get(job.id).status == pb.Job.EXPIRED, "the job expiring", timeout=20, every=0.2)
     assert caller.get(job.id).status == pb.Job.EXPIRED
     unsigned = job.location.split("?")[0]
     with pytest.raises(urllib.error.HTTPError) as gone:
@@ -115,11 +113,9 @@ def test_replica_killed_mid_export_resumes_on_the_survivor(postgres_with_users, 
         stream = on_second.stub.WatchJob(pb.WatchJobRequest(id=job.id), metadata=on_second.metadata, timeout=120)
         watcher = threading.Thread(target=lambda: seen.extend(stream))
         watcher.start()
-        deadline = time.monotonic() + 60
-        while not (slices_done(first.log_text(), job.id) and "slice claimed" in second.log_text()
-                   and any(m.users_written > 0 for m in seen)):
-            assert time.monotonic() < deadline, "the replicas did not both take slices, or B's watcher saw no progress"
-            time.sleep(0.05)
+        eventually(lambda: (slices_done(first.log_text(), job.id) and "slice claimed" in second.log_text()
+                            and any(m.users_written > 0 for m in seen)),
+                   "both replicas taking slices and B's watcher seeing progress", timeout=60)
         first.signal(signal.SIGKILL)
         first.wait(10)
         before_kill = [m.users_written for m in seen if m.status == pb.Job.PROCESSING]

@@ -10,17 +10,15 @@ import pathlib
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 from tests.harness import ServerHandle, ServerProcess, new_tenant
-from tests.integration.support import Caller, download
+from tests.integration.support import Caller, download, wait_until_writing
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.seed import seed_users
 
-T = TypeVar("T")
 USERS = 100_000
 FAST_SWEEP = {"orphan_sweep_interval_seconds": 0.2, "reaper_interval_seconds": 0.2}
 
@@ -29,21 +27,6 @@ def leftovers(root: pathlib.Path) -> list[str]:
     """Partial `.tmp-` files and empty folders under the storage root."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if (p.is_file() and ".tmp-" in p.name) or (p.is_dir() and not any(p.iterdir())))
-
-
-def wait_for(condition: Callable[[], T], what: str, timeout: float = 30) -> T:
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
-
-
-def wait_until_writing(caller: Caller, job_id: str) -> None:
-    for message in caller.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=caller.metadata, timeout=60):
-        if message.status == pb.Job.PROCESSING and message.users_written > 0:
-            return
-    raise AssertionError(f"job {job_id} ended before it wrote anything")
 
 
 def test_sigkill_mid_export_leaves_a_partial_file_that_the_restarted_servers_sweep_removes(tmp_path) -> None:
@@ -74,7 +57,7 @@ def test_sigkill_mid_export_leaves_a_partial_file_that_the_restarted_servers_swe
         caller = Caller(second, tenant)  # type: ignore[arg-type]
         final = caller.finish(job.id)
         assert final.status == pb.Job.COMPLETED and final.users_written == USERS
-        wait_for(lambda: not leftovers(files), f"the sweep to remove {leftovers(files)}")
+        eventually(lambda: not leftovers(files), f"the sweep to remove {leftovers(files)}", timeout=30)
         assert not any(p.exists() for p in partial)
         assert len(download(final.location).splitlines()) == USERS  # the finished files are kept
         assert len(download(caller.get(small.id).location).splitlines()) == 6
@@ -93,7 +76,7 @@ def test_cancelled_export_leaves_no_file_and_no_empty_folder(make_server) -> Non
     wait_until_writing(caller, job.id)
     assert (server.data_dir / "files" / tenant / job.id).is_dir()
     caller.cancel(job.id)
-    wait_for(lambda: not (server.data_dir / "files" / tenant).exists(), "the tenant's folder to go")
+    eventually(lambda: not (server.data_dir / "files" / tenant).exists(), "the tenant's folder to go", timeout=30)
     assert leftovers(server.data_dir / "files") == []
 
 
@@ -112,17 +95,17 @@ def test_expired_file_whose_delete_fails_is_retried_until_it_is_gone(make_server
     os.rename(path, aside)
     path.mkdir()
     (path / "blocker").write_text("unlink() cannot remove a non-empty directory")
-    wait_for(lambda: caller.get(job.id).status == pb.Job.EXPIRED, "the job to expire", 15)
+    eventually(lambda: caller.get(job.id).status == pb.Job.EXPIRED, "the job to expire", timeout=15)
     assert not caller.get(job.id).location
     time.sleep(0.6)  # a few more rounds: each delete fails again
     assert server.app.store.get(tenant, job.id).storage_key == f"{tenant}/{job.id}/{tenant}.csv.gz"
     shutil.rmtree(path)
     os.rename(aside, path)
-    wait_for(lambda: server.app.store.get(tenant, job.id).storage_key is None, "the retried delete")
+    eventually(lambda: server.app.store.get(tenant, job.id).storage_key is None, "the retried delete", timeout=30)
     # A round that ran between the two lines above found no file and cleared the key; the sweep then
     # deletes the file put back, as it deletes any file of an expired job.
-    wait_for(lambda: not path.exists(), "the file to be deleted")
-    wait_for(lambda: not (server.data_dir / "files" / tenant).exists(), "the empty folders to go")
+    eventually(lambda: not path.exists(), "the file to be deleted", timeout=30)
+    eventually(lambda: not (server.data_dir / "files" / tenant).exists(), "the empty folders to go", timeout=30)
     final = caller.get(job.id)
     assert final.status == pb.Job.EXPIRED and not final.location
 
@@ -138,5 +121,5 @@ def test_sweep_removes_files_of_jobs_that_are_gone_and_keeps_completed_ones(make
     orphan = server.data_dir / "files" / tenant / "job_AAAAAAAAAAAAAAAA" / f"{tenant}.csv.gz"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"user data nobody knows of")
-    wait_for(lambda: not orphan.parent.exists(), "the sweep to remove the orphan")
+    eventually(lambda: not orphan.parent.exists(), "the sweep to remove the orphan", timeout=30)
     assert len(download(caller.get(kept.id).location).splitlines()) == 21

@@ -33,7 +33,9 @@ def describe(server: ServerHandle, symbol: str) -> str:
 
 
 @pytest.mark.parametrize(("symbol", "declarations"), [
-    ("userexport.v1.UsersExportService", ["service UsersExportService", "rpc WatchJob(", "rpc DeleteJob("]),
+    ("userexport.v1.UsersExportService", ["service UsersExportService", "rpc WatchJob(", "rpc DeleteJob(",
+                                          "rpc ListConnections(", "rpc CreateUsersExportJob("]),
+    ("userexport.v1.ListConnectionsRequest", ["message ListConnectionsRequest"]),
     ("userexport.v1.ExportRequest", ["message ExportRequest", "Format format =", "CSV =", "optional int64 limit = 3;"]),
 ])
 def test_describe_shows_the_proto_comments(server: ServerHandle, symbol: str, declarations: list[str]) -> None:

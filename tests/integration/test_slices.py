@@ -19,7 +19,8 @@ from tests.databases import BACKENDS, fresh_postgres_database
 from tests.export.support import MemoryWriter
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import Caller, download, eventually
+from tests.integration.support import Caller, download
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.export.engine import run_export
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
@@ -121,10 +122,7 @@ def test_cancel_stops_every_slice_and_the_parts_go(make_server) -> None:
     server.seed(40_000, tenant=tenant)
     caller = Caller(server, tenant)
     job = caller.create(format=pb.ExportRequest.JSON)
-    deadline = time.monotonic() + 60
-    while caller.get(job.id).users_written < 4_000:
-        assert time.monotonic() < deadline, "the export did not get going"
-        time.sleep(0.02)
+    eventually(lambda: caller.get(job.id).users_written >= 4_000, "the export getting going", timeout=60, every=0.02)
     assert caller.cancel(job.id).status == pb.Job.CANCELLED
     eventually(lambda: job.id not in server.app.workers.running(), "every slice stopped", timeout=10)
     folder = server.data_dir / "files" / tenant / job.id
@@ -193,10 +191,7 @@ def test_a_small_export_of_another_tenant_is_not_stuck_behind_big_ones(tenant_wi
         server.seed(1_000, tenant=small)
         on_big, on_small = Caller(server, big), Caller(server, small)
         jobs = [on_big.create(format=pb.ExportRequest.JSON) for _ in range(2)]
-        deadline = time.monotonic() + 60
-        while not all(on_big.get(j.id).users_written > 0 for j in jobs):
-            assert time.monotonic() < deadline, "A's exports did not start"
-            time.sleep(0.05)
+        eventually(lambda: all(on_big.get(j.id).users_written > 0 for j in jobs), "A's exports starting", timeout=60)
         started = time.monotonic()
         final = on_small.finish(on_small.create(format=pb.ExportRequest.CSV).id)
         waited = time.monotonic() - started

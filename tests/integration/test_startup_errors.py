@@ -1,6 +1,6 @@
 """A bad configuration or a port in use ends `userexport-server serve` quickly with one line on
-stderr naming the variable, exit code 2 and no traceback; a server already on the port keeps
-answering (port reuse is off, so the second cannot steal half its calls)."""
+stderr naming the variable (one per port in use), exit code 2 and no traceback; a server already on
+the port keeps answering (port reuse is off, so the second cannot steal half its calls)."""
 from __future__ import annotations
 
 import os
@@ -16,11 +16,11 @@ from tests.harness import ServerHandle, ServerProcess
 from tests.tls_certs import SERVER_NAME, CertificateAuthority
 
 
-def serve(data_dir: pathlib.Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def serve(data_dir: pathlib.Path, env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("USEREXPORT_")}
     environment.update({"USEREXPORT_DATA_DIR": str(data_dir), "USEREXPORT_LISTEN": "127.0.0.1:0",
                         "USEREXPORT_FILES_LISTEN": "127.0.0.1:0", "USEREXPORT_METRICS_LISTEN": "127.0.0.1:0", **env})
-    return subprocess.run([sys.executable, "-m", "userexport_server.main", "serve"], env=environment,
+    return subprocess.run([sys.executable, "-m", "userexport_server.main", "serve", *options], env=environment,
                           capture_output=True, text=True, timeout=30)
 
 
@@ -114,6 +114,18 @@ def test_a_second_server_on_a_port_in_use_exits_and_the_first_keeps_answering(tm
                                ("USEREXPORT_METRICS_LISTEN", first.metrics_port)):
             second = serve(tmp_path / "second", {variable: f"127.0.0.1:{port}"})
             assert_one_line_naming(second, variable, f"cannot listen on 127.0.0.1:{port}: address in use")
+        # Every port in use at once: a line for each, so one try tells the operator all of them.
+        # The flags come after the command and override the environment.
+        second = serve(tmp_path / "second", {}, "--data-dir", str(tmp_path / "second"),
+                       "--listen", first.target, "--files-listen", f"127.0.0.1:{files_port(first)}",
+                       "--metrics-listen", f"127.0.0.1:{first.metrics_port}")
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.splitlines() == [
+            f"userexport-server: cannot listen on {first.target}: address in use (USEREXPORT_LISTEN)",
+            f"userexport-server: cannot listen on 127.0.0.1:{files_port(first)}: address in use "
+            "(USEREXPORT_FILES_LISTEN)",
+            f"userexport-server: cannot listen on 127.0.0.1:{first.metrics_port}: address in use "
+            "(USEREXPORT_METRICS_LISTEN)"]
         health = subprocess.run([sys.executable, "-m", "userexport_server.main", "health", "--target", first.target],
                                 capture_output=True, text=True, timeout=30)
         assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, error_reason, http_status, violations
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 
@@ -166,9 +167,7 @@ def test_completed_job_expires_and_its_file_is_deleted(make_server) -> None:
     first_completed = next(m for m in stream if m.status == pb.Job.COMPLETED)
     key_files = [p for p in (short.data_dir / "files").rglob("*") if p.is_file()]
     assert key_files and first_completed.location
-    deadline = time.monotonic() + 10
-    while caller.get(job.id).status != pb.Job.EXPIRED and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(lambda: caller.get(job.id).status == pb.Job.EXPIRED, "the job expiring", timeout=10, every=0.1)
     expired = caller.get(job.id)
     assert expired.status == pb.Job.EXPIRED and not expired.location
     assert not [p for p in (short.data_dir / "files").rglob("*") if p.is_file()], "the file is deleted"
@@ -196,9 +195,7 @@ def test_timeout_fails_a_long_export_and_discards_its_output(make_server) -> Non
     job = caller.create(format=pb.ExportRequest.JSON)
     final = caller.finish(job.id)
     assert final.status == pb.Job.FAILED and "Timed out" in final.error and not final.location
-    deadline = time.monotonic() + 10
-    while job.id in slow.app.workers.running() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: job.id not in slow.app.workers.running(), "the export stopping", timeout=10)
     assert not [p for p in (slow.data_dir / "files").rglob("*") if p.is_file()]
 
 

@@ -168,7 +168,8 @@ def test_health_against_mutual_tls_needs_a_client_certificate(mtls_server: Serve
 
 
 def test_grpcurl_with_the_readme_flags_reaches_a_mutual_tls_server(mtls_server: ServerHandle, pki: dict) -> None:
-    """The README's grpcurl line for TLS, with a real grpcurl: CA, client certificate and key."""
+    """The grpcurl line for TLS of docs/api.md and docs/configuration.md, with a real grpcurl: CA, client
+    certificate and key."""
     grpcurl = pathlib.Path(sys.executable).parent / "grpcurl"
     base = [str(grpcurl), "-cacert", str(pki["server_ca"].cert_file), "-servername", SERVER_NAME]
     identity = ["-cert", str(pki["client"].cert_file), "-key", str(pki["client"].key_file)]

@@ -2,7 +2,6 @@
 children of its creation span and carry the job's id, and tracing off builds no provider or interceptor."""
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import logging
@@ -20,17 +19,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import Caller, eventually
+from tests.integration.support import Caller
+from tests.polling import eventually
+from tests.test_tracing import attribute
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
-from userexport_server.export.engine import ExportCancelled
-from userexport_server.export.spec import ExportSpec, Format
-from userexport_server.jobs import worker
-from userexport_server.jobs.model import Job, JobStatus
-from userexport_server.jobs.worker import FAILED_INTERNALLY
+from userexport_server.jobs import phases
+from userexport_server.jobs.failures import FAILED_INTERNALLY
 from userexport_server.logs import JsonFormatter
-from userexport_server.settings import Settings
-from userexport_server.tracing import JOB_ID, Tracing
+from userexport_server.tracing import JOB_ID
 
 CREATE = "userexport.v1.UsersExportService/CreateUsersExportJob"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -51,10 +48,6 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerHan
 def named(spans: InMemorySpanExporter, name: str, job_id: str | None = None) -> list[ReadableSpan]:
     return [s for s in spans.get_finished_spans()
             if s.name == name and (job_id is None or (s.attributes or {}).get(JOB_ID) == job_id)]
-
-
-def attribute(span: ReadableSpan, key: str) -> Any:
-    return (span.attributes or {})[key]
 
 
 def test_an_export_is_one_trace_from_the_rpc_to_completed(traced: tuple[ServerHandle, InMemorySpanExporter]) -> None:
@@ -139,7 +132,7 @@ def test_a_failed_export_ends_in_a_failed_span(traced: tuple[ServerHandle, InMem
 
     def broken(*args: Any, **kwargs: Any) -> int:
         raise RuntimeError("the engine broke")
-    monkeypatch.setattr(worker, "run_export", broken)
+    monkeypatch.setattr(phases, "run_export", broken)
     caller = Caller(server, tenant)
     try:
         job = caller.create(format=pb.ExportRequest.JSON)
@@ -184,26 +177,6 @@ def test_tracing_is_off_by_default(tmp_path: pathlib.Path) -> None:
         server.stop()
 
 
-def test_the_endpoint_comes_from_ours_or_the_standard_variables(tmp_path: pathlib.Path) -> None:
-    env = {"USEREXPORT_DATA_DIR": str(tmp_path), "OTEL_EXPORTER_OTLP_ENDPOINT": "http://any:4317"}
-    assert Settings.from_env(env).otlp_endpoint == "http://any:4317"
-    assert Settings.from_env({**env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4317"}).otlp_endpoint \
-        == "http://traces:4317"
-    assert Settings.from_env({**env, "USEREXPORT_OTLP_ENDPOINT": "https://ours:4317"}).otlp_endpoint \
-        == "https://ours:4317"
-    assert Settings.from_env({**env, "USEREXPORT_OTLP_ENDPOINT": "https://ours:4317",
-                              "OTEL_SDK_DISABLED": "true"}).otlp_endpoint == ""
-
-
-def test_an_endpoint_builds_a_provider_whose_exporter_waits_for_start() -> None:
-    tracing = Tracing.configured("http://127.0.0.1:9")
-    assert tracing.provider is not None and tracing.interceptors()
-    assert not tracing.provider._active_span_processor._span_processors  # built, not started
-    tracing.start()
-    assert tracing.provider._active_span_processor._span_processors
-    tracing.stop()
-
-
 class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
     """An OTLP/gRPC trace collector that keeps what it is sent."""
 
@@ -235,17 +208,3 @@ def test_spans_reach_an_otlp_collector_by_stop(tmp_path: pathlib.Path) -> None:
                 for scope in resource.scope_spans for span in scope.spans]
     assert [span.name for _, span in exported] == ["userexport.v1.UsersExportService/GetJob"]
     assert {a.key: a.value.string_value for a in exported[0][0].attributes}["service.name"] == "userexport"
-
-
-def test_a_stopped_stage_is_an_event_not_an_error() -> None:
-    spans, provider = InMemorySpanExporter(), TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    tracing = Tracing(provider)
-    now = dt.datetime.now(dt.UTC)
-    job = Job(id="job_S", tenant="t", status=JobStatus.PROCESSING, version=2, spec=ExportSpec(Format.CSV, ()),
-              connection_name=None, created_at=now, updated_at=now, expires_at=now)  # created while tracing was off
-    with pytest.raises(ExportCancelled), tracing.span("slice", job):
-        raise ExportCancelled()
-    stopped, = spans.get_finished_spans()
-    assert stopped.status.is_unset and [event.name for event in stopped.events] == ["stopped"]
-    assert attribute(stopped, JOB_ID) == "job_S" and stopped.parent is None  # created elsewhere: a root

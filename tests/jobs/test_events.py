@@ -13,9 +13,9 @@ import pytest
 from userexport_server.export.defaults import DEFAULT_CSV_FIELDS
 from userexport_server.export.spec import ExportSpec, Format
 from userexport_server.jobs.cache import JobCache
-from userexport_server.jobs.events import Draining, EventBus
+from userexport_server.jobs.events import Draining, EventBus, JobChange
 from userexport_server.jobs.model import Job, JobStatus, now_utc
-from userexport_server.jobs.pg_events import PgEventBus
+from userexport_server.jobs.pg_events import PgListener
 
 NOW = now_utc()
 JOB = Job(id="job_AAAAAAAAAAAAAAAA", tenant="t", status=JobStatus.PENDING, version=1,
@@ -34,13 +34,13 @@ def test_a_watcher_that_does_not_read_keeps_one_progress_per_status_and_every_tr
         bus = EventBus()
         with bus.subscribe(JOB.id) as watcher:
             def publish() -> None:
-                bus.publish(version(1, JobStatus.PENDING))
+                bus.deliver(version(1, JobStatus.PENDING))
                 for n in range(2, 1000):
-                    bus.publish(version(n))
-                bus.publish(version(1000, JobStatus.PENDING))  # handed back
-                bus.publish(version(1001))
-                bus.publish(version(1002, JobStatus.COMPLETED))
-                bus.publish(version(500))  # late and old: dropped
+                    bus.deliver(version(n))
+                bus.deliver(version(1000, JobStatus.PENDING))  # handed back
+                bus.deliver(version(1001))
+                bus.deliver(version(1002, JobStatus.COMPLETED))
+                bus.deliver(version(500))  # late and old: dropped
             worker = threading.Thread(target=publish)
             worker.start()
             worker.join()
@@ -60,7 +60,7 @@ def test_a_reading_watcher_sees_every_version_in_order() -> None:
         seen: list[int] = []
         with bus.subscribe(JOB.id) as watcher:
             for n in range(1, 50):
-                bus.publish(version(n))
+                bus.deliver(version(n))
                 seen.append((await watcher.get()).version)
         return seen
 
@@ -71,7 +71,7 @@ def test_drain_hands_over_what_is_pending_then_raises_for_present_and_future_wat
     async def scenario() -> None:
         bus = EventBus()
         with bus.subscribe(JOB.id) as watcher, bus.subscribe("job_BBBBBBBBBBBBBBBB") as idle:
-            bus.publish(version(2))
+            bus.deliver(version(2))
             await asyncio.sleep(0)
             threading.Thread(target=bus.drain).start()  # SIGTERM arrives on another thread
             assert (await asyncio.wait_for(watcher.get(), 5)).version == 2
@@ -86,7 +86,7 @@ def test_drain_hands_over_what_is_pending_then_raises_for_present_and_future_wat
 
 
 def test_ten_thousand_idle_watchers_stay_small() -> None:
-    """The memory a subscription costs, measured: the bound stated in the README (1 KiB each)."""
+    """The memory a subscription costs, measured: the bound stated in docs/operations.md (1 KiB each)."""
     async def scenario() -> int:
         bus = EventBus()
         tracemalloc.start()
@@ -134,9 +134,31 @@ def test_a_read_begun_before_the_cache_was_cleared_is_not_kept() -> None:
     assert cache.get(JOB.id) is not None
 
 
-def test_the_cache_is_bypassed_while_the_listener_is_not_listening() -> None:
-    bus = PgEventBus("postgresql://127.0.0.1:1/none", load=lambda _id: None)  # never started
+def test_the_cache_is_bypassed_while_the_feed_is_not_whole() -> None:
+    bus = EventBus()
+    PgListener("postgresql://127.0.0.1:1/none", "0" * 12, bus, load=lambda _id: None)  # never started
     bus.deliver(version(2))
     assert bus.cache.get(JOB.id) is not None
-    assert bus.latest(JOB.id) is None
-    assert EventBus().latest(JOB.id) is None
+    assert bus.latest(JOB.id) is None, "served from the cache while changes elsewhere go unheard"
+    bus.feed_restored()
+    assert bus.cache.get(JOB.id) is None, "kept what may predate a missed change"
+    bus.deliver(version(3))
+    assert bus.latest(JOB.id) == version(3)
+
+
+def test_observers_hear_every_change_and_one_failing_harms_no_other(caplog: pytest.LogCaptureFixture) -> None:
+    """The worker pool observes the bus: local deliveries and changes elsewhere both reach it, and an
+    observer that raises is logged while the others (and the watchers) still get the change."""
+    bus = EventBus()
+    heard: list[JobChange] = []
+
+    def broken(_change: JobChange) -> None:
+        raise RuntimeError("observer bug")
+
+    bus.observe(broken)
+    bus.observe(heard.append)
+    bus.deliver(version(2))
+    bus.changed_elsewhere(JobChange(JOB.id, 3, JobStatus.CANCELLED))
+    assert heard == [JobChange(JOB.id, 2, JobStatus.PROCESSING), JobChange(JOB.id, 3, JobStatus.CANCELLED)]
+    assert caplog.text.count("event observer failed") == 2
+    assert bus.cache.get(JOB.id) is None, "a version known newer elsewhere is not served"

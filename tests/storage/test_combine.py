@@ -19,9 +19,9 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.storage import ObjectExistsError
 from userexport_server.storage import gcs as gcs_module
@@ -40,6 +40,7 @@ EMULATOR_IGNORES_COMPOSE_PRECONDITION = pytest.mark.xfail(
 @pytest.fixture
 def local(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     backend = LocalStorage(tmp_path / "files", b"secret", "127.0.0.1:0")
+    backend.start()
     yield backend
     backend.close()
 
@@ -55,12 +56,6 @@ def gcs(gcs_emulator: GcsEmulator) -> Iterator[GcsStorage]:
 def folder() -> str:
     """A job folder of its own: the emulator's bucket is shared by the whole session."""
     return f"{TENANT}/job_{uuid.uuid4().hex[:16]}"
-
-
-def put(storage: Storage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def read(storage: Storage, key: str) -> bytes:
@@ -184,14 +179,16 @@ def test_many_rounds_keep_the_order(gcs: GcsStorage, gcs_emulator: GcsEmulator, 
 
 @pytest.mark.parametrize(("count", "missing"), [(2, 0), (70, 40)])
 def test_a_missing_source_is_a_storage_error_and_writes_nothing(storage: Storage, folder: str, count: int,
-                                                                missing: int, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                missing: int, request: pytest.FixtureRequest) -> None:
     """(70, 40): on GCS the first round's first intermediate exists when its second compose fails."""
     keys, _, _ = put_slices(storage, folder, count)
     storage.delete(keys[missing])
     if isinstance(storage, GcsStorage):
         # GCS answers 404, which is not retried; the emulator answers 500, which the library retries
-        # for 120 s. Only the deadline is shortened: the requests and their error handling are real.
-        monkeypatch.setattr(gcs_module, "DEFAULT_RETRY", DEFAULT_RETRY.with_timeout(0.5))
+        # until the deadline (30 s). Only that is shortened: the requests and their error handling are real.
+        emulator: GcsEmulator = request.getfixturevalue("gcs_emulator")
+        storage = GcsStorage(emulator.bucket, endpoint=emulator.endpoint, retry_deadline=0.5)
+        request.addfinalizer(storage.close)
     key = f"{folder}/{FILENAME}"
 
     with pytest.raises(StorageError) as raised:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.polling import eventually
 from tests.storage.test_local import fetch, put
 from userexport_server.storage import object_key
 from userexport_server.storage.download_server import READ_THREADS, DownloadLimits
@@ -37,6 +38,7 @@ def make_storage(tmp_path: pathlib.Path) -> Iterator[Callable[..., LocalStorage]
             local = LocalStorage(tmp_path / f"files{next(count)}", b"secret", listen="127.0.0.1:0",
                                  limits=DownloadLimits(**limits))  # type: ignore[arg-type]
             stack.callback(local.close)
+            local.start()
             put(local, KEY, BODY)
             return local
         yield make
@@ -118,6 +120,7 @@ def test_the_read_threads_are_the_only_threads_the_server_adds(tmp_path: pathlib
     """The bound itself: one loop thread plus READ_THREADS, however many downloads ran."""
     before = threading.active_count()
     local = LocalStorage(tmp_path, b"secret", listen="127.0.0.1:0")
+    local.start()
     try:
         put(local, KEY, BODY)
         url = local.sign_url(KEY, 60)[0]
@@ -171,10 +174,12 @@ def test_connections_past_the_cap_get_503_and_a_freed_slot_serves_again(
         status, headers, _ = fetch(storage.sign_url(KEY, 60)[0])
         assert (status, headers["Retry-After"]) == (503, "1")
         idle.pop().close()
-        deadline = time.monotonic() + 5
-        while (status := fetch(storage.sign_url(KEY, 60)[0])[0]) == 503 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert status == 200
+
+        def not_busy() -> int | None:
+            found = fetch(storage.sign_url(KEY, 60)[0])[0]
+            return None if found == 503 else found
+
+        assert eventually(not_busy, "a connection slot freeing", timeout=5) == 200
     finally:
         for sock in idle:
             sock.close()
@@ -277,6 +282,7 @@ def test_a_client_that_hangs_up_mid_download_leaves_the_server_serving(storage: 
 
 def test_stop_closes_open_connections(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"secret", listen="127.0.0.1:0")
+    local.start()
     sock = connect(local)
     try:
         sock.sendall(b"GET /fi")
@@ -294,7 +300,6 @@ def test_a_dead_download_server_is_reported_for_health(storage: LocalStorage) ->
     loop = storage._server._loop
     assert loop is not None
     loop.call_soon_threadsafe(loop.stop)
-    deadline = time.monotonic() + 5
-    while storage.healthy() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: storage.healthy() is not None, "the download server's stop being reported", timeout=5,
+               every=0.02)
     assert storage.healthy() == "the download server on 127.0.0.1:0 stopped"

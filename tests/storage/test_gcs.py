@@ -8,7 +8,6 @@ import os
 import types
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,9 +20,10 @@ from google.oauth2 import service_account
 
 from tests.gcs_emulator import GcsEmulator, gcs_emulator_fixture  # noqa: F401  (registers `gcs_emulator`)
 from tests.service_account import SIGNER, key_file_info, new_private_key, verify_v4_url
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.settings import Settings
-from userexport_server.storage import ObjectExistsError, make_storage, object_key
+from userexport_server.storage import ObjectExistsError, make_storage
 from userexport_server.storage.gcs import SCOPES, GcsStorage
 
 CHUNK = 256 * 1024  # the smallest resumable chunk, so a few MB take many requests
@@ -48,17 +48,6 @@ def gcs(gcs_emulator: GcsEmulator, key_credentials: service_account.Credentials)
                          chunk_size=CHUNK)
     yield storage
     storage.close()
-
-
-@pytest.fixture
-def key() -> str:
-    return object_key("acme", f"job_{uuid.uuid4().hex[:16]}", "acme.csv.gz")
-
-
-def put(storage: GcsStorage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def download(url: str) -> tuple[dict[str, str], bytes]:

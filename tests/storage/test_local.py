@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.file_modes import modes, permissive_umask  # noqa: F401  (the fixture)
+from tests.harness import free_port
+from tests.storage.support import put
 from userexport_server.errors import StorageError
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import Settings
@@ -29,14 +32,9 @@ KEY = object_key("acme", "job_0123456789abcdef", "acme.csv.gz")
 @pytest.fixture
 def storage(tmp_path: pathlib.Path) -> Iterator[LocalStorage]:
     local = LocalStorage(tmp_path / "files", b"test-secret", listen="127.0.0.1:0")
+    local.start()
     yield local
     local.close()
-
-
-def put(storage: LocalStorage, key: str, data: bytes) -> None:
-    writer = storage.open_writer(key, key.rsplit("/", 1)[-1])
-    writer.write(data)
-    writer.commit()
 
 
 def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -81,6 +79,7 @@ def test_head_sends_headers_only(storage: LocalStorage) -> None:
 def test_public_url_is_the_base_of_signed_urls(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"s", listen="127.0.0.1:0", public_url="https://files.example.com/")
     try:
+        local.start()
         assert local.sign_url(KEY, 60)[0].startswith(f"https://files.example.com/files/{KEY}?expires=")
     finally:
         local.close()
@@ -261,8 +260,39 @@ def test_delete(storage: LocalStorage) -> None:
     assert not storage.exists(KEY)
 
 
+def test_construction_binds_nothing_and_start_binds(tmp_path: pathlib.Path) -> None:
+    """Built, LocalStorage holds values only: its port is still free, no thread started, no folder
+    made; signing before start() is a RuntimeError (the URL names the bound port), and close()
+    without start() (an App built and never started) and twice is fine. start() binds and serves."""
+    port, threads = free_port(), threading.active_count()
+    local = LocalStorage(tmp_path / "files", b"s", listen=f"127.0.0.1:{port}")
+
+    with socket.create_server(("127.0.0.1", port)):  # the port is still free
+        pass
+    assert threading.active_count() == threads
+    assert not (tmp_path / "files").exists()
+    with pytest.raises(RuntimeError, match=r"start\(\) must be called"):
+        local.sign_url(KEY, 60)
+    local.close()
+    local.close()
+
+    started = LocalStorage(tmp_path / "files", b"s", listen=f"127.0.0.1:{port}")
+    try:
+        started.start()
+        started.start()  # once only: the second does nothing
+        assert (started.port, threading.active_count()) == (port, threads + 1)
+        put(started, KEY, b"data")
+        assert fetch(started.sign_url(KEY, 60)[0])[2] == b"data"
+        with pytest.raises(OSError):  # bound now
+            socket.create_server(("127.0.0.1", port)).close()
+    finally:
+        started.close()
+    assert threading.active_count() == threads
+
+
 def test_close_stops_the_server(tmp_path: pathlib.Path) -> None:
     local = LocalStorage(tmp_path, b"s", listen="127.0.0.1:0")
+    local.start()
     port = local.port
     local.close()
     local.close()
@@ -307,6 +337,7 @@ def test_make_storage_local(tmp_path: pathlib.Path) -> None:
     settings = Settings(data_dir=tmp_path, files_listen="127.0.0.1:0")
     first = make_storage(settings)
     try:
+        first.start()
         assert isinstance(first, LocalStorage)
         put(first, KEY, b"data")
         assert (tmp_path / "files" / KEY).read_bytes() == b"data"
@@ -315,6 +346,7 @@ def test_make_storage_local(tmp_path: pathlib.Path) -> None:
         first.close()
     restarted = make_storage(settings)  # the same secret file: links survive a restart
     try:
+        restarted.start()
         assert isinstance(restarted, LocalStorage)
         assert fetch(url.replace(first.base_url, restarted.base_url))[2] == b"data"
     finally:
@@ -331,6 +363,7 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
         pytest.skip("no IPv6")
     try:
         local = LocalStorage(tmp_path, b"s", listen="[::1]:0")
+        local.start()
     except OSError:
         pytest.skip("IPv6 loopback unavailable")
     try:
@@ -344,4 +377,19 @@ def test_ipv6_listen(tmp_path: pathlib.Path) -> None:
 
 def test_listen_address_in_use_names_the_address(storage: LocalStorage, tmp_path: pathlib.Path) -> None:
     with pytest.raises(OSError, match=f"cannot serve file downloads on 127.0.0.1:{storage.port}"):
-        LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}")
+        LocalStorage(tmp_path, b"s", listen=f"127.0.0.1:{storage.port}").start()
+
+
+def test_a_partial_export_file_and_its_folders_are_private(permissive_umask: None, tmp_path: pathlib.Path) -> None:
+    storage = LocalStorage(tmp_path / "files", b"secret", listen="127.0.0.1:0")
+    try:
+        storage.start()
+        writer = storage.open_writer("acme/job_0123456789abcdef/acme.csv.gz", "acme.csv.gz")
+        writer.write(b"partial")
+        found = modes(tmp_path / "files")
+        assert [p for p in found if ".tmp-" in p], found
+        assert set(found.values()) == {"0o700", "0o600"}, found
+        assert {p for p, m in found.items() if m == "0o600"} == {p for p in found if ".tmp-" in p}
+        writer.abort()
+    finally:
+        storage.close()

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPResponse
 from types import TracebackType
@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from userexport.backoff import Backoff
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 
@@ -36,8 +37,19 @@ _EXPIRED_URL_STATUSES = frozenset({400, 403})
 _COPY_CHUNK_BYTES = 1 << 20
 # watch_job: how long to keep watching again after UNAVAILABLE, and the pauses between tries.
 REATTACH_SECONDS = 60.0
-REATTACH_BACKOFF_FIRST, REATTACH_BACKOFF_MAX = 0.1, 2.0
+REATTACH_BACKOFF = Backoff(initial=0.1, maximum=2.0)
 _Resp = TypeVar("_Resp")
+
+
+class _Paged(Protocol):
+    """A List* response: a page of items and the token of the next page."""
+
+    @property
+    def next_page_token(self) -> str: ...
+
+
+_Page = TypeVar("_Page", bound=_Paged)
+_Item = TypeVar("_Item")
 
 
 class FieldLike(Protocol):
@@ -253,8 +265,8 @@ class UsersExportClient:
                     raise failure from None
             finally:
                 call.cancel()  # a no-op once the stream has ended; frees it when the caller stops early
-            time.sleep(min(REATTACH_BACKOFF_MAX, REATTACH_BACKOFF_FIRST * 2 ** min(failures, 8)))
             failures += 1
+            time.sleep(REATTACH_BACKOFF.delay(failures))
 
     def list_jobs(
         self,
@@ -274,13 +286,16 @@ class UsersExportClient:
         self, page_size: int = 0, status: str | pb.Job.Status | None = None
     ) -> Iterator[pb.Job]:
         """Every job of the tenant, fetching pages as the caller goes."""
-        page_token = ""
-        while True:
-            page = self.list_jobs(page_size, page_token, status)
-            yield from page.jobs
-            page_token = page.next_page_token
-            if not page_token:
-                return
+        return _every_page(lambda token: self.list_jobs(page_size, token, status), lambda page: page.jobs)
+
+    def list_connections(self, page_size: int = 0, page_token: str = "") -> pb.ListConnectionsResponse:
+        """One page of the tenant's connections, by name (`page_size` 0: the server's default)."""
+        request = pb.ListConnectionsRequest(page_size=page_size, page_token=page_token)
+        return self._unary(self._stub.ListConnections, request)
+
+    def iter_connections(self, page_size: int = 0) -> Iterator[pb.Connection]:
+        """Every connection of the tenant, fetching pages as the caller goes."""
+        return _every_page(lambda token: self.list_connections(page_size, token), lambda page: page.connections)
 
     def cancel_job(self, job_id: str) -> pb.Job:
         """Stop a pending or running job; it leaves no file."""
@@ -334,6 +349,17 @@ class UsersExportClient:
             return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise UsersExportError.from_rpc_error(error) from None
+
+
+def _every_page(fetch: Callable[[str], _Page], items: Callable[[_Page], Iterable[_Item]]) -> Iterator[_Item]:
+    """The items of every page, from the first (token "") until a page with no next_page_token."""
+    page_token = ""
+    while True:
+        page = fetch(page_token)
+        yield from items(page)
+        page_token = page.next_page_token
+        if not page_token:
+            return
 
 
 def _without_query(url: str) -> str:

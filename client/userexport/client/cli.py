@@ -13,7 +13,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -26,12 +26,12 @@ from .api import (
     DEFAULT_TARGET,
     TERMINAL_STATUSES,
     DownloadError,
-    TlsConfig,
     UsersExportClient,
     UsersExportError,
     format_name,
     status_name,
 )
+from .arguments import add_tls_options, int_at_least, tls_config
 from .progress import ProgressBar, describe, progress_text
 from .tokens import MissingSecretError, mint_token, read_secret
 
@@ -55,11 +55,8 @@ def parse_field(text: str) -> tuple[str, str | None]:
     return name, export_as or None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+class UsageError(Exception):
+    """A command line that cannot be carried out as given (exit 2); the message says why."""
 
 
 # Options every command accepts: flag, environment variable, fallback default, help.
@@ -69,36 +66,7 @@ _GLOBAL_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--data-dir", "USEREXPORT_DATA_DIR", "data", "the local server's data directory (default data)"),
     ("--tenant", "USEREXPORT_TENANT", "default", "tenant of minted tokens (default default)"),
 )
-# TLS options, also taken by `userexport-server health`; any of them turns TLS on.
-TLS_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
-    ("--tls-ca-file", "USEREXPORT_TLS_CA_FILE", None, "PEM roots the server's certificate must chain to"),
-    ("--tls-client-cert-file", "USEREXPORT_TLS_CLIENT_CERT_FILE", None, "PEM client certificate (mutual TLS)"),
-    ("--tls-client-key-file", "USEREXPORT_TLS_CLIENT_KEY_FILE", None, "PEM key of the client certificate"),
-    ("--tls-server-name", "USEREXPORT_TLS_SERVER_NAME", None, "name to verify in the server's certificate"),
-)
-_TLS_FLAG, _TLS_ENV = "--tls", "USEREXPORT_TLS"
 
-
-def add_tls_options(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None) -> None:
-    """The TLS flags, defaulting to their environment variables (environ None: hidden copies)."""
-    for flag, env, fallback, help_text in TLS_OPTIONS:
-        if environ is None:
-            parser.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, default=environ.get(env) or fallback, help=f"{help_text}; env {env}")
-    if environ is None:
-        parser.add_argument(_TLS_FLAG, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    else:
-        parser.add_argument(_TLS_FLAG, action="store_true",
-                            default=environ.get(_TLS_ENV, "").lower() in ("1", "true", "yes"),
-                            help=f"TLS trusting the system's roots (implied by the --tls-* options); env {_TLS_ENV}=1")
-
-
-def tls_config(args: argparse.Namespace) -> TlsConfig | None:
-    """The TLS the options ask for, None for plaintext."""
-    config = TlsConfig(ca_file=args.tls_ca_file, cert_file=args.tls_client_cert_file,
-                       key_file=args.tls_client_key_file, server_name=args.tls_server_name)
-    return config if args.tls or config != TlsConfig() else None
 
 
 def _add_global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None) -> None:
@@ -125,8 +93,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = commands.add_parser("export", parents=[common], help="start a users-export job")
-    export.add_argument("--format", required=True, choices=["csv", "json"])
-    export.add_argument("--connection", metavar="CONNECTION_ID", help="only this connection (con_...)")
+    export.add_argument("--format", required=True, type=str.lower, choices=["csv", "json"],
+                        help="csv or json (NDJSON), either case")
+    export.add_argument("--connection", metavar="NAME|ID",
+                        help="only this connection: its name or its id (con_...), as 'userexport connections "
+                             "list' shows them")
     export.add_argument(
         "--field", dest="fields", metavar="NAME[=EXPORT_AS]", type=parse_field, action="append",
         default=[], help="a field to export, repeatable (default: the format's default set)",
@@ -151,11 +122,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         action.add_argument("job_id", metavar="ID")
         action.set_defaults(handler=handler)
     listing = job_commands.add_parser("list", parents=[common], help="list jobs, newest first")
-    listing.add_argument("--status", choices=STATUS_CHOICES)
-    listing.add_argument("--page-size", type=int, default=0)
-    listing.add_argument("--page-token", default="")
-    listing.add_argument("--all", action="store_true", help="follow every page")
-    listing.set_defaults(handler=_cmd_list)
+    listing.add_argument("--status", type=str.lower, choices=STATUS_CHOICES,
+                         help="only jobs in this status, either case")
+    _add_paging(listing, handler=_cmd_list)
+
+    connections = commands.add_parser("connections", parents=[common], help="list the tenant's connections")
+    connection_commands = connections.add_subparsers(dest="connections_command", required=True, metavar="ACTION")
+    _add_paging(connection_commands.add_parser("list", parents=[common], help="list connections by name: id and name"),
+                handler=_cmd_connections)
 
     download = commands.add_parser("download", parents=[common], help="download a completed job's file")
     download.add_argument("job_id", metavar="ID")
@@ -164,9 +138,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", parents=[common], help="mint a local development token")
     token.add_argument("--scope", dest="scopes", action="append", help="repeatable (default: read:users)")
-    token.add_argument("--ttl", type=_positive_int, default=3600, help="seconds (default %(default)s)")
+    token.add_argument("--ttl", type=int_at_least(1), default=3600, help="seconds (default %(default)s)")
     token.set_defaults(handler=_cmd_token)
     return parser
+
+
+def _add_paging(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """The options of a listing command: one page (of a size, from a token) or every page."""
+    parser.add_argument("--page-size", type=int_at_least(0), default=0, help="items per page (default: the server's)")
+    parser.add_argument("--page-token", default="", help="the token a previous page printed")
+    parser.add_argument("--all", action="store_true", help="follow every page")
+    parser.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,11 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return EXIT_BROKEN_PIPE
     except UsersExportError as error:
-        return _report_rpc_error(error, args.server)
+        return _report_rpc_error(error, args.server, getattr(args, "secret_problem", None))
     except DownloadError as error:
         _error(str(error))
         return EXIT_UNREACHABLE if error.status is None else EXIT_JOB_FAILED
-    except MissingSecretError as error:
+    except (MissingSecretError, UsageError) as error:
         _error(str(error))
         return EXIT_USAGE
     except OSError as error:  # e.g. the output directory does not exist
@@ -216,8 +198,8 @@ def _connect(args: argparse.Namespace) -> UsersExportClient:
     if not token:
         try:
             token = mint_token(read_secret(args.data_dir), args.tenant, DEFAULT_SCOPES)
-        except MissingSecretError:
-            token = None
+        except MissingSecretError as missing:  # the server may take no token; if not, its refusal says this
+            args.secret_problem, token = str(missing), None
     return UsersExportClient(args.server, token, tls=args.tls_config)
 
 
@@ -225,7 +207,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         job = client.create_export(
             args.format,
-            connection_id=args.connection,
+            connection_id=_connection_id(client, args.connection),
             limit=args.limit,
             fields=args.fields,
             request_id=args.request_id,
@@ -247,6 +229,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         path = client.download(job, args.output or ".")
     _print({**job_to_dict(job), "output": str(path)} if args.json else str(path), args.json)
     return EXIT_OK
+
+
+def _connection_id(client: UsersExportClient, connection: str | None) -> str | None:
+    """--connection as an id: an id (con_...) as given, for the server to check; a name looked up
+    among the tenant's connections."""
+    if connection is None or connection.startswith("con_"):
+        return connection
+    known = list(client.iter_connections())
+    found = [c.id for c in known if c.name == connection]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UsageError(f"{len(found)} connections are named {connection!r} ({', '.join(found)}): pass the id")
+    names = ", ".join(sorted({c.name for c in known})) or "none"
+    raise UsageError(f"no connection is named {connection!r}; this tenant's connections: {names}")
 
 
 def _interrupted(client: UsersExportClient, job_id: str, args: argparse.Namespace) -> int:
@@ -301,22 +298,41 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        if args.all:
-            jobs, next_token = list(client.iter_jobs(args.page_size, args.status)), ""
-        else:
-            page = client.list_jobs(args.page_size, args.page_token, args.status)
-            jobs, next_token = list(page.jobs), page.next_page_token
+        return _print_listing(args, "jobs", lambda: client.iter_jobs(args.page_size, args.status),
+                              lambda: client.list_jobs(args.page_size, args.page_token, args.status), _job_line)
+
+
+def _cmd_connections(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        return _print_listing(args, "connections", lambda: client.iter_connections(args.page_size),
+                              lambda: client.list_connections(args.page_size, args.page_token),
+                              lambda connection: f"{connection.id}  {connection.name}")
+
+
+def _print_listing(args: argparse.Namespace, noun: str, every: Callable[[], Iterable[Any]],
+                   page: Callable[[], Any], line: Callable[[Any], str]) -> int:
+    """A listing: every page (--all) or one, as lines or JSON; an empty one says so on stderr, so
+    that stdout holds only items."""
+    if args.all:
+        items, next_token = list(every()), ""
+    else:
+        response = page()
+        items, next_token = list(getattr(response, noun)), response.next_page_token
     if args.json:
-        _print({"jobs": [job_to_dict(j) for j in jobs], "next_page_token": next_token}, True)
+        _print({noun: [job_to_dict(item) for item in items], "next_page_token": next_token}, True)
         return EXIT_OK
-    for job in jobs:
-        print(
-            f"{job.id}  {status_name(job.status):<10}  {format_name(job.format):<4}  "
-            f"{job.percentage_done:>3}%  {_timestamp(job, 'created_at')}  {_connection(job)}"
-        )
+    for item in items:
+        print(line(item))
+    if not items:
+        print(f"no {noun}" + (f" with status {args.status}" if getattr(args, "status", None) else ""), file=sys.stderr)
     if next_token:
         print(f"more: --page-token {next_token}", file=sys.stderr)
     return EXIT_OK
+
+
+def _job_line(job: pb.Job) -> str:
+    return (f"{job.id}  {status_name(job.status):<10}  {format_name(job.format):<4}  "
+            f"{job.percentage_done:>3}%  {_timestamp(job, 'created_at')}  {_connection(job)}")
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -399,21 +415,22 @@ def _report_unfinished(job: pb.Job) -> int:
     return EXIT_JOB_FAILED
 
 
-def _report_rpc_error(error: UsersExportError, server: str) -> int:
+def _report_rpc_error(error: UsersExportError, server: str, secret_problem: str | None = None) -> int:
     if error.unreachable:
         _error(f"cannot reach the userexport server at {server}: {error.message}")
         return EXIT_UNREACHABLE
-    # The server's message repeats the violations after a colon; each is printed on its own line below.
+    # The server's message repeats the violations after a colon (and maybe a period); each is
+    # printed on its own line below, so the message keeps only what comes before them.
     joined = "; ".join(f"{field}: {description}" for field, description in error.violations)
-    message = error.message.removesuffix(joined).rstrip(": ") if joined else error.message
+    stem = error.message.removesuffix(".")
+    message = stem.removesuffix(joined).rstrip(": ") if joined and stem.endswith(joined) else error.message
     _error(f"{error.code.name}: {message}" if message else error.code.name)
     for field, description in error.violations:
         print(f"  {field}: {description}", file=sys.stderr)
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
-        print(
-            "hint: pass --token or USEREXPORT_TOKEN, or point --data-dir at the server's data directory",
-            file=sys.stderr,
-        )
+        sent = f"no token was sent ({secret_problem}); " if secret_problem else ""
+        print(f"hint: {sent}pass --token or USEREXPORT_TOKEN, or point --data-dir at the server's data directory",
+              file=sys.stderr)
     return EXIT_RPC_ERROR
 
 

@@ -24,7 +24,7 @@ class MissingSecretError(FileNotFoundError):
 
 def read_secret(data_dir: str | os.PathLike[str]) -> bytes:
     """The HS256 secret of the server whose data directory is `data_dir`."""
-    path = pathlib.Path(data_dir) / SECRET_FILENAME
+    path = (pathlib.Path(data_dir) / SECRET_FILENAME).absolute()  # absolute: "data/" says nothing of where
     try:
         secret = path.read_bytes()
     except FileNotFoundError:

@@ -30,7 +30,21 @@ class UsersExportServiceStub:
 
     Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
     and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
-    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo (domain
+    userexport.v1) whose reason is one of these (docs/api.md says when each is raised):
+
+    - UNAUTHENTICATED: MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID, BAD_SIGNATURE, BAD_ALGORITHM, UNKNOWN_KEY, KEYS_UNAVAILABLE,
+    WRONG_AUDIENCE, WRONG_ISSUER, NO_TENANT.
+    - PERMISSION_DENIED: INSUFFICIENT_SCOPE.
+    - INVALID_ARGUMENT: INVALID_ARGUMENT, MALFORMED_REQUEST, UNKNOWN_FIELDS, INVALID_PAGE_SIZE,
+    INVALID_PAGE_TOKEN, INVALID_STATUS_FILTER.
+    - NOT_FOUND: JOB_NOT_FOUND.
+    - ALREADY_EXISTS: REQUEST_ID_REUSED.
+    - FAILED_PRECONDITION: JOB_NOT_CANCELLABLE.
+    - RESOURCE_EXHAUSTED: TOO_MANY_ACTIVE_JOBS, RETAINED_BYTES_QUOTA_EXCEEDED.
+    - UNAVAILABLE: DATABASE_UNAVAILABLE, SHUTTING_DOWN.
+    - INTERNAL: INTERNAL_ERROR.
     """
 
     def __init__(self, channel):
@@ -69,6 +83,11 @@ class UsersExportServiceStub:
                 request_serializer=userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=userexport_dot_v1_dot_users__export__pb2.Job.FromString,
                 _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/userexport.v1.UsersExportService/ListConnections',
+                request_serializer=userexport_dot_v1_dot_users__export__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=userexport_dot_v1_dot_users__export__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
 
 
 class UsersExportServiceServicer:
@@ -76,7 +95,21 @@ class UsersExportServiceServicer:
 
     Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
     and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
-    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo (domain
+    userexport.v1) whose reason is one of these (docs/api.md says when each is raised):
+
+    - UNAUTHENTICATED: MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID, BAD_SIGNATURE, BAD_ALGORITHM, UNKNOWN_KEY, KEYS_UNAVAILABLE,
+    WRONG_AUDIENCE, WRONG_ISSUER, NO_TENANT.
+    - PERMISSION_DENIED: INSUFFICIENT_SCOPE.
+    - INVALID_ARGUMENT: INVALID_ARGUMENT, MALFORMED_REQUEST, UNKNOWN_FIELDS, INVALID_PAGE_SIZE,
+    INVALID_PAGE_TOKEN, INVALID_STATUS_FILTER.
+    - NOT_FOUND: JOB_NOT_FOUND.
+    - ALREADY_EXISTS: REQUEST_ID_REUSED.
+    - FAILED_PRECONDITION: JOB_NOT_CANCELLABLE.
+    - RESOURCE_EXHAUSTED: TOO_MANY_ACTIVE_JOBS, RETAINED_BYTES_QUOTA_EXCEEDED.
+    - UNAVAILABLE: DATABASE_UNAVAILABLE, SHUTTING_DOWN.
+    - INTERNAL: INTERNAL_ERROR.
     """
 
     def CreateUsersExportJob(self, request, context):
@@ -84,9 +117,6 @@ class UsersExportServiceServicer:
         request_id, see ExportRequest.request_id). Needs scope read:users. More than 2 jobs of the
         tenant pending or processing at once, or the tenant's retained files over quota, is
         RESOURCE_EXHAUSTED.
-
-        The request keeps the contract's name ExportRequest rather than CreateUsersExportJobRequest:
-        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +165,14 @@ class UsersExportServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConnections(self, request, context):
+        """List the connections of the caller's tenant (what ExportRequest.connection_id names), by name,
+        paged like ListJobs. Needs scope read:users or create:users.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsersExportServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +206,11 @@ def add_UsersExportServiceServicer_to_server(servicer, server):
                     request_deserializer=userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.FromString,
                     response_serializer=userexport_dot_v1_dot_users__export__pb2.Job.SerializeToString,
             ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=userexport_dot_v1_dot_users__export__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=userexport_dot_v1_dot_users__export__pb2.ListConnectionsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'userexport.v1.UsersExportService', rpc_method_handlers)
@@ -181,7 +224,21 @@ class UsersExportService:
 
     Every call needs `authorization: Bearer <JWT>` metadata; the job acts for the token's tenant,
     and another tenant's job is NOT_FOUND. Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest
-    detail listing every field violation; every error carries a google.rpc.ErrorInfo reason.
+    detail listing every field violation; every error carries a google.rpc.ErrorInfo (domain
+    userexport.v1) whose reason is one of these (docs/api.md says when each is raised):
+
+    - UNAUTHENTICATED: MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID, BAD_SIGNATURE, BAD_ALGORITHM, UNKNOWN_KEY, KEYS_UNAVAILABLE,
+    WRONG_AUDIENCE, WRONG_ISSUER, NO_TENANT.
+    - PERMISSION_DENIED: INSUFFICIENT_SCOPE.
+    - INVALID_ARGUMENT: INVALID_ARGUMENT, MALFORMED_REQUEST, UNKNOWN_FIELDS, INVALID_PAGE_SIZE,
+    INVALID_PAGE_TOKEN, INVALID_STATUS_FILTER.
+    - NOT_FOUND: JOB_NOT_FOUND.
+    - ALREADY_EXISTS: REQUEST_ID_REUSED.
+    - FAILED_PRECONDITION: JOB_NOT_CANCELLABLE.
+    - RESOURCE_EXHAUSTED: TOO_MANY_ACTIVE_JOBS, RETAINED_BYTES_QUOTA_EXCEEDED.
+    - UNAVAILABLE: DATABASE_UNAVAILABLE, SHUTTING_DOWN.
+    - INTERNAL: INTERNAL_ERROR.
     """
 
     @staticmethod
@@ -336,6 +393,33 @@ class UsersExportService:
             '/userexport.v1.UsersExportService/DeleteJob',
             userexport_dot_v1_dot_users__export__pb2.DeleteJobRequest.SerializeToString,
             userexport_dot_v1_dot_users__export__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/userexport.v1.UsersExportService/ListConnections',
+            userexport_dot_v1_dot_users__export__pb2.ListConnectionsRequest.SerializeToString,
+            userexport_dot_v1_dot_users__export__pb2.ListConnectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 Cursor = tuple[dt.datetime, str]  # the last job of a page: (created_at, id)
 _NONCE_BYTES = 12
-_KEY_INFO = b"userexport.v1 ListJobs page token"
+_KEY_INFO = b"userexport.v1 ListJobs page token"  # ListConnections shares it; bindings differ
 
 
 class InvalidPageToken(ValueError):
@@ -34,15 +34,29 @@ class PageTokens:
         self._aead = AESGCM(key)
 
     def seal(self, binding: bytes, cursor: Cursor) -> str:
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, orjson.dumps([cursor[0].isoformat(), cursor[1]]), binding)
-        return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+        """A ListJobs token: the last job's (created_at, id)."""
+        return self.seal_keys(binding, (cursor[0].isoformat(), cursor[1]))
 
     def open(self, binding: bytes, token: str) -> Cursor:
+        created, job_id = self.open_keys(binding, token, 2)
+        try:
+            return dt.datetime.fromisoformat(created), job_id
+        except ValueError as exc:
+            raise InvalidPageToken("page token does not open") from exc
+
+    def seal_keys(self, binding: bytes, keys: tuple[str, ...]) -> str:
+        """Any listing's token: the sort keys of its page's last item."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, orjson.dumps(keys), binding)
+        return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+    def open_keys(self, binding: bytes, token: str, count: int) -> tuple[str, ...]:
+        """The `count` sort keys sealed in `token`; InvalidPageToken unless this key sealed them for `binding`."""
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            body = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], binding)
-            created, job_id = orjson.loads(body)
-            return dt.datetime.fromisoformat(created), str(job_id)
+            keys = orjson.loads(self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], binding))
         except (InvalidTag, binascii.Error, ValueError, TypeError) as exc:  # ValueError: too short, bad JSON
             raise InvalidPageToken("page token does not open") from exc
+        if not isinstance(keys, list) or len(keys) != count or not all(isinstance(k, str) for k in keys):
+            raise InvalidPageToken("page token does not open")
+        return tuple(keys)

@@ -6,7 +6,8 @@ a request.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import difflib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from userexport_server.errors import InvalidArgument, Violation
 from userexport_server.export.defaults import default_fields
 from userexport_server.export.paths import (
     KEY_PATTERN,
+    ROOT_KINDS,
     FieldPath,
     ParseError,
     Segment,
@@ -38,6 +40,7 @@ MAX_EXPORT_AS_LENGTH = 100
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 # --- every request -------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ def _items(prefix: str, field: FieldDescriptor, value: Any) -> list[tuple[str, A
 def check_job_id(job_id: str) -> None:
     """GetJob, WatchJob, CancelJob and DeleteJob name a job by `id`."""
     if not matches(JOB_ID, job_id):
-        raise InvalidArgument(f"id must match {JOB_ID}.", [Violation("id", f"must match {JOB_ID}")])
+        _refuse("request", [Violation("id", f"must match {JOB_ID}")])
 
 
 def _refuse(what: str, violations: Sequence[Violation], reason: str | None = None) -> None:
@@ -105,17 +108,23 @@ class NewExport:
     request_id: str | None
 
 
-async def new_export(request: pb.ExportRequest,
-                     connection_name: Callable[[str], Awaitable[str | None]]) -> NewExport:
-    """The request as a NewExport; `connection_name` looks a well-formed connection id up in the
-    caller's tenant (None: it does not exist there)."""
+def connection_to_look_up(request: pb.ExportRequest) -> str | None:
+    """The request's connection id when it is well-formed, for the caller to look up in its tenant
+    before new_export (a malformed one is new_export's violation, and is never looked up)."""
+    connection_id = request.connection_id if request.HasField("connection_id") else None
+    return connection_id if connection_id is not None and matches(CONNECTION_ID, connection_id) else None
+
+
+def new_export(request: pb.ExportRequest, connection_name: str | None) -> NewExport:
+    """The request as a NewExport, or InvalidArgument with every violation; `connection_name` is the
+    name found for connection_to_look_up(request) in the caller's tenant (None: not found)."""
     connection_id = request.connection_id if request.HasField("connection_id") else None
     spec, violations = _export_spec(format=_format_text(request.format), connection_id=connection_id,
                                     limit=request.limit if request.HasField("limit") else None,
                                     fields=[(f.name, f.export_as) for f in request.fields])
     name = None
-    if connection_id is not None and matches(CONNECTION_ID, connection_id):
-        name = await connection_name(connection_id)
+    if connection_to_look_up(request) is not None:
+        name = connection_name
         if name is None:
             violations.append(Violation("connection_id", "The connection does not exist."))
     if request.request_id and not matches(REQUEST_ID, request.request_id):
@@ -209,12 +218,25 @@ def _field_violations(specs: Sequence[FieldSpec], fmt: Format | None) -> list[Vi
 
 
 def _parse_name(i: int, name: str, violations: list[Violation]) -> FieldPath | None:
-    """The name's parsed path, or None after appending its violation."""
+    """The name's parsed path, or None after appending its violation. A root the user profile lacks
+    is refused (unlike Auth0, which exports an empty column for a typo); below a root, any key goes."""
     try:
-        return parse_path(name)
+        path = parse_path(name)
     except ParseError as error:
         violations.append(Violation(f"fields[{i}].name", "is required" if not name else str(error)))
         return None
+    if path.root not in ROOT_KINDS:
+        violations.append(Violation(f"fields[{i}].name", unknown_root(path.root)))
+        return None
+    return path
+
+
+def unknown_root(root: str) -> str:
+    """The violation of a path whose first key is no root attribute: the closest root, and all of them."""
+    close = difflib.get_close_matches(root, ROOT_KINDS, n=1)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return (f'"{root}" is not a root attribute of the user profile{hint}; the roots are '
+            f"{', '.join(ROOT_KINDS)}, and any key may follow app_metadata, user_metadata or identities")
 
 
 def _export_as_violation(i: int, export_as: str, fmt: Format | None, violations: list[Violation]) -> None:
@@ -262,9 +284,7 @@ def job_listing(request: pb.ListJobsRequest, tenant: str, tokens: PageTokens) ->
     refused; a page token opens only for the tenant and the filter of the listing that returned it."""
     violations: list[Violation] = []
     reasons: list[str] = []
-    if request.page_size < 0:
-        violations.append(Violation("page_size", "must not be negative"))
-        reasons.append("INVALID_PAGE_SIZE")
+    _check_page_size(request.page_size, violations, reasons)
     status = STATUS_FROM_PB.get(request.status)
     if request.status != pb.Job.STATUS_UNSPECIFIED and status is None:
         violations.append(Violation("status", f"is not a Job.Status value, got {request.status}"))
@@ -272,17 +292,58 @@ def job_listing(request: pb.ListJobsRequest, tenant: str, tokens: PageTokens) ->
     binding = orjson.dumps([tenant, status.name if status else ""])
     cursor = None
     if request.page_token and not reasons:
-        try:
-            cursor = tokens.open(binding, request.page_token)
-        except InvalidPageToken:
-            violations.append(Violation("page_token", "is not a next_page_token of this listing: pass it as "
-                                                      "returned, with the same status filter"))
-            reasons.append("INVALID_PAGE_TOKEN")
+        cursor = _open_token(lambda: tokens.open(binding, request.page_token), "with the same status filter",
+                             violations, reasons)
     _refuse("list request", violations, reason=next(iter(reasons), None))
-    size = DEFAULT_PAGE_SIZE if request.page_size == 0 else min(request.page_size, MAX_PAGE_SIZE)
-    return JobListing(status=status, page_size=size, cursor=cursor, binding=binding)
+    return JobListing(status=status, page_size=_page_size(request.page_size), cursor=cursor, binding=binding)
 
 
 def next_page_token(tokens: PageTokens, listing: JobListing, last: Job) -> str:
     """The token of the page after the one that ends with `last`."""
     return tokens.seal(listing.binding, (last.created_at, last.id))
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionListing:
+    """A valid ListConnectionsRequest: the page size and the (name, id) the page starts after."""
+
+    page_size: int
+    after: tuple[str, str] | None
+    binding: bytes
+
+
+def connection_listing(request: pb.ListConnectionsRequest, tenant: str, tokens: PageTokens) -> ConnectionListing:
+    """ListJobs' paging rules, for the tenant's connections. The binding has three items where a
+    ListJobs binding has two, so neither listing's token ever opens for the other."""
+    violations: list[Violation] = []
+    reasons: list[str] = []
+    _check_page_size(request.page_size, violations, reasons)
+    binding = orjson.dumps(["connections", tenant, ""])
+    after = None
+    if request.page_token and not reasons:
+        keys = _open_token(lambda: tokens.open_keys(binding, request.page_token, 2), "", violations, reasons)
+        after = None if keys is None else (keys[0], keys[1])
+    _refuse("list request", violations, reason=next(iter(reasons), None))
+    return ConnectionListing(page_size=_page_size(request.page_size), after=after, binding=binding)
+
+
+def _check_page_size(page_size: int, violations: list[Violation], reasons: list[str]) -> None:
+    if page_size < 0:
+        violations.append(Violation("page_size", "must not be negative"))
+        reasons.append("INVALID_PAGE_SIZE")
+
+
+def _page_size(requested: int) -> int:
+    """0 is the default; larger than the maximum is coerced (AIP-158)."""
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def _open_token(open_: Callable[[], T], same: str, violations: list[Violation], reasons: list[str]) -> T | None:
+    """The cursor a page token seals, or None after appending its violation."""
+    try:
+        return open_()
+    except InvalidPageToken:
+        violations.append(Violation("page_token", "is not a next_page_token of this listing: pass it as "
+                                                  f"returned{', ' + same if same else ''}"))
+        reasons.append("INVALID_PAGE_TOKEN")
+        return None

@@ -23,18 +23,18 @@ from userexport_server.api import convert, requests
 from userexport_server.api.pagination import PageTokens
 from userexport_server.api.status import to_grpc_status
 from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principal
-from userexport_server.db.faults import is_transient_db_error
+from userexport_server.db.connections import list_connections
+from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.errors import InvalidArgument, JobNotFound, ServiceError, Unavailable
 from userexport_server.jobs.events import Draining, EventBus
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
 from userexport_server.jobs.store import JobStore
-from userexport_server.jobs.worker import WorkerPool
-from userexport_server.logs import RateLimitedLog
+from userexport_server.logs import EventLog, RateLimitedLog
 from userexport_server.storage.base import Storage
 from userexport_server.tracing import Tracing
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["UsersExportService"]
 # Repeated refusals and failures are logged at a bounded rate, keyed by method and reason.
 _limited_log = RateLimitedLog(log)
@@ -59,8 +59,8 @@ async def _as_status(context: grpc.aio.ServicerContext, method: str) -> AsyncIte
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as error:
-        _limited_log.log(logging.ERROR, f"{method}:{type(error).__name__}", "rpc failed method=%s error=%r",
-                         method, error, exc_info=error)
+        _limited_log.log(logging.ERROR, f"{method}:{type(error).__name__}", "rpc failed", method=method, error=error,
+                         exc_info=error)
         status = to_grpc_status(ServiceError("Internal error; it was logged. Retry later."))
         await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -101,8 +101,8 @@ def _parse(method: str, request_class: type[Message], raw: bytes, context: grpc.
     try:
         return requests.parse_request(request_class, raw)
     except InvalidArgument as error:
-        _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused method=%s reason=%s peer=%s "
-                         "bytes=%d", method, error.reason, context.peer(), len(raw))
+        _limited_log.log(logging.INFO, f"{method}:{error.reason}", "request refused", method=method,
+                         reason=error.reason, peer=context.peer(), bytes=len(raw))
         raise
 
 
@@ -125,11 +125,10 @@ def _serialize(message: Message | bytes) -> bytes:
 
 
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
-    def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage,
-                 workers: WorkerPool | None, url_ttl: int, page_tokens: PageTokens, read_threads: int = 8,
-                 write_threads: int = 4, tracing: Tracing) -> None:
+    def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage, url_ttl: int,
+                 page_tokens: PageTokens, read_threads: int = 8, write_threads: int = 4, tracing: Tracing) -> None:
         self.auth, self.store, self.bus, self.storage, self.tracing = auth, store, bus, storage, tracing
-        self.workers, self.url_ttl, self.page_tokens = workers, url_ttl, page_tokens
+        self.url_ttl, self.page_tokens = url_ttl, page_tokens
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
         # job id -> (version, its serialized message (awaited while a remote signature is on its way),
@@ -153,12 +152,9 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
         try:
             return await loop.run_in_executor(self._pools[pool], call)
-        except Exception as error:
-            if not is_transient_db_error(error):
-                raise
+        except DatabaseUnavailable as error:
             name = getattr(function, "__qualname__", pool)
-            _limited_log.log(logging.WARNING, f"unavailable:{name}", "database unavailable call=%s error=%s", name,
-                             next(iter(str(error).splitlines()), type(error).__name__))
+            _limited_log.log(logging.WARNING, f"unavailable:{name}", "database unavailable", call=name, error=error)
             raise Unavailable("The database is busy or unreachable; retry in a moment.") from error
 
     async def principal(self, context: grpc.aio.ServicerContext, scopes: frozenset[str]) -> Principal:
@@ -174,15 +170,15 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
 
     @rpc(READ)
     async def CreateUsersExportJob(self, request: pb.ExportRequest, context: Any, principal: Principal) -> pb.Job:
-        export = await requests.new_export(request, lambda connection_id: self.blocking(
-            "read", self.store.connection_name, principal.tenant, connection_id))
+        connection_id = requests.connection_to_look_up(request)
+        name = None if connection_id is None else \
+            await self.blocking("read", self.store.connection_name, principal.tenant, connection_id)
+        export = requests.new_export(request, name)
         with self.tracing.creating() as creation:
             job, created = await self.blocking("write", self.store.create, principal.tenant, export.spec,
                                                connection_name=export.connection_name, request_id=export.request_id,
                                                trace_parent=creation.traceparent)
-            creation.created(job, created)
-        if created and self.workers is not None:
-            self.workers.wake()
+            creation.created(job.id, created)
         return await self.render(job)
 
     @rpc(READ_OR_CREATE)
@@ -215,7 +211,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         jobs, more = await self.blocking("read", self.store.list_page, principal.tenant, page_size=listing.page_size,
                                          cursor=listing.cursor, status=listing.status)
         token = requests.next_page_token(self.page_tokens, listing, jobs[-1]) if more else ""
-        return pb.ListJobsResponse(jobs=[await self.render(job) for job in jobs], next_page_token=token)
+        # Remote signatures (IAM signBlob) of a page's completed jobs run at once, not one after another.
+        return pb.ListJobsResponse(jobs=await asyncio.gather(*map(self.render, jobs)), next_page_token=token)
 
     @rpc(READ)
     async def CancelJob(self, request: pb.CancelJobRequest, context: Any, principal: Principal) -> pb.Job:
@@ -223,8 +220,6 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         job = await self.blocking("write", self.store.cancel, principal.tenant, request.id)
         if job is None:
             raise JobNotFound(request.id)
-        if self.workers is not None:
-            self.workers.cancel_local(job.id)
         return await self.render(job)
 
     @rpc(READ)
@@ -233,13 +228,22 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         job = await self.blocking("write", self.store.revoke, principal.tenant, request.id)
         if job is None:
             raise JobNotFound(request.id)
-        if self.workers is not None:
-            self.workers.cancel_local(job.id)
         # Revoked either way: an EXPIRED job's location is never signed again. A failed delete
         # keeps the key, and the reaper retries it.
         if await self.blocking("write", delete_export_file, self.store, self.storage, job):
             job = job.evolve(storage_key=None, size_bytes=0)
         return await self.render(job)
+
+    @rpc(READ_OR_CREATE)
+    async def ListConnections(self, request: pb.ListConnectionsRequest, context: Any,
+                              principal: Principal) -> pb.ListConnectionsResponse:
+        listing = requests.connection_listing(request, principal.tenant, self.page_tokens)
+        connections, more = await self.blocking("read", list_connections, self.store.engine, principal.tenant,
+                                                page_size=listing.page_size, after=listing.after)
+        last = connections[-1] if more else None
+        token = self.page_tokens.seal_keys(listing.binding, (last.name, last.id)) if last else ""
+        return pb.ListConnectionsResponse(connections=[pb.Connection(id=c.id, name=c.name) for c in connections],
+                                          next_page_token=token)
 
     async def find(self, principal: Principal, job_id: str) -> Job:
         """The job at its newest version: from the event feed's cache when it holds it, else read."""

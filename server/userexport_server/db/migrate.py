@@ -7,6 +7,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+from userexport_server.db.engine import prepare_database
+
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
 
 
@@ -20,6 +22,7 @@ def alembic_config(engine: Engine | None = None) -> Config:
 
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest revision (idempotent, safe from several replicas at once)."""
+    prepare_database(engine)
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             # Replicas starting together would race on CREATE TABLE; a transaction lock serialises them.

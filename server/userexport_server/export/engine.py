@@ -19,6 +19,7 @@ import polars as pl
 from isal import igzip_threaded
 from sqlalchemy import Connection
 
+from userexport_server.errors import WorkStopped
 from userexport_server.export.cells import Formatter
 from userexport_server.export.parquet import ParquetColumns, ParquetStream
 from userexport_server.export.reader import ColumnReader, open_reader
@@ -39,7 +40,7 @@ def isal_level(gzip_level: int) -> int:
     return min(3, max(1, (gzip_level + 2) // 3))
 
 
-class ExportCancelled(Exception):
+class ExportCancelled(WorkStopped):
     """progress() returned False; the export stopped and the caller should abort the writer."""
 
 

@@ -1,4 +1,5 @@
-"""Job events: every committed change of a job is published here and fanned out to its watchers.
+"""Job events: every committed change of a job is published here and fanned out to its watchers
+and observers.
 
 Watchers live on the asyncio loop; publishers are worker threads and the loop itself. A version
 crosses to the loop once (one call_soon_threadsafe per loop, not per watcher) and is handed to each
@@ -6,15 +7,37 @@ watcher's subscription there. A subscription holds at most one pending version p
 progress replaces older progress not yet sent, while status changes and the terminal version are
 kept, so a watcher that reads slowly costs a few Job references and never slows the publisher.
 The feed also keeps the JobCache current. No watcher ever polls the database.
+
+Observers (the worker pool) hear of every change, here or on another replica, as a JobChange: a
+job id, version and status, which is all a notification carries. On PostgreSQL the listener
+(jobs/pg_events.py) brings other replicas' changes in and says whether the feed is whole
+(feed_lost / feed_restored); in process it always is.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from userexport_server.jobs.cache import JobCache
-from userexport_server.jobs.model import Job
+from userexport_server.jobs.model import Job, JobStatus
+from userexport_server.logs import EventLog
+
+log = EventLog(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobChange:
+    """A committed change, as every replica hears of it."""
+
+    job_id: str
+    version: int
+    status: JobStatus
+
+
+Observer = Callable[[JobChange], None]
 
 
 class Draining(Exception):
@@ -82,13 +105,21 @@ class Subscription:
 
 
 class EventBus:
-    """In-process fan-out keyed by job id."""
+    """In-process fan-out keyed by job id. `feed_problem` is why changes elsewhere may go unheard
+    until the feed starts (a listener not yet listening), or None when nothing else writes jobs."""
 
-    def __init__(self) -> None:
+    def __init__(self, feed_problem: str | None = None) -> None:
         self._subscriptions: dict[str, set[Subscription]] = defaultdict(set)
         self._lock = threading.Lock()
         self._draining = False
+        self._observers: list[Observer] = []
+        self._feed_problem = feed_problem
         self.cache = JobCache()
+
+    def observe(self, observer: Observer) -> None:
+        """Call `observer` with every change, in the thread that delivers it; it must be quick and
+        its errors are logged, never raised to the writer."""
+        self._observers.append(observer)
 
     def subscribe(self, job_id: str) -> Subscription:
         subscription = Subscription(self, job_id)
@@ -112,13 +143,15 @@ class EventBus:
                 return len(self._subscriptions.get(job_id, ()))
             return sum(len(s) for s in self._subscriptions.values())
 
-    def publish(self, job: Job) -> None:
-        """Called after the change is committed; safe from any thread."""
-        self.deliver(job)
+    def watched(self) -> list[str]:
+        """The ids of the jobs watched here."""
+        with self._lock:
+            return list(self._subscriptions)
 
     def deliver(self, job: Job) -> None:
-        """Hand a version to the cache and to its watchers' loops, from any thread."""
+        """Hand a committed version to the cache, its watchers' loops and the observers, from any thread."""
         self.cache.offer(job)
+        self._notify(JobChange(job.id, job.version, job.status))
         with self._lock:
             loops = {subscription.loop for subscription in self._subscriptions.get(job.id, ())}
         for loop in loops:
@@ -126,6 +159,19 @@ class EventBus:
                 loop.call_soon_threadsafe(self._fan_out, loop, job)
             except RuntimeError:  # the loop is closed: the server is shutting down
                 pass
+
+    def changed_elsewhere(self, change: JobChange) -> None:
+        """Another replica committed `change`: what the cache holds is older, and observers hear of it
+        (the job itself reaches watchers through deliver, once read)."""
+        self.cache.outdate(change.job_id, change.version)
+        self._notify(change)
+
+    def _notify(self, change: JobChange) -> None:
+        for observer in self._observers:
+            try:
+                observer(change)
+            except Exception:
+                log.exception("event observer failed", job_id=change.job_id, version=change.version)
 
     def _fan_out(self, loop: asyncio.AbstractEventLoop, job: Job) -> None:
         with self._lock:
@@ -149,12 +195,15 @@ class EventBus:
         """The job at its newest version if the feed vouches for it (see JobCache), else None."""
         return self.cache.get(job_id) if self.healthy() is None else None
 
-    def start(self) -> None:
-        """Start background work (the PostgreSQL listener); nothing to do in process."""
+    def feed_lost(self, problem: str) -> None:
+        """Changes elsewhere may now go unheard: the cache is bypassed until feed_restored."""
+        self._feed_problem = problem
+
+    def feed_restored(self) -> None:
+        """The feed is whole again, but changes made meanwhile were not heard: forget what is cached."""
+        self.cache.clear()
+        self._feed_problem = None
 
     def healthy(self) -> str | None:
-        """Why cross-replica events are not flowing, or None; in process they always flow."""
-        return None
-
-    def close(self) -> None:
-        """Stop background work (the PostgreSQL listener); nothing to do in process."""
+        """Why changes made elsewhere may not be heard, or None."""
+        return self._feed_problem

@@ -5,25 +5,26 @@ knows of any more; deleting first means a failed delete leaves the key, and the 
 """
 from __future__ import annotations
 
-import logging
-
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.store import JobStore
+from userexport_server.logs import EventLog
 from userexport_server.storage.base import Storage
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 def delete_export_file(store: JobStore, storage: Storage, job: Job) -> bool:
-    """Delete `job`'s file and then forget its key; False (logged) when the delete failed."""
+    """Delete `job`'s file, with anything else left in its folder (a killed attempt's partial file),
+    and then forget its key; False (logged) when the delete failed."""
     if not job.storage_key:
         return True
     try:
         storage.delete(job.storage_key)
+        storage.delete_leftovers(job.tenant, job.id, keep=None)
     except Exception as exc:  # any backend's failure: the key stays, so the reaper retries
-        log.warning("deleting an export file failed job_id=%s tenant=%s key=%s error=%s; will retry",
-                    job.id, job.tenant, job.storage_key, exc)
+        log.warning("deleting an export file failed; will retry", job_id=job.id, tenant=job.tenant, key=job.storage_key,
+                    error=exc)
         return False
     store.forget_file(job.id, job.storage_key)
-    log.info("export file deleted job_id=%s tenant=%s key=%s", job.id, job.tenant, job.storage_key)
+    log.info("export file deleted", job_id=job.id, tenant=job.tenant, key=job.storage_key)
     return True

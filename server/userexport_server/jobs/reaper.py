@@ -6,19 +6,20 @@ at the next round, so one failure neither stops the others nor kills the thread.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 
-from userexport_server.db.faults import is_transient_db_error
+from userexport_server.db.faults import DatabaseUnavailable
+from userexport_server.errors import StorageError
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus
 from userexport_server.jobs.slices import SliceStore
 from userexport_server.jobs.store import JobStore
+from userexport_server.logs import EventLog
 from userexport_server.storage.base import Storage, StoredEntry
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 
 class Reaper:
@@ -33,14 +34,20 @@ class Reaper:
         self.orphan_grace, self.sweep_interval = orphan_grace, sweep_interval
         self._next_sweep = 0.0  # monotonic: the first round sweeps
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the step under way; a step stuck in the database or storage is not waited for
+        past `timeout` (the thread is a daemon, and every step is safe to cut short)."""
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("reaper did not stop in time; left behind", waited_seconds=timeout)
 
     def run_once(self) -> None:
         steps: tuple[tuple[str, Callable[[], object]], ...] = (
@@ -51,11 +58,10 @@ class Reaper:
         for name, step in steps:
             try:
                 step()
-            except Exception as exc:  # a database or storage hiccup: the next round retries this step
-                if is_transient_db_error(exc):  # expected while the database is busy: no traceback
-                    log.warning("reaper step failed step=%s error=%s; retried next round", name, exc)
-                else:
-                    log.exception("reaper step failed step=%s", name)
+            except (DatabaseUnavailable, StorageError) as exc:  # expected while either is away: no traceback
+                log.warning("reaper step failed; retried next round", step=name, error=exc)
+            except Exception:
+                log.exception("reaper step failed", step=name)
 
     def delete_expired_files(self) -> int:
         """Delete the files of expired and revoked jobs; one that fails keeps its key and is retried."""
@@ -69,7 +75,7 @@ class Reaper:
             for key in keys:
                 self.storage.delete(key)
             self.slices.forget(job_id)
-            log.info("slice parts deleted job_id=%s parts=%d", job_id, len(keys))
+            log.info("slice parts deleted", job_id=job_id, parts=len(keys))
             cleared += 1
         return cleared
 
@@ -77,7 +83,7 @@ class Reaper:
         """Remove what no job needs (see `_keep`); returns how many files and folders went."""
         removed = self.storage.sweep(self._keeper())
         if removed:
-            log.info("orphan sweep removed count=%d", removed)
+            log.info("orphan sweep removed", count=removed)
         return removed
 
     def _sweep_when_due(self) -> None:

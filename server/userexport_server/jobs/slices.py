@@ -16,19 +16,19 @@ stuck behind another tenant's big ones.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, and_, delete, exists, func, insert, or_, select, update
 
-from userexport_server.db.engine import write_transaction
+from userexport_server.db.engine import reading, write_transaction
 from userexport_server.db.models import JobSlice as SliceRow
 from userexport_server.export.sql import KeyRange
 from userexport_server.jobs.model import TERMINAL, Job, JobStatus, now_utc, utc
 from userexport_server.jobs.store import JOBS, JobStore, change_row
+from userexport_server.logs import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 slices = cast(Table, SliceRow.__table__)
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
@@ -88,12 +88,11 @@ class SliceStore:
                 {"job_id": job.id, "seq": seq, "tenant": job.tenant, "after": r.after, "through": r.through,
                  "rows": r.rows, "status": PENDING, "attempts": 0, "users_written": 0, "size_bytes": 0}
                 for seq, r in enumerate(ranges)])
-        log.info("job planned job_id=%s tenant=%s slices=%d users=%d", job.id, job.tenant, len(ranges),
-                 row.users_total)
+        log.info("job planned", job_id=job.id, tenant=job.tenant, slices=len(ranges), users=row.users_total)
         return self.store.publish(row, "job planned")
 
     def is_planned(self, job_id: str) -> bool:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(select(exists().where(slices.c.job_id == job_id))).scalar_one()
 
     # --- slices phase --------------------------------------------------------------------------
@@ -123,8 +122,8 @@ class SliceStore:
             ).returning(*slices.c)).one()
             job_row = conn.execute(select(JOBS).where(JOBS.c.id == candidate.job_id)).one()
         piece, job = Slice.from_row(row), Job.from_row(job_row)
-        log.info("slice claimed job_id=%s tenant=%s slice=%d attempt=%d rescued=%s", piece.job_id, piece.tenant,
-                 piece.seq, piece.attempts, piece.attempts > 1)
+        log.info("slice claimed", job_id=piece.job_id, tenant=piece.tenant, slice=piece.seq, attempt=piece.attempts,
+                 rescued=piece.attempts > 1)
         return piece, job
 
     def renew(self, piece: Slice) -> bool:
@@ -182,7 +181,7 @@ class SliceStore:
 
     def parts(self, job_id: str) -> list[Part]:
         """The job's finished parts in key order; all of them, once the job is being assembled."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(slices.c.part_key, slices.c.users_written, slices.c.size_bytes)
                                 .where(slices.c.job_id == job_id, slices.c.status == DONE)
                                 .order_by(slices.c.seq)).all()
@@ -197,7 +196,7 @@ class SliceStore:
         """For the reaper: jobs that ended (cancelled, failed, expired, or completed while their
         assembler died before cleaning up) or are gone, and still have slices, with the keys of
         their parts (never the job's own file, which a one-slice job wrote as its part)."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             ended = select(JOBS.c.id).where(JOBS.c.status.in_([s.value for s in TERMINAL])) \
                 .where(exists().where(slices.c.job_id == JOBS.c.id)).limit(limit).scalar_subquery()
             rows = conn.execute(select(slices.c.job_id, slices.c.part_key, JOBS.c.storage_key)

@@ -16,15 +16,16 @@ from typing import Any, cast
 import orjson
 from sqlalchemy import Connection, Engine, Table, and_, delete, func, or_, select, update
 
-from userexport_server.db.engine import write_transaction
+from userexport_server.db.engine import reading, write_transaction
 from userexport_server.db.models import Connection as ConnectionRow
 from userexport_server.db.models import Job as JobRow
 from userexport_server.errors import AlreadyExists, FailedPrecondition, QuotaExceeded
 from userexport_server.export.spec import ExportSpec
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus, fields_to_json, new_job_id, now_utc
+from userexport_server.logs import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 JOBS = cast(Table, JobRow.__table__)
 
 
@@ -54,18 +55,18 @@ class JobStore:
     # --- reads -------------------------------------------------------------------------------
 
     def get(self, tenant: str, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(JOBS).where(JOBS.c.id == job_id, JOBS.c.tenant == tenant)).first()
         return Job.from_row(row) if row else None
 
     def get_any(self, job_id: str) -> Job | None:
         """For internal use only (events across replicas): no tenant check."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
         return Job.from_row(row) if row else None
 
     def connection_name(self, tenant: str, connection_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(
                 select(ConnectionRow.name).where(ConnectionRow.tenant == tenant, ConnectionRow.id == connection_id)
             ).scalar()
@@ -81,15 +82,16 @@ class JobStore:
             query = query.where(or_(JOBS.c.created_at < created,
                                     and_(JOBS.c.created_at == created, JOBS.c.id < job_id)))
         query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id.desc()).limit(page_size + 1)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(query).all()
         return [Job.from_row(r) for r in rows[:page_size]], len(rows) > page_size
 
-    def count_by_status(self) -> dict[JobStatus, int]:
-        """Jobs of every tenant by status, for metrics: one GROUP BY over the status index."""
-        with self.engine.connect() as conn:
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs of every tenant by status (every status, zero included), for metrics: one GROUP BY over
+        the status index."""
+        with reading(self.engine) as conn:
             rows = conn.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status)).all()
-        return {JobStatus(status): count for status, count in rows}
+        return {status.value: 0 for status in JobStatus} | {status: count for status, count in rows}
 
     # --- API-side changes ----------------------------------------------------------------------
 
@@ -129,9 +131,9 @@ class JobStore:
             )
             row = conn.execute(JOBS.insert().values(**values).returning(*JOBS.c)).one()
         job = Job.from_row(row)
-        log.info("job created job_id=%s tenant=%s request_id=%s format=%s connection_id=%s limit=%s fields=%d",
-                 job.id, tenant, request_id, spec.format.value, spec.connection_id, spec.limit, len(spec.fields))
-        self.bus.publish(job)
+        log.info("job created", job_id=job.id, tenant=tenant, request_id=request_id, format=spec.format.value,
+                 connection_id=spec.connection_id, limit=spec.limit, fields=len(spec.fields))
+        self.bus.deliver(job)
         return job, True
 
     def cancel(self, tenant: str, job_id: str) -> Job | None:
@@ -160,7 +162,7 @@ class JobStore:
                 return None if row is None else Job.from_row(row)
             row = change_row(conn, job_id, {"status": JobStatus.EXPIRED.value, "lease_owner": None,
                                               "lease_expires_at": None, "time_left_seconds": None,
-                                              "finished_at": row.finished_at or now_utc()})
+                                              "finished_at": row.finished_at or now_utc(), "expires_at": now_utc()})
         return self.publish(row, "job revoked")
 
     def forget_file(self, job_id: str, key: str) -> None:
@@ -265,7 +267,7 @@ class JobStore:
 
     def expired_with_files(self, limit: int = 1000) -> builtins.list[Job]:
         """Expired (or revoked) jobs whose file is not deleted yet: just expired, or a delete failed."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
                                                    JOBS.c.storage_key.is_not(None)).limit(limit)).all()
         return [Job.from_row(row) for row in rows]
@@ -293,7 +295,7 @@ class JobStore:
             result = conn.execute(delete(JOBS).where(JOBS.c.status == JobStatus.EXPIRED.value,
                                                      JOBS.c.expires_at <= cutoff, JOBS.c.storage_key.is_(None)))
         if result.rowcount:
-            log.info("jobs purged count=%d", result.rowcount)
+            log.info("jobs purged", count=result.rowcount)
         return result.rowcount
 
     # --- helpers -------------------------------------------------------------------------------
@@ -312,11 +314,9 @@ class JobStore:
     def _published_job(self, job: Job, event: str, **extra: Any) -> Job:
         level = logging.DEBUG if event == "job progress" else logging.INFO
         if log.isEnabledFor(level):
-            details = " ".join(f"{k}={v}" for k, v in extra.items())
-            log.log(level, "%s job_id=%s tenant=%s status=%s version=%d written=%d/%d error=%s %s", event,
-                    job.id, job.tenant, job.status.value, job.version, job.users_written, job.users_total,
-                    job.error, details)
-        self.bus.publish(job)
+            log.log(level, event, job_id=job.id, tenant=job.tenant, status=job.status.value, version=job.version,
+                    written=f"{job.users_written}/{job.users_total}", error=job.error, **extra)
+        self.bus.deliver(job)
         return job
 
 

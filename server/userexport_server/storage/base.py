@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from userexport_server.errors import StorageError
+from userexport_server.logs import EventLog
+
+log = EventLog(__name__)
 
 # A key segment: no separators, no "%" (so nothing URL-encoded), and no leading dot, which rules
 # out "." and ".." and also the writers' hidden temporary names.
@@ -22,8 +25,11 @@ class ObjectExistsError(StorageError):
 class ObjectWriter(Protocol):
     """A streaming upload that becomes visible only on commit(); abort() leaves nothing behind.
 
-    write() and commit() raise StorageError (ObjectExistsError when the key exists); abort() never
-    raises and may be called after a failed commit().
+    write() and commit() raise StorageError (ObjectExistsError when the key exists, and after
+    commit() or abort()); abort() never raises, may be called after a failed commit() and more
+    than once, and does nothing after a commit(). A writer dropped without either writes nothing
+    more when it is collected (no finalizer does I/O); what it wrote so far is a leftover for
+    Storage.delete_leftovers or the sweep.
     """
 
     def write(self, data: bytes) -> None: ...
@@ -53,6 +59,18 @@ class StoredEntry:
 
 
 class Storage(Protocol):
+    """Where export files live. Built without side effects; start() before use, close() at the end.
+
+    Every method that touches storage raises StorageError when it fails (after the backend's
+    retries, within a bounded time), with the backend's exception as its __cause__; bad keys and
+    arguments are ValueErrors, raised before anything is touched.
+    """
+
+    def start(self) -> None:
+        """Take what the backend serves with (the local backend binds its download server here).
+        OSError when that fails (the message names the address)."""
+        ...
+
     @property
     def signs_locally(self) -> bool:
         """True when sign_url does no I/O (the signing key is at hand), so a caller on the event loop
@@ -85,6 +103,10 @@ class Storage(Protocol):
         """Delete every file under `<tenant>/<job id>/` that `keep` refuses, then every empty job
         folder that `keep` refuses and every empty tenant folder; return how many were removed.
 
+        One call may look at part of the storage only: GCS lists a bounded number of objects per
+        call, going on where the previous call stopped and starting over after the end, so every
+        file is looked at once per pass of a few calls. The local backend walks it all each time.
+
         Each folder is listed before `keep` is asked about what is in it, so a file written after
         the answer is never seen. Anything of another shape (not a valid key, a directory where a
         file belongs) is left alone. Raises StorageError when the listing fails; a failed delete
@@ -92,8 +114,22 @@ class Storage(Protocol):
         """
         ...
 
+    def delete_leftovers(self, tenant: str, job_id: str, keep: str | None) -> int:
+        """Delete every file under `<tenant>/<job_id>/` but the key `keep` (None: all of them): the
+        slices, compose intermediates and partial files (a killed attempt's local `.tmp-` file)
+        a job leaves, when it completes (keep = its file) or expires (keep = None). Returns how
+        many went; a local job folder left empty goes too (not counted).
+
+        ValueError for an invalid tenant or job id, or a `keep` outside that folder (a file name
+        instead of a key would otherwise delete the very file meant to stay). StorageError when
+        the listing fails, or when a delete failed, raised after trying the rest: what went is
+        gone either way, so calling again is safe.
+        """
+        ...
+
     def close(self) -> None:
-        """Release sockets and threads (the local backend's HTTP server)."""
+        """Release sockets and threads (the local backend's HTTP server); safe without start()
+        and more than once."""
         ...
 
 
@@ -137,3 +173,35 @@ def validate_combine_args(sources: Sequence[str], key: str, filename: str) -> li
         raise ValueError("combine needs at least one source")
     validate_writer_args(key, filename)
     return [validate_key(source) for source in sources]
+
+
+def leftovers_scope(tenant: str, job_id: str, keep: str | None) -> tuple[str, str | None]:
+    """delete_leftovers' checked arguments: the job's prefix `<tenant>/<job_id>/`, and `keep`,
+    which must be None or a key directly under it (see Storage.delete_leftovers)."""
+    for segment in (tenant, job_id):
+        if "/" in segment:
+            raise ValueError(f"invalid storage key segment {segment!r}: a tenant or job id has no '/'")
+    prefix = f"{validate_key(tenant)}/{validate_key(job_id)}/"
+    if keep is not None and not (validate_key(keep).startswith(prefix) and "/" not in keep[len(prefix):]):
+        raise ValueError(f"keep {keep!r} must be a key in {prefix!r} (or None)")
+    return prefix, keep
+
+
+def delete_each(names: Iterable[str], delete: Callable[[str], bool]) -> int:
+    """Call `delete` (True: it was there and went; StorageError: it failed) on each name; return how
+    many went. One failure does not stop the rest: the first is raised after all were tried."""
+    removed, failures = 0, 0
+    first: StorageError | None = None
+    for name in names:
+        try:
+            removed += delete(name)
+        except StorageError as exc:
+            failures += 1
+            first = first or exc
+    if first is None:
+        return removed
+    log.warning("deleting leftovers failed", count=failures, deleted=removed)
+    try:
+        raise first
+    finally:
+        first = None  # this frame is in the traceback of what it raises: holding it would be a cycle

@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import email.utils
 import http
-import logging
 import os
 import re
 import socket
@@ -27,8 +26,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from userexport_server.listen import parse_listen
+from userexport_server.logs import EventLog
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 PREFIX = "/files/"
 READ_THREADS = 2
@@ -128,7 +128,7 @@ class DownloadServer:
         try:
             self._loop.run_until_complete(self._serve(sock, ready))
         except Exception as exc:
-            log.exception("local files http server stopped by an error listen=%s", self.listen)
+            log.exception("local files http server stopped by an error", listen=self.listen)
             if not ready.done():
                 ready.set_exception(exc)
         finally:
@@ -159,18 +159,17 @@ class DownloadServer:
                 writer.transport.abort()
                 return
             if len(self._connections) >= self.limits.max_connections:
-                log.warning("files http connection refused: at the limit max_connections=%d",
-                            self.limits.max_connections)
+                log.warning("files http connection refused: at the limit", max_connections=self.limits.max_connections)
                 await self._finish(reader, writer, _reply(503, "too many connections", {"Retry-After": "1"}),
                                    linger=False)
                 return
             self._connections.add(task)
             await self._finish(reader, writer, await self._respond(reader, writer))
         except (ConnectionError, TimeoutError) as exc:
-            log.debug("files http connection dropped client=%s reason=%r", _peer(writer), exc)
+            log.debug("files http connection dropped", client=_peer(writer), reason=exc)
             writer.transport.abort()
         except Exception:
-            log.exception("files http request failed client=%s", _peer(writer))
+            log.exception("files http request failed", client=_peer(writer))
             writer.transport.abort()
         except asyncio.CancelledError:  # stop(): ended here, as asyncio's streams log a cancelled handler
             writer.transport.abort()
@@ -190,8 +189,7 @@ class DownloadServer:
             return b""
         url = urllib.parse.urlsplit(request.target)
         status, extra = await self._download(request, url, writer)
-        log.debug("files http client=%s method=%s path=%s status=%d", _peer(writer), request.method, url.path,
-                  status)
+        log.debug("files http", client=_peer(writer), method=request.method, path=url.path, status=status)
         return extra
 
     async def _download(self, request: _Request, url: urllib.parse.SplitResult,

@@ -1,6 +1,8 @@
 """Build the configured storage backend from Settings."""
 from __future__ import annotations
 
+import functools
+
 from userexport_server.secrets import load_or_create_secret
 from userexport_server.settings import Settings
 from userexport_server.storage.base import Storage
@@ -15,7 +17,7 @@ def make_storage(settings: Settings) -> Storage:
                                 write_timeout=settings.files_write_timeout_seconds,
                                 max_connections=settings.files_max_connections)
         return LocalStorage(settings.data_dir / "files",
-                            load_or_create_secret(settings.data_dir / "url_signing_key"),
+                            functools.partial(load_or_create_secret, settings.data_dir / "url_signing_key"),
                             listen=settings.files_listen, public_url=settings.files_public_url, limits=limits)
     if settings.storage == "gcs":
         from userexport_server.storage.gcs import GcsStorage  # google-cloud-storage is slow to import

@@ -11,7 +11,6 @@ import datetime as dt
 import errno
 import hashlib
 import hmac
-import logging
 import math
 import os
 import pathlib
@@ -24,17 +23,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from userexport_server.errors import StorageError
+from userexport_server.logs import EventLog
 from userexport_server.private_files import make_private_dirs
 from userexport_server.storage.base import (
     ObjectExistsError,
     StoredEntry,
+    delete_each,
+    leftovers_scope,
     validate_combine_args,
     validate_key,
     validate_writer_args,
 )
 from userexport_server.storage.download_server import PREFIX, DownloadLimits, DownloadServer
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 # What marks a writer's unfinished file: `.<name>.tmp-<random>`, next to where the file goes.
 _PARTIAL = ".tmp-"
@@ -54,24 +56,42 @@ class LocalStorage:
 
     `public_url` is the base put into signed URLs when clients reach the server through another
     address (a proxy, a published port); by default it is http://<bound host>:<bound port>.
+    Building one touches nothing (an App may be built and never started, or started later);
+    start() creates the root folder and binds, and URLs are signed only after it.
     """
 
     signs_locally = True  # an HMAC with the secret at hand
 
-    def __init__(self, root: pathlib.Path, secret: bytes, listen: str, public_url: str = "",
+    def __init__(self, root: pathlib.Path, secret: bytes | Callable[[], bytes], listen: str, public_url: str = "",
                  limits: DownloadLimits | None = None) -> None:
+        """`secret` signs URLs: the bytes, or a function that loads them at start() (making a new
+        secret file is a side effect that construction must not have)."""
         self.root = root
-        self._secret = secret
-        make_private_dirs(self.root)
-        self._real_root = root.resolve()
+        self._load_secret = secret if callable(secret) else lambda: secret
+        self._secret = b""
+        self._real_root = root.absolute()  # resolved by start(), once the folder exists
         self._server = DownloadServer(listen, self._authorize, self._open_for_download,
                                       limits or DownloadLimits())
+        self._public_url = public_url.rstrip("/")
+        self._started = False
+        self.port = 0  # the bound port, after start()
+        self.base_url = ""  # what signed URLs start with, after start()
+
+    def start(self) -> None:
+        """Create the root folder and serve downloads on a thread of its own; OSError (naming the
+        address) when the port cannot be bound. Once only: a second call does nothing."""
+        if self._started:
+            return
+        make_private_dirs(self.root)
+        self._real_root = self.root.resolve()
+        self._secret = self._load_secret()
         self._server.start()
+        self._started = True
         bound_host, bound_port = self._server.address
-        self.port: int = bound_port
-        self.base_url = (public_url or f"http://{_url_host(str(bound_host))}:{bound_port}").rstrip("/")
-        log.info("local storage serving root=%s listen=%s:%d base_url=%s", root, bound_host, bound_port,
-                 self.base_url)
+        self.port = bound_port
+        self.base_url = self._public_url or f"http://{_url_host(str(bound_host))}:{bound_port}"
+        log.info("local storage serving", root=self.root, listen=f"{bound_host}:{bound_port}",
+                 base_url=self.base_url)
 
     def open_writer(self, key: str, filename: str) -> LocalWriter:
         """Downloads are named after the key's last segment, which `filename` must be."""
@@ -93,13 +113,36 @@ class LocalStorage:
 
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         validate_key(key)
+        if not self._started:  # the URL names the bound port
+            raise RuntimeError("LocalStorage.start() must be called before URLs are signed")
         expires = math.ceil(time.time()) + ttl_seconds  # whole seconds, never shorter than asked
         query = urllib.parse.urlencode({"expires": expires, "signature": self._signature(key, str(expires))})
         return (f"{self.base_url}{PREFIX}{key}?{query}",
                 dt.datetime.fromtimestamp(expires, dt.UTC))
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        _delete_file(self._path(key))
+
+    def delete_leftovers(self, tenant: str, job_id: str, keep: str | None) -> int:
+        """See Storage.delete_leftovers: every file in the job's folder (partial `.tmp-` files,
+        slices, any other) but `keep`; a folder in it is not ours and stays."""
+        prefix, keep = leftovers_scope(tenant, job_id, keep)
+        folder = self.root / prefix
+        try:
+            with os.scandir(folder) as listing:
+                names = [e.name for e in listing if not e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise _storage_error("listing", folder, exc, "Listing the job's files") from exc
+        kept = keep.rsplit("/", 1)[-1] if keep is not None else None
+        try:
+            removed = delete_each((name for name in names if name != kept), lambda name: _delete_file(folder / name))
+        finally:
+            if keep is None:
+                _remove_empty_folder(folder)
+        log.info("job leftovers deleted", folder=prefix, kept=kept, count=removed)
+        return removed
 
     def sweep(self, keep: Callable[[StoredEntry], bool]) -> int:
         """See Storage.sweep: regular files and `.tmp-` partial files in `<tenant>/<job id>/` folders."""
@@ -118,6 +161,7 @@ class LocalStorage:
         return self._server.problem()
 
     def close(self) -> None:
+        """Stop serving downloads; safe without start() and more than once."""
         self._server.stop()
 
     def _path(self, key: str) -> pathlib.Path:
@@ -194,7 +238,7 @@ class LocalWriter:
             raise ObjectExistsError("The export file already exists; it was not overwritten.") from exc
         except OSError as exc:
             raise _storage_error("committing", self._path, exc) from exc
-        log.debug("local file committed path=%s", self._path)
+        log.debug("local file committed", path=self._path)
 
     def abort(self) -> None:
         if self._committed:
@@ -204,7 +248,7 @@ class LocalWriter:
         try:
             self._tmp.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("removing an aborted upload failed path=%s error=%s", self._tmp, exc)
+            log.warning("removing an aborted upload failed", path=self._tmp, error=exc)
 
 
 def _copy_file(source: BinaryIO, target: BinaryIO) -> None:
@@ -246,7 +290,7 @@ def _sweep_job_folder(tenant: str, job_dir: pathlib.Path, keep: Callable[[Stored
             entries = [(e.name, e.stat(follow_symlinks=False).st_mtime)
                        for e in listing if e.is_file(follow_symlinks=False)]
     except OSError as exc:  # vanished or unreadable: the next sweep looks again
-        log.warning("sweep could not list a job folder path=%s error=%s", job_dir, exc)
+        log.warning("sweep could not list a job folder", path=job_dir, error=exc)
         return 0
     for name, modified in entries:
         partial = name.startswith(".") and _PARTIAL in name
@@ -256,9 +300,9 @@ def _sweep_job_folder(tenant: str, job_dir: pathlib.Path, keep: Callable[[Stored
             try:
                 (job_dir / name).unlink(missing_ok=True)
             except OSError as exc:
-                log.warning("sweep could not delete a file path=%s error=%s", job_dir / name, exc)
+                log.warning("sweep could not delete a file", path=job_dir / name, error=exc)
                 continue
-            log.info("orphan file deleted tenant=%s job_id=%s file=%s partial=%s", tenant, job_dir.name, name, partial)
+            log.info("orphan file deleted", tenant=tenant, job_id=job_dir.name, file=name, partial=partial)
             removed += 1
     try:
         with os.scandir(job_dir) as listing:
@@ -271,13 +315,24 @@ def _sweep_job_folder(tenant: str, job_dir: pathlib.Path, keep: Callable[[Stored
     return removed
 
 
+def _delete_file(path: pathlib.Path) -> bool:
+    """Delete the file at `path`; False if there was none."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise _storage_error("deleting", path, exc, "Deleting the export file") from exc
+    return True
+
+
 def _remove_empty_folder(folder: pathlib.Path) -> int:
     """1 if `folder` was empty and is gone; a folder just written into stays (rmdir refuses it)."""
     try:
         folder.rmdir()
     except OSError:
         return 0
-    log.info("empty folder removed path=%s", folder)
+    log.info("empty folder removed", path=folder)
     return 1
 
 
@@ -298,7 +353,9 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def _storage_error(action: str, path: pathlib.Path, exc: OSError) -> StorageError:
-    """A StorageError safe to show on the job (no paths); the details go to the log."""
-    log.error("local storage failed action=%s path=%s error=%s", action, path, exc)
-    return StorageError(f"Writing the export file failed: {exc.strerror or exc}.")
+def _storage_error(action: str, path: pathlib.Path, exc: OSError, summary: str = "Writing the export file"
+                   ) -> StorageError:
+    """A StorageError safe to show on the job, "<summary> failed: <the system's reason>." (no
+    paths); the details go to the log."""
+    log.error("local storage failed", action=action, path=path, error=exc)
+    return StorageError(f"{summary} failed: {exc.strerror or exc}.")

@@ -90,8 +90,28 @@ def test_field_name_must_be_a_valid_path(name: str) -> None:
     ]
 
 
-def test_unknown_roots_and_paths_below_scalars_are_valid() -> None:
-    assert build(fields=[("favourite_colour", ""), ("email.domain", "")])
+def test_paths_below_scalars_and_any_keys_below_the_free_roots_are_valid() -> None:
+    """Below app_metadata, user_metadata and identities any key goes; below a scalar nothing is ever
+    found, but that is a question of data, not a typo."""
+    assert build(fields=[("email.domain", ""), ("app_metadata.anything.at_all", ""),
+                         ("user_metadata.favourite_colour", ""), ("identities[3].whatever", "")])
+
+
+def test_an_unknown_root_is_refused_with_the_closest_root_and_every_root_named() -> None:
+    """Auth0 exports an empty column for `emial`; this service says what was meant."""
+    [typo, unrelated] = violations(fields=[("emial", ""), ("zzzz.y", ""), ("email", "")])
+    assert typo.field == "fields[0].name" and unrelated.field == "fields[1].name"
+    assert typo.description.startswith('"emial" is not a root attribute of the user profile (did you mean "email"?)')
+    assert "did you mean" not in unrelated.description  # nothing close: no guess
+    for violation in (typo, unrelated):
+        assert all(root in violation.description for root in ROOT_KINDS), violation.description
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("emial", "email"), ("user_metdata", "user_metadata"),
+                                             ("identity", "identities"), ("Email", "email")])
+def test_the_suggestion_is_the_closest_root(typo: str, meant: str) -> None:
+    [violation] = violations(fields=[(f"{typo}.x" if typo == "user_metdata" else typo, "")])
+    assert f'did you mean "{meant}"?' in violation.description
 
 
 def test_export_as_at_most_100_characters() -> None:

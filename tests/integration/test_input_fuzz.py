@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import sign_claims
-from tests.integration.test_hostile_input import raw_call
+from tests.integration.support import raw_call, sign_claims
 from userexport.v1 import users_export_pb2 as pb
 from userexport.v1 import users_export_pb2_grpc as pb_grpc
 from userexport_server.api.servicer import SERVICE

@@ -19,20 +19,14 @@ import pytest
 
 from tests.databases import database_settings
 from tests.harness import ServerHandle, new_tenant
-from tests.integration.support import Caller, download
+from tests.integration.support import Caller, download, wait_until_writing
+from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
 
 USERS = 100_000
 # The PostgreSQL faults act on an export that runs a few seconds after its first progress write
 # (at most every 0.5 s): one slice of 300,000 users.
 PG_USERS = 3 * USERS
-
-
-def wait_until_writing(caller: Caller, job_id: str) -> None:
-    for message in caller.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=caller.metadata, timeout=60):
-        if message.status == pb.Job.PROCESSING and message.users_written > 0:
-            return
-    raise AssertionError(f"job {job_id} ended before it wrote anything")
 
 
 def assert_still_serving(server: ServerHandle, caller: Caller) -> None:
@@ -73,10 +67,8 @@ def test_sqlite_lock_through_the_end_of_an_export_delays_the_complete_write_whic
     wait_until_writing(caller, job.id)
     caplog.set_level(logging.WARNING, logger="userexport_server")
     with exclusive_lock(str(server.data_dir / "userexport.db")):
-        deadline = time.monotonic() + 60
-        while not files_committed(server, job.id):  # the export ran to its end under the lock
-            assert time.monotonic() < deadline, "the export never finished its file"
-            time.sleep(0.05)
+        # the export ran to its end under the lock
+        eventually(lambda: files_committed(server, job.id), "the export finishing its file", timeout=60)
         time.sleep(1.0)  # more than the busy timeout: the first `complete` fails
     final = caller.finish(job.id)
     assert final.status == pb.Job.COMPLETED, final.error
@@ -98,10 +90,7 @@ def test_sqlite_lock_while_idle_workers_claim_is_survived(make_server, backend: 
     server.seed(20, tenant=tenant)
     caplog.set_level(logging.ERROR, logger="userexport_server.jobs.worker")
     with exclusive_lock(str(server.data_dir / "userexport.db")):
-        deadline = time.monotonic() + 10
-        while "claiming a job failed" not in caplog.text:
-            assert time.monotonic() < deadline, "no claim ran into the lock"
-            time.sleep(0.05)
+        eventually(lambda: "claiming work failed" in caplog.text, "a claim running into the lock", timeout=10)
     assert_still_serving(server, Caller(server, tenant))
 
 
@@ -145,10 +134,7 @@ def test_pg_export_connection_terminated_mid_export_is_retried_and_completes(
     caller = Caller(server, pg_tenant)
     job = caller.create(format=pb.ExportRequest.CSV)
     wait_until_writing(caller, job.id)
-    deadline = time.monotonic() + 10
-    while not terminate_exports(server):
-        assert time.monotonic() < deadline, "found no export connection to terminate"
-        time.sleep(0.01)
+    eventually(lambda: terminate_exports(server), "finding an export connection to terminate", timeout=10, every=0.01)
     final = caller.finish(job.id)
     assert final.status == pb.Job.COMPLETED, final.error
     rows = list(csv.reader(io.StringIO(download(final.location).decode(), newline="")))

@@ -13,11 +13,12 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import pathlib
 import re
-import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,10 +35,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.tools import required_tool
-from userexport.client import UsersExportClient, mint_token
+from userexport.client import UsersExportClient
 from userexport_server.export.defaults import DEFAULT_CSV_FIELDS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BASE = "docker.io/library/python:3.11-slim"
 USERS = 1000
 INSTALL = "apt-get install buildah podman mmdebstrap (scripts/setup.sh does)"
@@ -115,6 +116,19 @@ def test_the_image_runs_the_server_as_10001_with_a_healthcheck(buildah: str, ima
     assert config["Entrypoint"] == ["userexport-server"] and config["Cmd"] == ["serve"]
     assert config["Healthcheck"]["Test"] == ["CMD", "userexport-server", "health"]
     assert {"50051/tcp", "50052/tcp", "9464/tcp"} <= set(config["ExposedPorts"])
+    assert "USEREXPORT_DATA_DIR=/home/userexport/data" in config["Env"]
+
+
+def test_the_data_directory_belongs_to_the_servers_user(buildah: str, image: str) -> None:
+    """A named volume on it starts as a copy of the image's folder, owner included: the README's
+    `docker run -v userexport-data:/home/userexport/data` works only if the folder is the server's."""
+    container = run(buildah, "from", "--pull-never", image).stdout.strip()
+    try:
+        owner = run(buildah, "run", "--isolation", "chroot", container, "--", "stat", "-c", "%u %a",
+                    "/home/userexport/data")
+    finally:
+        subprocess.run([buildah, "rm", container], capture_output=True)
+    assert owner.stdout.split() == ["10001", "700"]
 
 
 def free_ports(count: int) -> list[int]:
@@ -170,17 +184,47 @@ def wait_serving(target: str, server: subprocess.Popen[bytes], log: pathlib.Path
     raise AssertionError(f"not SERVING within {timeout} s:\n{log.read_text()}")
 
 
+# The variable that sets where the server listens for each port the image exposes.
+LISTEN_VARIABLES = {50051: "USEREXPORT_LISTEN", 50052: "USEREXPORT_FILES_LISTEN", 9464: "USEREXPORT_METRICS_LISTEN"}
+
+
+def readme_docker_run() -> tuple[dict[str, str], list[str], dict[int, str]]:
+    """The README's `docker run` line: its environment (-e), volume mount points (-v) and published
+    ports (-p, container port -> host address)."""
+    block = re.search(r"<!-- docker-run -->\n```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "the README lost its docker-run block"
+    (line,) = [line for line in block.group(1).splitlines() if "docker run" in line]
+    words = shlex.split(line.split("docker run", 1)[1])
+    options = [(flag, value) for flag, value in itertools.pairwise(words) if flag in ("-e", "-v", "-p")]
+    env = dict(value.split("=", 1) for flag, value in options if flag == "-e")
+    volumes = [value.split(":")[1] for flag, value in options if flag == "-v"]
+    published = {int(value.rsplit(":", 1)[1]): value.rsplit(":", 1)[0] for flag, value in options if flag == "-p"}
+    return env, volumes, published
+
+
 def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pathlib.Path) -> None:
-    """The server extra installed; seed, serve, health inside and out, a CSV export by the CLI on the
-    host downloaded over the container's signed URL, its metrics, and a clean SIGTERM stop."""
-    grpc_port, files_port, metrics_port = free_ports(3)
-    jwt_secret = secrets.token_urlsafe(32)
-    env = {"USEREXPORT_LISTEN": f"127.0.0.1:{grpc_port}", "USEREXPORT_FILES_LISTEN": f"127.0.0.1:{files_port}",
-           "USEREXPORT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}", "USEREXPORT_JWT_SECRET": jwt_secret}
+    """The README's `docker run` line, as buildah runs it: its environment and its volume (a folder of
+    the server's user, as a named volume starts), and its published ports moved to free ones (buildah
+    shares the host's network, so the server listens on them itself, and the URLs the line sets are
+    moved with them). The server extra installed; seed, serve, health inside and out, a token minted
+    in the container (`docker exec ... userexport token`), a CSV export by the CLI on the host
+    downloaded over the signed URL, which names the public URL, its metrics, and a clean SIGTERM stop."""
+    readme_env, volumes, published = readme_docker_run()
+    assert volumes == ["/home/userexport/data"] and set(published) == {50051, 50052}
+    ports = dict(zip(LISTEN_VARIABLES, free_ports(len(LISTEN_VARIABLES))))
+    grpc_port, files_port, metrics_port = ports.values()
+    for port, address in published.items():
+        readme_env = {k: v.replace(address, f"127.0.0.1:{ports[port]}") for k, v in readme_env.items()}
+    env = {**readme_env, **{variable: f"127.0.0.1:{ports[port]}" for port, variable in LISTEN_VARIABLES.items()}}
+    assert env["USEREXPORT_FILES_PUBLIC_URL"] == f"http://127.0.0.1:{files_port}"
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chown(volume, 10001, 10001)
     env_args = [arg for key, value in env.items() for arg in ("--env", f"{key}={value}")]
     container = run(buildah, "from", "--pull-never", "--name", f"userexport-test-{uuid.uuid4().hex[:12]}",
                     image).stdout.strip()
-    in_container = [buildah, "run", "--isolation", "chroot", *env_args, container, "--"]  # the image's USER
+    in_container = [buildah, "run", "--isolation", "chroot", *env_args, "--volume", f"{volume}:{volumes[0]}",
+                    container, "--"]  # the image's USER
     log = tmp_path / "server.log"
     server: subprocess.Popen[bytes] | None = None
     try:
@@ -201,7 +245,8 @@ def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pat
         health = run(*in_container, "userexport-server", "health")  # the HEALTHCHECK command
         assert health.stdout.strip() == "SERVING", health.stdout + health.stderr
 
-        token = mint_token(jwt_secret.encode(), "default", ["read:users"])
+        token = run(*in_container, "userexport", "token").stdout.strip()  # from the volume's secret
+        assert (volume / "jwt_secret").is_file()
         output = tmp_path / "users.csv.gz"
         cli = pathlib.Path(sys.executable).with_name("userexport")
         export = subprocess.run([str(cli), "export", "--server", target, "--token", token, "--format", "csv",
@@ -214,7 +259,7 @@ def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pat
 
         with UsersExportClient(target, token=token) as client:
             job = next(client.iter_jobs())
-        assert job.location.startswith(f"http://127.0.0.1:{files_port}/"), job.location
+        assert job.location.startswith(env["USEREXPORT_FILES_PUBLIC_URL"] + "/"), job.location
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         assert f"userexport_export_rows_total {float(USERS)}" in metrics
@@ -227,3 +272,22 @@ def test_an_export_through_the_container(buildah: str, image: str, tmp_path: pat
             server.kill()
             server.wait(30)
         subprocess.run([buildah, "rm", container], capture_output=True)
+
+
+def test_the_buildah_block_of_the_docs_ends_cleanly(buildah: str, image: str, tmp_path: pathlib.Path) -> None:
+    """docs/operations.md's block as written, on the image built here and free ports: the server seeds,
+    serves, answers health, exports through the host's CLI and stops with exit 0, so the block ends
+    without buildah's `Error: exit status 1` (what `kill %1` of `buildah run` left)."""
+    block = re.search(r"<!-- buildah-run -->\n```bash\n(.*?)```", (ROOT / "docs/operations.md").read_text(), re.S)
+    assert block, "docs/operations.md lost its buildah block"
+    build, *lines = block.group(1).strip().splitlines()
+    assert build.startswith("bash scripts/image.sh localhost/userexport:dev")  # the fixture built it
+    script = "\n".join(lines).replace("localhost/userexport:dev", image)
+    for documented, port in zip((50061, 50062, 9465), free_ports(3)):
+        script = script.replace(f"127.0.0.1:{documented}", f"127.0.0.1:{port}")
+    environment = {**os.environ, "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SERVING" in result.stdout and "Error" not in result.stderr, result.stdout + result.stderr
+    assert "server stopped" in result.stderr and (tmp_path / "default.csv.gz").is_file()

@@ -1,7 +1,11 @@
-"""Verified tokens are remembered until their exp, so repeated calls skip the signature check, and
-never longer; tokens that fail are never remembered."""
+"""Token verification on its own (auth.py): verified tokens are remembered until their exp, so repeated
+calls skip the signature check, and never longer; tokens that fail are never remembered; a malformed
+JWKS file is an error naming its variable. (Tokens, scopes and keys on a real server:
+tests/integration/test_auth.py.)"""
 from __future__ import annotations
 
+import json
+import pathlib
 import time
 
 import jwt
@@ -47,7 +51,7 @@ def test_a_token_that_fails_is_not_remembered() -> None:
 
 
 def test_tokens_verified_with_keys_from_a_url_are_not_remembered() -> None:
-    """A rotated-out key must refuse its tokens at once (test_auth_keys checks that end to end), so
+    """A rotated-out key must refuse its tokens at once (tests/integration/test_auth.py checks that end to end), so
     tokens verified with a JWKS URL's keys are verified every time; the shared secret's still count."""
     auth = Authenticator(secret=SECRET, jwks_file=None, issuer=DEFAULT_ISSUER, audience=DEFAULT_AUDIENCE,
                          tenant_claim="tenant", leeway=0, jwks_url="http://127.0.0.1:1/jwks.json")
@@ -55,3 +59,15 @@ def test_tokens_verified_with_keys_from_a_url_are_not_remembered() -> None:
     token = mint_token(SECRET, "acme", ["read:users"])
     auth.authenticate(bearer(token))
     assert auth.remembered(bearer(token)) is not None
+
+
+MALFORMED_FILES = {"not JSON": "{", "keys not a list": '{"keys": "x"}', "no usable key": json.dumps(
+    {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}), "RSA key without modulus": '{"keys": [{"kty": "RSA", "e": "AQAB"}]}'}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FILES, ids=list(MALFORMED_FILES))
+def test_a_malformed_jwks_file_is_an_error_naming_the_variable(tmp_path: pathlib.Path, case: str) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(MALFORMED_FILES[case])
+    with pytest.raises(ValueError, match="USEREXPORT_JWT_JWKS_FILE"):
+        Authenticator(secret=None, jwks_file=path, issuer=None, audience=None, tenant_claim="tenant", leeway=0)
