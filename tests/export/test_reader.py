@@ -1,15 +1,18 @@
-"""The PostgreSQL reader's own connection: it takes the caller's export settings, and a cancelled or
-terminated query surfaces at once as the transient error the worker retries (DatabaseUnavailable
-once translated)."""
+"""The PostgreSQL reader's own connection: it takes the caller's export settings, and a query cancelled
+(by the reader, or by the worker's canceller on the caller's connection) or terminated surfaces at
+once as the transient error the worker retries (DatabaseUnavailable once translated)."""
 from __future__ import annotations
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from tests.export.support import MemoryWriter, new_tenant
 from tests.integration.pg_faults import admin_execute
+from tests.polling import eventually
 from userexport_server.api.requests import build_spec
+from userexport_server.db.engine import canceller
 from userexport_server.db.faults import DatabaseUnavailable, translated
 from userexport_server.export.engine import run_export
 from userexport_server.export.reader import ColumnReader
@@ -35,7 +38,7 @@ def test_the_reader_runs_with_the_callers_statement_timeout(seeded: tuple[Engine
             run_export(conn, tenant, JSON, MemoryWriter())
 
 
-@pytest.mark.parametrize("how", ["cancel", "terminate"])
+@pytest.mark.parametrize("how", ["cancel", "terminate", "caller's canceller"])
 def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Engine, str], how: str) -> None:
     engine, tenant = seeded
     readers: list[ColumnReader] = []
@@ -45,14 +48,19 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
         if not calls:
             if how == "cancel":
                 readers[0].cancel()
-            else:
+            elif how == "terminate":
                 admin_execute("SELECT pg_terminate_backend(%s)", (readers[0].backend_pid,))
+            else:  # what the worker does to a stalled read: db/engine.py's canceller on its connection
+                stop()
         calls.append(written)
         return True
 
-    with engine.connect() as conn, pytest.raises(DatabaseUnavailable) as raised, translated():
+    # The caller's connection outermost: after its canceller, closing it fails too, translated alike.
+    with pytest.raises(DatabaseUnavailable) as raised, translated(), engine.connect() as conn:
+        stop = canceller(conn)
         run_export(conn, tenant, JSON, MemoryWriter(), progress=progress, batch_rows=100, on_query=readers.append)
-    assert isinstance(raised.value.__cause__, psycopg.OperationalError)
+    assert isinstance(raised.value.__cause__, psycopg.OperationalError | OperationalError)
     assert calls[-1] < 20_000  # stopped, not read to the end
     pid = readers[0].backend_pid
-    assert not admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
+    active = lambda: admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
+    eventually(lambda: not active() or None, "the stopped query's backend idle or gone", timeout=10)

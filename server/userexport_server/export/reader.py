@@ -21,7 +21,12 @@ OperationalError, which db/faults.py knows, so a terminated connection is retrie
 from __future__ import annotations
 
 import abc
+import contextlib
 import io
+import os
+import select
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -33,6 +38,7 @@ from adbc_driver_manager import dbapi as adbc
 from sqlalchemy import Connection, text
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from userexport_server.db.engine import KEEPALIVES
 from userexport_server.export.paths import Kind
 from userexport_server.export.sql import Chunks, Projection
 
@@ -40,8 +46,9 @@ from userexport_server.export.sql import Chunks, Projection
 # that per-batch costs vanish, small enough that two exports stay far below the memory goal.
 PG_BATCH_BYTES = 1024 * 1024
 SQLITE_CHUNK_ROWS = 2000
-# The export_reads settings the ADBC connection copies from the caller's.
-_MIRRORED = ("statement_timeout", "max_parallel_workers_per_gather", "jit")
+# The export_reads settings the ADBC connection copies from the caller's (application_name: so
+# pg_stat_activity shows its backend as an export read, as it showed the caller's).
+_MIRRORED = ("statement_timeout", "max_parallel_workers_per_gather", "jit", "application_name")
 _DATE_TEXT = "%Y-%m-%d %H:%M:%S%.f"  # SQLAlchemy's DateTime text on SQLite (UTC by convention)
 # How SQLite's JSON lines carry each kind (booleans are stored as 0/1, dates as text).
 _SQLITE_TYPES = {Kind.STRING: pl.String, Kind.JSON: pl.String, Kind.DATETIME: pl.String, Kind.INT: pl.Int64,
@@ -74,22 +81,33 @@ def open_reader(conn: Connection, projection: Projection) -> ColumnReader:
 
 
 class _PostgresReader(ColumnReader):
+    """ADBC's binary COPY on a connection of its own, tied to the caller's: the reader is cancelled
+    when the caller's connection goes (db/engine.py's canceller shuts its socket down to stop a read
+    stuck on a hung backend), so whatever stops the caller's reads stops this one too."""
+
     def __init__(self, conn: Connection, projection: Projection) -> None:
         self._projection = projection
-        mogrify = psycopg.ClientCursor(conn.connection.driver_connection).mogrify  # type: ignore[arg-type]
+        driver: Any = conn.connection.driver_connection
+        mogrify = psycopg.ClientCursor(driver).mogrify
         compiled = projection.statement.compile(dialect=conn.dialect)
         self._query = mogrify(compiled.string, compiled.construct_params())
         current = conn.execute(text("SELECT " + ", ".join(f"current_setting('{name}')" for name in _MIRRORED))).one()
         apply = ", ".join(f"set_config('{name}', %s, false)" for name in _MIRRORED)
-        uri = conn.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        url = conn.engine.url.set(drivername="postgresql").update_query_dict(
+            {k: str(v) for k, v in KEEPALIVES.items()})
+        uri = url.render_as_string(hide_password=False)
         self._adbc = _pg_errors(lambda: adbc_driver_postgresql.dbapi.connect(uri, autocommit=True))
+        self._socket: socket.socket | None = None
         try:
             self._cursor = self._adbc.cursor()
-            self._cursor.execute(mogrify(f"SELECT {apply}, pg_backend_pid()", tuple(current)))
-            self.backend_pid = int(self._cursor.fetchone()[-1])
+            self._cursor.execute(mogrify(f"SELECT {apply}, pg_backend_pid(), inet_client_port()", tuple(current)))
+            *_, pid, port = self._cursor.fetchone()
+            self.backend_pid = int(pid)
+            self._socket = _tcp_socket(port)
         except BaseException:
             self._adbc.close()
             raise
+        self._follower = _Follower(socket.socket(fileno=os.dup(driver.pgconn.socket)), self.cancel)
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         self._cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(PG_BATCH_BYTES)})
@@ -103,14 +121,81 @@ class _PostgresReader(ColumnReader):
                                      for i, c in enumerate(self._projection.columns) if c.kind is Kind.INT)
 
     def cancel(self) -> None:
-        self._cursor.adbc_cancel()
+        """Ask the server to cancel, and shut the socket down, which ends a read the server will
+        never answer (a hung backend ignores a cancel request) at once; iterating then raises."""
+        with contextlib.suppress(adbc.Error):
+            self._cursor.adbc_cancel()
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        self._follower.stop()
         try:
-            self.cancel()  # else closing mid-COPY would read the rest of it
+            with contextlib.suppress(adbc.Error):
+                self._cursor.adbc_cancel()  # else closing mid-COPY would read the rest of it
             self._cursor.close()
         finally:
             self._adbc.close()
+            if self._socket is not None:
+                self._socket.close()
+
+
+class _Follower:
+    """Calls `cancel` when `sock` (the caller's connection, idle while the export reads) reaches its
+    end: shut down by a canceller or closed by the server. A thread in poll(), woken to stop."""
+
+    def __init__(self, sock: socket.socket, cancel: Callable[[], None]) -> None:
+        self._sock, self._cancel = sock, cancel
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread = threading.Thread(target=self._follow, name="export-follow", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
+        poller.register(self._wake_read, select.POLLIN)
+        try:
+            for fd, _ in poller.poll():
+                if fd == self._sock.fileno() and self._ended():
+                    self._cancel()
+        finally:
+            self._sock.close()
+
+    def _ended(self) -> bool:
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def stop(self) -> None:
+        os.write(self._wake_write, b"x")
+        self._thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+
+def _tcp_socket(port: int | None) -> socket.socket | None:
+    """This process's TCP socket whose local port is `port` (the ADBC connection's, as the server
+    sees it), duplicated; None for a Unix-socket connection or when /proc does not say (then
+    cancel() is a cancel request alone)."""
+    if port is None:
+        return None
+    inodes = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in lines.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") in inodes:
+                    return socket.socket(fileno=os.dup(int(fd)))
+    return None
 
 
 def _pg_errors(call: Callable[[], T]) -> T:
