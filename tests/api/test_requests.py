@@ -30,16 +30,16 @@ def fields_of(violations: Sequence[Violation]) -> list[str]:
     return [v.field for v in violations]
 
 
-@pytest.mark.parametrize("format", [None, "", "CSV", "xml", "ndjson"])
+@pytest.mark.parametrize("format", [None, "", "CSV", "xml", "ndjson", "parquet"])  # parquet: not offered yet
 def test_format_must_be_one_of_the_apis(format: str | None) -> None:
     [violation] = violations(format=format)
     assert violation.field == "format"
-    expected = f"must be CSV or JSON or PARQUET, got {format}" if format else "is required: CSV or JSON or PARQUET"
+    expected = f"must be CSV or JSON, got {format}" if format else "is required: CSV or JSON"
     assert violation.description == expected
 
 
-@pytest.mark.parametrize("format", ["csv", "json", "parquet"])
-def test_every_format_is_accepted(format: str) -> None:
+@pytest.mark.parametrize("format", ["csv", "json"])
+def test_every_offered_format_is_accepted(format: str) -> None:
     assert build(format=format).format is Format(format)
 
 

@@ -63,4 +63,4 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
     assert calls[-1] < 20_000  # stopped, not read to the end
     pid = readers[0].backend_pid
     active = lambda: admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
-    eventually(lambda: not active() or None, "the stopped query's backend idle or gone", timeout=10)
+    eventually(lambda: not active() or None, "the stopped query's backend idle or gone", timeout=30)

@@ -59,7 +59,7 @@ def export_backend(url: str, timeout: float = 20.0) -> int:
     def find() -> int | None:
         with psycopg.connect(url, autocommit=True) as conn:
             row = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
-                               "application_name = %s AND state = 'active' LIMIT 1",
+                               "application_name = %s AND state = 'active' AND query ILIKE 'COPY%%' LIMIT 1",
                                (EXPORT_APPLICATION_NAME,)).fetchone()
         return None if row is None else int(row[0])
     return eventually(find, "an export reading users", timeout=timeout)

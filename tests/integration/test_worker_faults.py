@@ -22,6 +22,7 @@ from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, wait_until_writing
 from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
+from userexport_server.db.engine import EXPORT_APPLICATION_NAME
 
 USERS = 100_000
 # The PostgreSQL faults act on an export that runs a few seconds after its first progress write
@@ -115,14 +116,13 @@ def pg_tenant(pg_server: ServerHandle) -> str:
 
 
 def terminate_exports(server: ServerHandle) -> int:
-    """pg_terminate_backend every connection of this server's database counting or reading users: the
-    export's (its line query is longer than pg_stat_activity keeps, so it is known by its start)."""
+    """pg_terminate_backend every connection of this server's database counting or reading users for an
+    export: what export_reads names `userexport-export` (the reader's own connection takes the name too)."""
     database = server.app.engine.url.database
     with psycopg.connect(server.settings.database_url, autocommit=True) as admin:
         return len(admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
-            "AND (query LIKE 'SELECT count(*) FROM (SELECT 1 FROM users%%' OR query LIKE 'SELECT convert_to(%%')",
-            (database,)).fetchall())
+            "AND application_name = %s", (database, EXPORT_APPLICATION_NAME)).fetchall())
 
 
 def test_pg_export_connection_terminated_mid_export_is_retried_and_completes(

@@ -175,16 +175,17 @@ def _export_spec(*, format: str | None, connection_id: str | None, limit: int | 
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
-    """The format; a violation naming the values a proto client sends (the API's enum names)."""
-    allowed = " or ".join(f.name for f in Format)
+    """The format; a violation naming the values a proto client sends (the API's enum names): the
+    formats the API offers, not every format the engine can write (Parquet is not offered yet)."""
+    offered = list(FORMAT_FROM_PB.values())
+    allowed = " or ".join(f.name for f in offered)
     if not value:
         violations.append(Violation("format", f"is required: {allowed}"))
         return None
-    try:
-        return Format(value)
-    except ValueError:
+    if value not in {f.value for f in offered}:
         violations.append(Violation("format", f"must be {allowed}, got {value}"))
         return None
+    return Format(value)
 
 
 def _field_violations(specs: Sequence[FieldSpec], fmt: Format | None) -> list[Violation]:
