@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import signal
 import time
 
@@ -99,8 +98,8 @@ def test_expired_file_whose_delete_fails_is_retried_until_it_is_gone(make_server
     assert not caller.get(job.id).location
     time.sleep(0.6)  # a few more rounds: each delete fails again
     assert server.app.store.get(tenant, job.id).storage_key == f"{tenant}/{job.id}/{tenant}.csv.gz"
-    shutil.rmtree(path)
-    os.rename(aside, path)
+    os.rename(path, tmp_path / "blocker-dir")  # two renames: the folder is never empty long enough for a
+    os.rename(aside, path)                     # round to delete it (rmtree took long enough, once in a run)
     eventually(lambda: server.app.store.get(tenant, job.id).storage_key is None, "the retried delete", timeout=30)
     # A round that ran between the two lines above found no file and cleared the key; the sweep then
     # deletes the file put back, as it deletes any file of an expired job.

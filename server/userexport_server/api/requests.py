@@ -175,17 +175,17 @@ def _export_spec(*, format: str | None, connection_id: str | None, limit: int | 
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
-    """The format; a violation naming the values a proto client sends (the API's enum names): the
-    formats the API offers, not every format the engine can write (Parquet is not offered yet)."""
-    offered = list(FORMAT_FROM_PB.values())
-    allowed = " or ".join(f.name for f in offered)
+    """The format; a violation naming the values a proto client can send: the API's enum names, not
+    every format the engine writes (its Parquet is not in the proto yet, so no request names it)."""
+    allowed = " or ".join(f.name for f in FORMAT_FROM_PB.values())
     if not value:
         violations.append(Violation("format", f"is required: {allowed}"))
         return None
-    if value not in {f.value for f in offered}:
+    try:
+        return Format(value)
+    except ValueError:
         violations.append(Violation("format", f"must be {allowed}, got {value}"))
         return None
-    return Format(value)
 
 
 def _field_violations(specs: Sequence[FieldSpec], fmt: Format | None) -> list[Violation]:
