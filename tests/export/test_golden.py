@@ -1,17 +1,18 @@
 """Golden files: the export of every tricky value, byte for byte, on both databases.
 
 The cases were first run differentially, the columnar engine against the SQL cell compiler it
-replaced, and their files (which were identical) kept in tests/export/golden/: any change in a
-cell's bytes shows here. The users hold the seed's tricky names, every guard character, quotes,
-CR/LF, tabs, backslashes, control characters, non-ASCII, empty strings, NULLs, JSON holes, lists,
-numbers such as 1e400 and -0.0 as written, JSON stored with spaces and keys that need escaping; the
-cases cover both formats, paths, export_as, one-column CSV and key ranges cut in the middle.
+replaced; their files were identical, and each one's digest is kept below (the tests make their own
+data: no file is stored): any change in a cell's bytes shows here. The users hold the seed's tricky
+names, every guard character, quotes, CR/LF, tabs, backslashes, control characters, non-ASCII, empty
+strings, NULLs, JSON holes, lists, numbers such as 1e400 and -0.0 as written, JSON stored with spaces
+and keys that need escaping; the cases cover both formats, paths, export_as, one-column CSV and key
+ranges cut in the middle.
 """
 from __future__ import annotations
 
 import datetime as dt
 import gzip
-import pathlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,6 @@ from userexport_server.export.paths import ROOT_KINDS
 from userexport_server.export.sql import KeyRange, count_users, key_ranges
 from userexport_server.seed import AlreadySeeded, seed_users
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
 TENANT = "golden"  # fixed: seeded users depend on the tenant's name
 GUARDS = "=+-@\t\r"
 STRINGS = [*(f"{g}cmd|\"/C calc\"!A0" for g in GUARDS), 'say "hi"', "a,b", "line\nbreak", "cr\r\nlf", "tab\there",
@@ -83,6 +83,29 @@ def golden_db(engine: Engine) -> Engine:
     return engine
 
 
+# The SHA-256 and length of each case's file on each database, as the old SQL cell compiler wrote
+# it (the columnar engine matched it byte for byte before that compiler was deleted). A few cases
+# differ between the databases, as they did with that compiler.
+GOLDEN: dict[tuple[str, str], tuple[str, int]] = {
+    ("csv-default", "postgresql"): ("a1169419e3e7f4364dcd5c5687e58f92890c9e786365b4a88d2d1238dcb5d777", 150921),
+    ("csv-default", "sqlite"): ("a1169419e3e7f4364dcd5c5687e58f92890c9e786365b4a88d2d1238dcb5d777", 150921),
+    ("csv-one-column", "postgresql"): ("800ed58b45bebc159ef0c559b431fc6bb8cc9473f1d566b48761a3dc42820bd1", 4166),
+    ("csv-one-column", "sqlite"): ("800ed58b45bebc159ef0c559b431fc6bb8cc9473f1d566b48761a3dc42820bd1", 4166),
+    ("csv-one-path", "postgresql"): ("779c11c7359bf1d98404dc0c64d059345906928be5f6c828ce36c78e91e59c9e", 1859),
+    ("csv-one-path", "sqlite"): ("779c11c7359bf1d98404dc0c64d059345906928be5f6c828ce36c78e91e59c9e", 1859),
+    ("csv-paths", "postgresql"): ("4058463cf11dae158fdf3c6cf13fd24f66cf689b659fb3bc2443a59e18a2dd01", 113767),
+    ("csv-paths", "sqlite"): ("59ce54a10a02711307a2abb1a420b62d6c26dfd304013d61a5f44732cc4ce148", 113617),
+    ("csv-roots", "postgresql"): ("ca2aa47a250747e3c5edce6328e201bf4bfbb23366cd18359513a77fd8eeec35", 282899),
+    ("csv-roots", "sqlite"): ("5a61e580221483800b163015fa89763947e95b570035b93a1057473dfdbc1962", 282755),
+    ("json-default", "postgresql"): ("984977f2171eabe7b0da8807f5d5324366fef76af0e52ed1edb9e82437459962", 358026),
+    ("json-default", "sqlite"): ("984977f2171eabe7b0da8807f5d5324366fef76af0e52ed1edb9e82437459962", 358026),
+    ("json-nested", "postgresql"): ("d8214f93f526ed340528ae918030171593ae8c0f8522176dbcceda52405621f8", 43298),
+    ("json-nested", "sqlite"): ("d8214f93f526ed340528ae918030171593ae8c0f8522176dbcceda52405621f8", 43298),
+    ("json-none-present", "postgresql"): ("093637cfa512f2b8ccb30721d5054e71b98b1157885c5d726b8c31b418787960", 1326),
+    ("json-none-present", "sqlite"): ("093637cfa512f2b8ccb30721d5054e71b98b1157885c5d726b8c31b418787960", 1326),
+    ("json-paths", "postgresql"): ("d81123eae85b645b5a462129c149e9659744a4941d8f0811617b4d2b6d401f37", 77575),
+    ("json-paths", "sqlite"): ("9ff0bf7f6c7b46df633fe8cca11ef3d6a70c1e46d5e7254c10dc3aa68b8d03e7", 77569),
+}
 CASES: dict[str, tuple[str, Sequence[tuple[str, str]]]] = {
     "csv-default": ("csv", []),
     "json-default": ("json", []),
@@ -108,19 +131,14 @@ def export(engine: Engine, format: str, fields: Sequence[tuple[str, str]], key_r
     return gzip.decompress(writer.buffer.getvalue())
 
 
-def golden_path(case: str, engine: Engine) -> pathlib.Path:
-    return GOLDEN / f"{case}.{engine.dialect.name}.gz"
-
-
-def golden(case: str, engine: Engine) -> bytes:
-    """The golden file of `case` on `engine`'s database (kept gzipped: the cases are large)."""
-    return gzip.decompress(golden_path(case, engine).read_bytes())
+def digest(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_files_match_their_golden_copy(golden_db: Engine, case: str) -> None:
+def test_files_match_their_golden_digest(golden_db: Engine, case: str) -> None:
     format, fields = CASES[case]
-    assert export(golden_db, format, fields) == golden(case, golden_db)
+    assert digest(export(golden_db, format, fields)) == GOLDEN[case, golden_db.dialect.name]
 
 
 @pytest.mark.parametrize("case", ["csv-paths", "json-paths"])
@@ -130,4 +148,5 @@ def test_key_ranges_cut_in_the_middle_concatenate_to_the_golden_copy(golden_db: 
     with golden_db.connect() as conn:
         ranges = key_ranges(conn, TENANT, spec, count_users(conn, TENANT, spec), 111)
     assert len(ranges) > 3
-    assert b"".join(export(golden_db, format, fields, key_range) for key_range in ranges) == golden(case, golden_db)
+    whole = b"".join(export(golden_db, format, fields, key_range) for key_range in ranges)
+    assert digest(whole) == GOLDEN[case, golden_db.dialect.name]
