@@ -34,11 +34,12 @@ def fields_of(violations: Sequence[Violation]) -> list[str]:
 def test_format_must_be_one_of_the_apis(format: str | None) -> None:
     [violation] = violations(format=format)
     assert violation.field == "format"
-    expected = f"must be CSV or JSON, got {format}" if format else "is required: CSV or JSON"
+    formats = "one of CSV, JSON, PARQUET"
+    expected = f"must be {formats}, got {format}" if format else f"is required: {formats}"
     assert violation.description == expected
 
 
-@pytest.mark.parametrize("format", ["csv", "json", "parquet"])  # parquet: the engine's, for its own tests
+@pytest.mark.parametrize("format", ["csv", "json", "parquet"])
 def test_every_format_is_accepted(format: str) -> None:
     assert build(format=format).format is Format(format)
 

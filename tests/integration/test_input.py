@@ -272,8 +272,9 @@ def test_internal_errors_leak_no_detail(make_server, monkeypatch: pytest.MonkeyP
 # Python's None or the service's lowercase spelling.
 
 @pytest.mark.parametrize(("request_format", "description"), [
-    (pb.ExportRequest.FORMAT_UNSPECIFIED, "is required: CSV or JSON"),  # what a request without a format reads as
-    (7, "must be CSV or JSON, got 7"),  # a newer client's value
+    # what a request without a format reads as
+    (pb.ExportRequest.FORMAT_UNSPECIFIED, "is required: one of CSV, JSON, PARQUET"),
+    (7, "must be one of CSV, JSON, PARQUET, got 7"),  # a newer client's value
 ])
 def test_a_missing_or_unknown_format_names_the_enum_values(server: ServerHandle, tenant: str,
                                                            request_format: int, description: str) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n userexport/v1/users_export.proto\x12\ruserexport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x05\x46ield\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\texport_as\x18\x02 \x01(\t\"\xff\x01\n\rExportRequest\x12\x1a\n\rconnection_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x06\x66ormat\x18\x02 \x01(\x0e\x32#.userexport.v1.ExportRequest.Format\x12\x12\n\x05limit\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12$\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x14.userexport.v1.Field\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"3\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03\x43SV\x10\x01\x12\x08\n\x04JSON\x10\x02\x42\x10\n\x0e_connection_idB\x08\n\x06_limit\"\xe3\x06\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.userexport.v1.Job.Status\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x06 \x01(\t\x12\x12\n\nconnection\x18\x07 \x01(\t\x12\x33\n\x06\x66ormat\x18\x08 \x01(\x0e\x32#.userexport.v1.ExportRequest.Format\x12\x12\n\x05limit\x18\t \x01(\x03H\x00\x88\x01\x01\x12$\n\x06\x66ields\x18\n \x03(\x0b\x32\x14.userexport.v1.Field\x12\x17\n\x0fpercentage_done\x18\x0b \x01(\x05\x12\x1e\n\x11time_left_seconds\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rusers_written\x18\r \x01(\x03\x12\x13\n\x0busers_total\x18\x0e \x01(\x03\x12\x10\n\x08location\x18\x0f \x01(\t\x12\x37\n\x13location_expires_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12.\n\nexpires_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x15 \x01(\t\x12\x12\n\nsize_bytes\x18\x16 \x01(\x03\x12\x0f\n\x07version\x18\x17 \x01(\x03\"t\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0e\n\nPROCESSING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0b\n\x07\x45XPIRED\x10\x06\x42\x08\n\x06_limitB\x14\n\x12_time_left_seconds\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.userexport.v1.Job.Status\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.userexport.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.userexport.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t2\x8f\x04\n\x12UsersExportService\x12H\n\x14\x43reateUsersExportJob\x12\x1c.userexport.v1.ExportRequest\x1a\x12.userexport.v1.Job\x12:\n\x06GetJob\x12\x1c.userexport.v1.GetJobRequest\x1a\x12.userexport.v1.Job\x12@\n\x08WatchJob\x12\x1e.userexport.v1.WatchJobRequest\x1a\x12.userexport.v1.Job0\x01\x12K\n\x08ListJobs\x12\x1e.userexport.v1.ListJobsRequest\x1a\x1f.userexport.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.userexport.v1.CancelJobRequest\x1a\x12.userexport.v1.Job\x12@\n\tDeleteJob\x12\x1f.userexport.v1.DeleteJobRequest\x1a\x12.userexport.v1.Job\x12`\n\x0fListConnections\x12%.userexport.v1.ListConnectionsRequest\x1a&.userexport.v1.ListConnectionsResponseBp\n\x19\x63om.example.userexport.v1B\x10UsersExportProtoP\x01Z?github.com/example/userexport/gen/go/userexport/v1;userexportv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n userexport/v1/users_export.proto\x12\ruserexport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x05\x46ield\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\texport_as\x18\x02 \x01(\t\"\xda\x02\n\rExportRequest\x12\x1a\n\rconnection_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x33\n\x06\x66ormat\x18\x02 \x01(\x0e\x32#.userexport.v1.ExportRequest.Format\x12\x12\n\x05limit\x18\x03 \x01(\x03H\x01\x88\x01\x01\x12$\n\x06\x66ields\x18\x04 \x03(\x0b\x32\x14.userexport.v1.Field\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1a\n\rchanged_since\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x13\n\x06\x66ilter\x18\x07 \x01(\tH\x03\x88\x01\x01\"@\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x07\n\x03\x43SV\x10\x01\x12\x08\n\x04JSON\x10\x02\x12\x0b\n\x07PARQUET\x10\x03\x42\x10\n\x0e_connection_idB\x08\n\x06_limitB\x10\n\x0e_changed_sinceB\t\n\x07_filter\"\xc5\x07\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.userexport.v1.Job.Status\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rconnection_id\x18\x06 \x01(\t\x12\x12\n\nconnection\x18\x07 \x01(\t\x12\x33\n\x06\x66ormat\x18\x08 \x01(\x0e\x32#.userexport.v1.ExportRequest.Format\x12\x12\n\x05limit\x18\t \x01(\x03H\x00\x88\x01\x01\x12$\n\x06\x66ields\x18\n \x03(\x0b\x32\x14.userexport.v1.Field\x12\x17\n\x0fpercentage_done\x18\x0b \x01(\x05\x12\x1e\n\x11time_left_seconds\x18\x0c \x01(\x03H\x01\x88\x01\x01\x12\x15\n\rusers_written\x18\r \x01(\x03\x12\x13\n\x0busers_total\x18\x0e \x01(\x03\x12\x10\n\x08location\x18\x0f \x01(\t\x12\x37\n\x13location_expires_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12.\n\nexpires_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x15 \x01(\t\x12\x12\n\nsize_bytes\x18\x16 \x01(\x03\x12\x0f\n\x07version\x18\x17 \x01(\x03\x12\x11\n\twatermark\x18\x18 \x01(\t\x12\x0e\n\x06sha256\x18\x19 \x01(\t\x12\x15\n\rchanged_since\x18\x1a \x01(\t\x12\x0e\n\x06\x66ilter\x18\x1b \x01(\t\x12\x16\n\x0estatus_details\x18\x1c \x01(\t\"t\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0e\n\nPROCESSING\x10\x02\x12\r\n\tCOMPLETED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\x0b\n\x07\x45XPIRED\x10\x06\x42\x08\n\x06_limitB\x14\n\x12_time_left_seconds\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.userexport.v1.Job.Status\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.userexport.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.userexport.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\nConnection\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t2\x8f\x04\n\x12UsersExportService\x12H\n\x14\x43reateUsersExportJob\x12\x1c.userexport.v1.ExportRequest\x1a\x12.userexport.v1.Job\x12:\n\x06GetJob\x12\x1c.userexport.v1.GetJobRequest\x1a\x12.userexport.v1.Job\x12@\n\x08WatchJob\x12\x1e.userexport.v1.WatchJobRequest\x1a\x12.userexport.v1.Job0\x01\x12K\n\x08ListJobs\x12\x1e.userexport.v1.ListJobsRequest\x1a\x1f.userexport.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x1f.userexport.v1.CancelJobRequest\x1a\x12.userexport.v1.Job\x12@\n\tDeleteJob\x12\x1f.userexport.v1.DeleteJobRequest\x1a\x12.userexport.v1.Job\x12`\n\x0fListConnections\x12%.userexport.v1.ListConnectionsRequest\x1a&.userexport.v1.ListConnectionsResponseBp\n\x19\x63om.example.userexport.v1B\x10UsersExportProtoP\x01Z?github.com/example/userexport/gen/go/userexport/v1;userexportv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIELD']._serialized_start=84
   _globals['_FIELD']._serialized_end=124
   _globals['_EXPORTREQUEST']._serialized_start=127
-  _globals['_EXPORTREQUEST']._serialized_end=382
-  _globals['_EXPORTREQUEST_FORMAT']._serialized_start=303
-  _globals['_EXPORTREQUEST_FORMAT']._serialized_end=354
-  _globals['_JOB']._serialized_start=385
-  _globals['_JOB']._serialized_end=1252
-  _globals['_JOB_STATUS']._serialized_start=1104
-  _globals['_JOB_STATUS']._serialized_end=1220
-  _globals['_GETJOBREQUEST']._serialized_start=1254
-  _globals['_GETJOBREQUEST']._serialized_end=1281
-  _globals['_WATCHJOBREQUEST']._serialized_start=1283
-  _globals['_WATCHJOBREQUEST']._serialized_end=1335
-  _globals['_CANCELJOBREQUEST']._serialized_start=1337
-  _globals['_CANCELJOBREQUEST']._serialized_end=1367
-  _globals['_DELETEJOBREQUEST']._serialized_start=1369
-  _globals['_DELETEJOBREQUEST']._serialized_end=1399
-  _globals['_LISTJOBSREQUEST']._serialized_start=1401
-  _globals['_LISTJOBSREQUEST']._serialized_end=1500
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1502
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1579
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1581
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1644
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1646
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1744
-  _globals['_CONNECTION']._serialized_start=1746
-  _globals['_CONNECTION']._serialized_end=1784
-  _globals['_USERSEXPORTSERVICE']._serialized_start=1787
-  _globals['_USERSEXPORTSERVICE']._serialized_end=2314
+  _globals['_EXPORTREQUEST']._serialized_end=473
+  _globals['_EXPORTREQUEST_FORMAT']._serialized_start=352
+  _globals['_EXPORTREQUEST_FORMAT']._serialized_end=416
+  _globals['_JOB']._serialized_start=476
+  _globals['_JOB']._serialized_end=1441
+  _globals['_JOB_STATUS']._serialized_start=1293
+  _globals['_JOB_STATUS']._serialized_end=1409
+  _globals['_GETJOBREQUEST']._serialized_start=1443
+  _globals['_GETJOBREQUEST']._serialized_end=1470
+  _globals['_WATCHJOBREQUEST']._serialized_start=1472
+  _globals['_WATCHJOBREQUEST']._serialized_end=1524
+  _globals['_CANCELJOBREQUEST']._serialized_start=1526
+  _globals['_CANCELJOBREQUEST']._serialized_end=1556
+  _globals['_DELETEJOBREQUEST']._serialized_start=1558
+  _globals['_DELETEJOBREQUEST']._serialized_end=1588
+  _globals['_LISTJOBSREQUEST']._serialized_start=1590
+  _globals['_LISTJOBSREQUEST']._serialized_end=1689
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1691
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1768
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1770
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1833
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1835
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1933
+  _globals['_CONNECTION']._serialized_start=1935
+  _globals['_CONNECTION']._serialized_end=1973
+  _globals['_USERSEXPORTSERVICE']._serialized_start=1976
+  _globals['_USERSEXPORTSERVICE']._serialized_end=2503
 # @@protoc_insertion_point(module_scope)

@@ -19,29 +19,35 @@ class Field(_message.Message):
     def __init__(self, name: _Optional[str] = ..., export_as: _Optional[str] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("connection_id", "format", "limit", "fields", "request_id")
+    __slots__ = ("connection_id", "format", "limit", "fields", "request_id", "changed_since", "filter")
     class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FORMAT_UNSPECIFIED: _ClassVar[ExportRequest.Format]
         CSV: _ClassVar[ExportRequest.Format]
         JSON: _ClassVar[ExportRequest.Format]
+        PARQUET: _ClassVar[ExportRequest.Format]
     FORMAT_UNSPECIFIED: ExportRequest.Format
     CSV: ExportRequest.Format
     JSON: ExportRequest.Format
+    PARQUET: ExportRequest.Format
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     format: ExportRequest.Format
     limit: int
     fields: _containers.RepeatedCompositeFieldContainer[Field]
     request_id: str
-    def __init__(self, connection_id: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    changed_since: str
+    filter: str
+    def __init__(self, connection_id: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., request_id: _Optional[str] = ..., changed_since: _Optional[str] = ..., filter: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "type", "status", "created_at", "updated_at", "connection_id", "connection", "format", "limit", "fields", "percentage_done", "time_left_seconds", "users_written", "users_total", "location", "location_expires_at", "error", "expires_at", "started_at", "finished_at", "request_id", "size_bytes", "version")
+    __slots__ = ("id", "type", "status", "created_at", "updated_at", "connection_id", "connection", "format", "limit", "fields", "percentage_done", "time_left_seconds", "users_written", "users_total", "location", "location_expires_at", "error", "expires_at", "started_at", "finished_at", "request_id", "size_bytes", "version", "watermark", "sha256", "changed_since", "filter", "status_details")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[Job.Status]
@@ -81,6 +87,11 @@ class Job(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_SINCE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: str
     status: Job.Status
@@ -104,7 +115,12 @@ class Job(_message.Message):
     request_id: str
     size_bytes: int
     version: int
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[Job.Status, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., connection: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., percentage_done: _Optional[int] = ..., time_left_seconds: _Optional[int] = ..., users_written: _Optional[int] = ..., users_total: _Optional[int] = ..., location: _Optional[str] = ..., location_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    watermark: str
+    sha256: str
+    changed_since: str
+    filter: str
+    status_details: str
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[Job.Status, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ..., connection: _Optional[str] = ..., format: _Optional[_Union[ExportRequest.Format, str]] = ..., limit: _Optional[int] = ..., fields: _Optional[_Iterable[_Union[Field, _Mapping]]] = ..., percentage_done: _Optional[int] = ..., time_left_seconds: _Optional[int] = ..., users_written: _Optional[int] = ..., users_total: _Optional[int] = ..., location: _Optional[str] = ..., location_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., version: _Optional[int] = ..., watermark: _Optional[str] = ..., sha256: _Optional[str] = ..., changed_since: _Optional[str] = ..., filter: _Optional[str] = ..., status_details: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -9,7 +9,8 @@ from userexport.v1 import users_export_pb2 as pb
 from userexport_server.export.spec import Format
 from userexport_server.jobs.model import Job, JobStatus
 
-FORMAT_FROM_PB = {pb.ExportRequest.CSV: Format.CSV, pb.ExportRequest.JSON: Format.JSON}
+FORMAT_FROM_PB = {pb.ExportRequest.CSV: Format.CSV, pb.ExportRequest.JSON: Format.JSON,
+                  pb.ExportRequest.PARQUET: Format.PARQUET}
 _FORMAT_TO_PB = {v: k for k, v in FORMAT_FROM_PB.items()}
 _STATUS_TO_PB = {s: pb.Job.Status.Value(s.name) for s in JobStatus}
 STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
@@ -32,7 +33,8 @@ def job_message(job: Job, location: tuple[str, dt.datetime] | None = None) -> pb
         percentage_done=job.percentage_done, users_written=job.users_written, users_total=job.users_total,
         error=job.error or "", expires_at=timestamp(job.expires_at), started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at), request_id=job.request_id or "", size_bytes=job.size_bytes,
-        version=job.version,
+        version=job.version, sha256=job.sha256 or "", changed_since=job.spec.changed_since or "",
+        filter=job.spec.filter or "", status_details=job.status_details or "",
     )
     if job.spec.limit is not None:
         message.limit = job.spec.limit

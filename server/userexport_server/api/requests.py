@@ -121,7 +121,9 @@ def new_export(request: pb.ExportRequest, connection_name: str | None) -> NewExp
     connection_id = request.connection_id if request.HasField("connection_id") else None
     spec, violations = _export_spec(format=_format_text(request.format), connection_id=connection_id,
                                     limit=request.limit if request.HasField("limit") else None,
-                                    fields=[(f.name, f.export_as) for f in request.fields])
+                                    fields=[(f.name, f.export_as) for f in request.fields],
+                                    changed_since=request.changed_since if request.HasField("changed_since") else None,
+                                    filter=request.filter if request.HasField("filter") else None)
     name = None
     if connection_to_look_up(request) is not None:
         name = connection_name
@@ -145,17 +147,20 @@ def _format_text(value: int) -> str | None:
 
 
 def build_spec(*, format: str | None, connection_id: str | None, limit: int | None,
-               fields: Sequence[tuple[str, str]]) -> ExportSpec:
+               fields: Sequence[tuple[str, str]], changed_since: str | None = None,
+               filter: str | None = None) -> ExportSpec:
     """The ExportRequest rules on plain values, with defaults applied; InvalidArgument lists every
     violation. Whether the connection exists in the tenant is checked by new_export."""
-    spec, violations = _export_spec(format=format, connection_id=connection_id, limit=limit, fields=fields)
+    spec, violations = _export_spec(format=format, connection_id=connection_id, limit=limit, fields=fields,
+                                    changed_since=changed_since, filter=filter)
     _refuse("export request", violations)
     assert spec is not None  # no violations
     return spec
 
 
 def _export_spec(*, format: str | None, connection_id: str | None, limit: int | None,
-                 fields: Sequence[tuple[str, str]]) -> tuple[ExportSpec | None, list[Violation]]:
+                 fields: Sequence[tuple[str, str]], changed_since: str | None,
+                 filter: str | None) -> tuple[ExportSpec | None, list[Violation]]:
     """The spec (None when it breaks a rule) and every violation. An empty `connection_id` or
     `export_as` counts as absent (proto3's default for strings)."""
     violations: list[Violation] = []
@@ -171,20 +176,19 @@ def _export_spec(*, format: str | None, connection_id: str | None, limit: int | 
     if violations or fmt is None:
         return None, violations
     return ExportSpec(format=fmt, fields=specs or default_fields(fmt), connection_id=connection_id or None,
-                      limit=limit), violations
+                      limit=limit, changed_since=changed_since, filter=filter), violations
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
-    """The format; a violation naming the values a proto client can send: the API's enum names, not
-    every format the engine writes (its Parquet is not in the proto yet, so no request names it)."""
-    allowed = " or ".join(f.name for f in FORMAT_FROM_PB.values())
+    """The format; a violation naming the values a proto client can send (the API's enum names)."""
+    allowed = ", ".join(f.name for f in FORMAT_FROM_PB.values())
     if not value:
-        violations.append(Violation("format", f"is required: {allowed}"))
+        violations.append(Violation("format", f"is required: one of {allowed}"))
         return None
     try:
         return Format(value)
     except ValueError:
-        violations.append(Violation("format", f"must be {allowed}, got {value}"))
+        violations.append(Violation("format", f"must be one of {allowed}, got {value}"))
         return None
 
 

@@ -28,6 +28,10 @@ class User(Base):
         ForeignKeyConstraint(["tenant", "connection_id"], ["connections.tenant", "connections.id"]),
         # Serves a per-connection export in user_id order without a sort.
         Index("ix_users_tenant_connection_user", "tenant", "connection_id", "user_id"),
+        # Serve the time ranges of an export's filter (export/filters.py).
+        Index("ix_users_tenant_created_at", "tenant", "created_at"),
+        Index("ix_users_tenant_updated_at", "tenant", "updated_at"),
+        Index("ix_users_tenant_last_login", "tenant", "last_login"),
     )
 
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -98,6 +102,14 @@ class Job(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # W3C traceparent of the creation span when tracing is on: the export's spans continue that trace.
     trace_parent: Mapped[str | None] = mapped_column(String(55))
+    # The request's changed_since (the sealed watermark as given) and filter; None: full, unfiltered.
+    changed_since: Mapped[str | None] = mapped_column(Text)
+    filter: Mapped[str | None] = mapped_column(Text)
+    # Once completed: the export's watermark (the server's own form; the API seals it) and file digest.
+    watermark: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    # What the status alone does not say (e.g. users changed while a full export ran).
+    status_details: Mapped[str | None] = mapped_column(Text)
 
 
 class JobSlice(Base):

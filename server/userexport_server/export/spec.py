@@ -31,6 +31,9 @@ class ExportSpec:
     fields: tuple[FieldSpec, ...]
     connection_id: str | None = None
     limit: int | None = None
+    # The request's changed_since watermark (sealed, as the caller gave it) and filter text.
+    changed_since: str | None = None
+    filter: str | None = None
 
     @property
     def file_suffix(self) -> str:

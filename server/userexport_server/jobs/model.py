@@ -78,6 +78,9 @@ class Job:
     attempts: int = 0
     size_bytes: int = 0
     trace_parent: str | None = None
+    watermark: str | None = None
+    sha256: str | None = None
+    status_details: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -86,6 +89,8 @@ class Job:
             fields=tuple(FieldSpec(f["name"], f.get("export_as") or None) for f in row.fields),
             connection_id=row.connection_id,
             limit=row.limit,
+            changed_since=row.changed_since,
+            filter=row.filter,
         )
         return cls(
             id=row.id, tenant=row.tenant, status=JobStatus(row.status), version=row.version, spec=spec,
@@ -95,6 +100,7 @@ class Job:
             time_left_seconds=row.time_left_seconds, error=row.error, storage_key=row.storage_key,
             request_id=row.request_id, lease_owner=row.lease_owner, attempts=row.attempts,
             size_bytes=row.size_bytes, trace_parent=row.trace_parent,
+            watermark=row.watermark, sha256=row.sha256, status_details=row.status_details,
         )
 
     def evolve(self, **changes: Any) -> Job:

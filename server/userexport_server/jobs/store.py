@@ -43,6 +43,8 @@ class Limits:
 def request_fingerprint(tenant: str, spec: ExportSpec) -> str:
     """What makes two creates "the same request" for idempotency."""
     body = {"c": spec.connection_id, "f": spec.format.value, "l": spec.limit, "fields": fields_to_json(spec)}
+    # Only when set, so the fingerprints of requests without them stay what they were.
+    body |= {k: v for k, v in (("since", spec.changed_since), ("filter", spec.filter)) if v is not None}
     return hashlib.sha256(tenant.encode() + b"\0" + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -128,6 +130,7 @@ class JobStore:
                 limit=spec.limit, fields=fields_to_json(spec), request_id=request_id or None,
                 request_hash=fingerprint, created_at=now, updated_at=now, expires_at=now + self.limits.job_ttl,
                 users_total=0, users_written=0, percentage_done=0, attempts=0, trace_parent=trace_parent,
+                changed_since=spec.changed_since, filter=spec.filter,
             )
             row = conn.execute(JOBS.insert().values(**values).returning(*JOBS.c)).one()
         job = Job.from_row(row)
