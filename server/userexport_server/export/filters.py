@@ -178,6 +178,7 @@ _INTEGER = re.compile(r"-?[0-9]+")
 _WORD = re.compile(r"[A-Za-z0-9_$.:+-]+")
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
                       r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+_TOKEN = re.compile(r"[^\s()]+|[()]")  # what an error says it found
 _OPERATORS = "=, !=, <, <=, > or >="
 
 
@@ -303,7 +304,7 @@ class _Parser:
                 return word.group() == "true"
         else:
             found = word.group() if (word := _WORD.match(self.text, self.pos)) else None
-            hint = "; strings are quoted" if found and kind is not Kind.INT else ""
+            hint = "; strings are quoted" if found and kind not in (Kind.INT, Kind.BOOL) else ""
             self._fail(f"a value for {field.root}: {kind.value}{hint}")
         raise FilterError(start, f"{field.root} takes {kind.value}, found {self.text[start:self.pos]}")
 
@@ -351,7 +352,8 @@ class _Parser:
         return self.pos == len(self.text)
 
     def _fail(self, expected: str) -> NoReturn:
-        found = "the end of the filter" if self.pos == len(self.text) else repr(self.text[self.pos:self.pos + 12])
+        token = _TOKEN.match(self.text, self.pos)
+        found = repr(token.group()[:40]) if token else "the end of the filter"
         raise FilterError(self.pos, f"expected {expected}, found {found}")
 
 
