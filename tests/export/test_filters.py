@@ -3,6 +3,8 @@ position and why, the bounds, and that values reach SQL as bind parameters only.
 from __future__ import annotations
 
 import datetime as dt
+import pathlib
+import re
 
 import pytest
 
@@ -24,6 +26,7 @@ from userexport_server.export.filters import (
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
 
 UTC = dt.UTC
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
 
 def cmp(root: str, op: str, value: object, *path: str) -> Comparison:
@@ -163,6 +166,13 @@ def test_values_reach_sql_as_bind_parameters_only(dialect: str) -> None:
     rendered = repr(params)
     for value in ("DROP TABLE", "tenant-zz", "con_QQQQQQQQQQQQQQQQ", "2031", "987654", "a-b"):
         assert value in rendered
+
+
+def test_the_documented_examples_parse() -> None:
+    block = re.search(r"<!-- filter-examples -->\n```text\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.S)
+    assert block is not None
+    examples = block.group(1).splitlines()
+    assert len(examples) >= 5 and all(parse(line) is not None for line in examples)
 
 
 def test_the_request_refuses_a_bad_filter_on_its_field_and_keeps_a_good_one_as_written() -> None:
