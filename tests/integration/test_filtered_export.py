@@ -68,7 +68,8 @@ def test_a_bad_filter_is_invalid_argument_naming_the_position(server: ServerHand
     info = detail(error, error_details_pb2.ErrorInfo)
     assert info is not None and info.metadata["field"] == "filter"
     assert violations(error) == {"filter": 'at position 33: created_at takes an RFC 3339 timestamp such as '
-                                           '"2024-01-31T23:59:59Z" or "2024-02-01T08:00:00.5+09:00", found "yesterday"'}
+                                           '"2024-01-31T23:59:59Z" or "2024-02-01T08:00:00.5+09:00" (years 0001 to '
+                                           '9999 in UTC), found "yesterday"'}
     caller.close()
 
 

@@ -367,10 +367,13 @@ def _timestamp(text: str, position: int, field: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(text.upper()) if shape else None
     except ValueError:
         value = None
-    if value is None:
-        raise FilterError(position, f'{field} takes an RFC 3339 timestamp such as "2024-01-31T23:59:59Z" or '
-                                    f'"2024-02-01T08:00:00.5+09:00", found "{text}"')
-    return value.astimezone(dt.UTC)
+    try:
+        if value is not None:
+            return value.astimezone(dt.UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        pass
+    raise FilterError(position, f'{field} takes an RFC 3339 timestamp such as "2024-01-31T23:59:59Z" or '
+                                f'"2024-02-01T08:00:00.5+09:00" (years 0001 to 9999 in UTC), found "{text}"')
 
 
 # --- compiling -----------------------------------------------------------------------------------
@@ -393,9 +396,9 @@ def request_predicate(spec: ExportSpec, tenant: str, users: FromClause, dialect:
     """The users of `tenant` that `spec` asks for (its connection, its filter), on `users` (the
     table or an alias of it) for `dialect` ('sqlite' or 'postgresql'): the one meaning of "matches
     the request" for the export, its planning and its increments."""
-    conditions: list[ColumnElement[bool]] = [users.c.tenant == _bind(tenant, String())]
+    conditions: list[ColumnElement[bool]] = [users.c.tenant == _bind(tenant, String(), "tenant")]
     if spec.connection_id is not None:
-        conditions.append(users.c.connection_id == _bind(spec.connection_id, String()))
+        conditions.append(users.c.connection_id == _bind(spec.connection_id, String(), "connection_id"))
     node = parse(spec.filter) if spec.filter else None
     if node is not None:
         conditions.append(_Compiler(users, tenant, dialect).compile(node, negated=False))
@@ -430,7 +433,7 @@ class _Compiler:
             matches = self._json_equals(node.field, node.value)
             return not_(func.coalesce(matches, false())) if negated else matches
         if kind is Kind.CONNECTION:
-            named = select(_CONNECTIONS.c.id).where(_CONNECTIONS.c.tenant == _bind(self.tenant, String()),
+            named = select(_CONNECTIONS.c.id).where(_CONNECTIONS.c.tenant == _bind(self.tenant, String(), "tenant"),
                                                     _CONNECTIONS.c.name == _bind(node.value, String()))
             return self.users.c.connection_id.not_in(named) if negated else self.users.c.connection_id.in_(named)
         column = self.users.c[node.field.root]
@@ -451,7 +454,7 @@ class _Compiler:
             if self.postgres:
                 return _bind(value, DateTime(timezone=True))
             # SQLite keeps SQLAlchemy's DateTime text, UTC: text order is time order.
-            return _bind(value.strftime("%Y-%m-%d %H:%M:%S.%f"), String())
+            return _bind(value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds"), String())
         return _bind(value, {Kind.INT: Integer(), Kind.BOOL: Boolean()}.get(kind, String()))
 
     def _json_equals(self, field: Field, value: Value) -> ColumnElement[bool]:
@@ -483,7 +486,7 @@ class _Compiler:
         return and_(json_type == "text", extracted == _bind(value, Text()))
 
 
-def _bind(value: Any, type_: Any) -> Any:
+def _bind(value: Any, type_: Any, name: str = "filter") -> Any:
     """A bind parameter of its own name (filter_1, filter_2 ...), so that one statement may hold
     the predicate twice."""
-    return bindparam("filter", value, type_=type_, unique=True)
+    return bindparam(name, value, type_=type_, unique=True)
