@@ -8,20 +8,31 @@ import datetime as dt
 import gzip
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from sqlalchemy import Engine, event, insert, null, text
+from sqlalchemy import Engine, Table, event, insert, null, select, text
 
 from tests.export.support import CONNECTION, OTHER_CONNECTION, MemoryWriter, csv_table, new_tenant
 from userexport_server.db.models import Connection, User
 from userexport_server.export.engine import run_export
-from userexport_server.export.filters import Comparison, Field, Junction, Node, Not, Op, Value, parse
+from userexport_server.export.filters import (
+    Comparison,
+    Field,
+    Junction,
+    Node,
+    Not,
+    Op,
+    Value,
+    parse,
+    request_predicate,
+)
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
 from userexport_server.export.sql import count_users, key_ranges, projection
 from userexport_server.seed import seed_users
 
 UTC = dt.UTC
+USERS = cast(Table, User.__table__)
 NAMES = {CONNECTION: "Username-Password-Authentication", OTHER_CONNECTION: "google-oauth2"}
 MISSING = object()  # a JSON path the user's metadata lacks
 
@@ -223,6 +234,10 @@ def test_filtered_exports_match_the_reference(engine: Engine, population: tuple[
                           if holds(node, u) and connection_id in (None, u["connection_id"]))[:limit]
         total, ids = exported_ids(engine, tenant, spec, slices=rng.randint(1, 4))
         assert (total, ids) == (len(expected), expected), text_
+        with engine.connect() as conn:  # the predicate as other queries use it: SQLAlchemy Core, its own binds
+            matched = conn.execute(select(USERS.c.user_id).order_by(USERS.c.user_id).limit(limit).where(
+                request_predicate(spec, tenant, USERS, engine.dialect.name))).scalars().all()
+        assert matched == expected, text_
 
 
 def test_the_reference_tells_the_filters_apart() -> None:

@@ -42,11 +42,11 @@ from typing import Any, NoReturn
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     ColumnElement,
     DateTime,
     FromClause,
-    Integer,
     Numeric,
     String,
     Table,
@@ -455,7 +455,7 @@ class _Compiler:
                 return _bind(value, DateTime(timezone=True))
             # SQLite keeps SQLAlchemy's DateTime text, UTC: text order is time order.
             return _bind(value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds"), String())
-        return _bind(value, {Kind.INT: Integer(), Kind.BOOL: Boolean()}.get(kind, String()))
+        return _bind(value, {Kind.INT: BigInteger(), Kind.BOOL: Boolean()}.get(kind, String()))
 
     def _json_equals(self, field: Field, value: Value) -> ColumnElement[bool]:
         """The user's JSON value at the field's path equals `value` (of the same JSON type); NULL or
@@ -482,7 +482,7 @@ class _Compiler:
         if isinstance(value, bool):
             return json_type == ("true" if value else "false")
         if isinstance(value, int):
-            return and_(or_(json_type == "integer", json_type == "real"), extracted == _bind(value, Integer()))
+            return and_(or_(json_type == "integer", json_type == "real"), extracted == _bind(value, BigInteger()))
         return and_(json_type == "text", extracted == _bind(value, Text()))
 
 
