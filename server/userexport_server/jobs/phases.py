@@ -8,6 +8,7 @@ stop, not a failure: cancelling a run in place breaks its query on purpose.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -227,14 +228,15 @@ class Phases:
             # An earlier attempt may have committed the file before its replica died; objects are
             # never overwritten, so clear the way (that file was whole, and so will this one be).
             self.storage.delete(key)
-        with reading(self.engine) as conn, run.cancellable(canceller(conn)):
+        with reading(self.engine) as conn, run.cancellable(canceller(conn)), contextlib.ExitStack() as reads:
             export_reads(conn)
             writer = self.storage.open_writer(key, key.rsplit("/", 1)[-1])
             moving = _Moving(writer, run)
             try:
                 written = run_export(conn, job.tenant, job.spec, moving, gzip_level=self.gzip_level,
                                      progress=_SliceProgress(self.slices, piece, job.users_total, run),
-                                     batch_rows=batch_rows(job.users_total), key_range=piece.key_range)
+                                     batch_rows=batch_rows(job.users_total), key_range=piece.key_range,
+                                     on_query=lambda reader: reads.enter_context(run.cancellable(reader.cancel)))
                 if run.stop.is_set():
                     raise WorkStopped("the slice is no longer this worker's")
                 writer.commit()
