@@ -225,14 +225,17 @@ class UsersExportClient:
         limit: int | None = None,
         fields: Sequence[tuple[str, str | None]] | Sequence[FieldLike] = (),
         request_id: str = "",
+        filter: str | None = None,
     ) -> pb.Job:
-        """Start a users-export job; `request_id` makes a retry return the same job."""
+        """Start a users-export job; `request_id` makes a retry return the same job; `filter` keeps
+        the users it matches (docs/api.md, "Filters")."""
         request = pb.ExportRequest(
             format=parse_format(format),
             connection_id=connection_id,
             limit=limit,
             fields=[_to_pb_field(f) for f in fields],
             request_id=request_id,
+            filter=filter,
         )
         return self._unary(self._stub.CreateUsersExportJob, request)
 

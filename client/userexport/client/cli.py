@@ -103,6 +103,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=[], help="a field to export, repeatable (default: the format's default set)",
     )
     export.add_argument("--limit", type=int, help="export at most N users")
+    export.add_argument("--filter", metavar="EXPR", help="only the users matching EXPR, e.g. 'created_at >= "
+                        '"2024-01-01T00:00:00Z" AND blocked = false\' (see docs/api.md, "Filters")')
     export.add_argument("--request-id", default="", help="idempotency key: a retry returns the same job")
     export.add_argument("--wait", action="store_true", help="show progress, then download the file")
     export.add_argument("--output", metavar="PATH", help="with --wait: file or directory (default: .)")
@@ -211,6 +213,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             limit=args.limit,
             fields=args.fields,
             request_id=args.request_id,
+            filter=args.filter,
         )
         if not args.wait:
             _print(job_to_dict(job) if args.json else job.id, args.json)

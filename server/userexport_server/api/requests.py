@@ -20,6 +20,7 @@ from userexport.v1 import users_export_pb2 as pb
 from userexport_server.api.convert import FORMAT_FROM_PB, STATUS_FROM_PB
 from userexport_server.api.pagination import Cursor, InvalidPageToken, PageTokens
 from userexport_server.errors import InvalidArgument, Violation
+from userexport_server.export import filters
 from userexport_server.export.defaults import default_fields
 from userexport_server.export.paths import (
     KEY_PATTERN,
@@ -173,10 +174,20 @@ def _export_spec(*, format: str | None, connection_id: str | None, limit: int | 
         violations.append(Violation("fields", f"at most {MAX_FIELDS} fields are allowed, got {len(fields)}"))
     specs = tuple(FieldSpec(name, export_as or None) for name, export_as in fields)
     violations.extend(_field_violations(specs, fmt))
+    filter = _filter(filter, violations)
     if violations or fmt is None:
         return None, violations
     return ExportSpec(format=fmt, fields=specs or default_fields(fmt), connection_id=connection_id or None,
                       limit=limit, changed_since=changed_since, filter=filter), violations
+
+
+def _filter(text: str | None, violations: list[Violation]) -> str | None:
+    """The filter's text as given, once it parses (export/filters.py); None: absent or blank."""
+    try:
+        return text if text and filters.parse(text) is not None else None
+    except filters.FilterError as error:
+        violations.append(Violation("filter", str(error)))
+        return None
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:
