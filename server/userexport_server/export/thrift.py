@@ -9,7 +9,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-# Compact type ids. A struct field's boolean is its type (TRUE or FALSE), with no payload.
+# Compact type ids. A struct field's boolean is its type (TRUE or FALSE), with no payload; decoded,
+# any boolean is of type TRUE, its value True or False.
 STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = range(13)
 
 Struct = dict[int, tuple[int, Any]]
@@ -68,7 +69,7 @@ class _Reader:
         while (header := self.byte()) != STOP:
             kind, delta = header & 0x0F, header >> 4
             last = last + delta if delta else self.zigzag()
-            fields[last] = (kind, kind == TRUE) if kind in (TRUE, FALSE) else (kind, self.value(kind))
+            fields[last] = (TRUE, kind == TRUE) if kind in (TRUE, FALSE) else (kind, self.value(kind))
         return fields
 
     def value(self, kind: int) -> Any:

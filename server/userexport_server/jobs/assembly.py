@@ -9,7 +9,8 @@
   must be the parts' counts. Either way Storage.combine joins them: a copy in the kernel, or a GCS
   compose, so no part is decoded again.
 - Digest: the SHA-256 of the joined file, read back through the storage, so it is the digest of the
-  bytes a download gets, on every backend alike.
+  bytes a download gets, on every backend alike; its size must be what the slices wrote (a part
+  cut short or replaced since fails the job).
 """
 from __future__ import annotations
 
@@ -68,6 +69,10 @@ class Assembler:
             run.moved()
 
         size = self.storage.read(key, take)
+        expected = sum(part.size_bytes for part in parts) + (len(tail) if tail and sources != [key] else 0)
+        if size != expected:
+            self.storage.delete(key)  # no one is to download it; the parts go with the failed job
+            raise NotWhole(f"the file has {size} bytes where its parts were written with {expected}")
         return Assembled(sum(part.users for part in parts), size, digest.hexdigest(), details)
 
     def _counted(self, job: Job, parts: list[Part], run: Run) -> str | None:
