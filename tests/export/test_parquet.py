@@ -35,6 +35,11 @@ def table(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
+def footer_of(data: bytes) -> bytes:
+    """The footer of the Parquet file `data`, read as the assembler reads a part's."""
+    return part_footer(len(data), lambda start, end: data[start:end])
+
+
 @pytest.fixture
 def tenant(engine: Engine) -> str:
     tenant = new_tenant()
@@ -88,7 +93,7 @@ def test_slices_laid_end_to_end_under_one_footer_are_the_whole_export(engine: En
         ranges = key_ranges(conn, tenant, spec, count_users(conn, tenant, spec), 1000)
     empty = KeyRange(ranges[0].through, ranges[0].through, 0)  # after == through: no user is in it
     parts = [export(engine, tenant, key_range=r) for r in (ranges[0], empty, *ranges[1:])]
-    footers = [part_footer(len(part), lambda start, end, part=part: part[start:end]) for part in parts]
+    footers = [footer_of(part) for part in parts]
     tail, rows = joined_footer(footers, [len(part) for part in parts])
     assert rows == [1000, 0, 1000, 500]
     whole = pq.ParquetFile(io.BytesIO(b"".join(parts) + tail))

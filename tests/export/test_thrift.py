@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.export.test_parquet import footer_of
 from userexport_server.export import thrift
 from userexport_server.export.parquet import FOOTER_GUESS, MAGIC, joined_footer, part_footer
 
@@ -35,10 +36,6 @@ def parquet(table: pa.Table, row_group: int = 1000, **options: Any) -> bytes:
     with pq.ParquetWriter(out, SCHEMA, compression="zstd", **options) as writer:
         writer.write_table(table, row_group_size=row_group)
     return out.getvalue()
-
-
-def footer_of(data: bytes) -> bytes:
-    return part_footer(len(data), lambda start, end: data[start:end])
 
 
 def joined(parts: list[bytes]) -> bytes:

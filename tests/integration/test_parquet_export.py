@@ -104,8 +104,8 @@ def test_a_sliced_parquet_export_is_one_file_of_the_ndjson_exports_users(
         try:
             blob = listing._bucket.get_blob(f"{tenant}/{job.id}/{tenant}.parquet")
             assert blob.content_type == "application/vnd.apache.parquet"
-            folder = f"{tenant}/{job.id}/"
-            eventually(lambda: [b.name for b in listing._client.list_blobs(emulator.bucket, prefix=folder)]
+            prefix = f"{tenant}/{job.id}/"
+            eventually(lambda: [b.name for b in listing._client.list_blobs(emulator.bucket, prefix=prefix)]
                        == [blob.name], "parts and footer deleted")
         finally:
             listing.close()
