@@ -4,9 +4,11 @@ Each field is one column named by its title (export_as, else the field name): st
 int64 and timestamps in milliseconds, UTC-adjusted (truncated, like the text formats); a JSON path's
 value is its JSON text as stored, with Parquet's JSON logical type, and a JSON null is null. zstd.
 
-A slice writes a whole Parquet file of its own (its part): row groups of up to ROW_GROUP_BYTES of
-column data, so a slice of the default 100,000 users is one row group for the CSV-like fields and a
-few for whole profiles, without holding more than that in memory.
+A slice writes a whole Parquet file of its own (its part): row groups of ROW_GROUP_BYTES of Arrow
+column data (about 13,000 whole profiles, 24,000 users of the CSV fields), held until written. The
+size is memory's: a slice's export peaks at about 2.4x what it holds on top of the Parquet writer's
+own, so 32 MiB groups took a 2-worker server from 178 MB idle to 409 MB (300,000 users on
+PostgreSQL) and 8 MiB to 290 MB, for files 4% larger; 4 MiB saves only 4 MB more.
 
 Parts cannot be concatenated like gzip members, and decoding them to write them again would cost the
 assembler as much as the slices' own writing. Instead the job's file is the parts laid end to end,
@@ -31,7 +33,7 @@ from userexport_server.export.paths import Kind
 from userexport_server.export.spec import ExportSpec
 from userexport_server.export.sql import Column
 
-ROW_GROUP_BYTES = 32 * 1024 * 1024
+ROW_GROUP_BYTES = 8 * 1024 * 1024
 COMPRESSION = "zstd"
 _ARROW_TYPES = {Kind.STRING: pa.large_string(), Kind.BOOL: pa.bool_(), Kind.INT: pa.int64(),
                 Kind.DATETIME: pa.timestamp("ms", tz="UTC"), Kind.JSON: pa.json_(pa.large_string())}
