@@ -93,8 +93,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = commands.add_parser("export", parents=[common], help="start a users-export job")
-    export.add_argument("--format", required=True, type=str.lower, choices=["csv", "json"],
-                        help="csv or json (NDJSON), either case")
+    export.add_argument("--format", required=True, type=str.lower, choices=["csv", "json", "parquet"],
+                        help="csv or json (NDJSON), gzip text, or parquet; either case")
     export.add_argument("--connection", metavar="NAME|ID",
                         help="only this connection: its name or its id (con_...), as 'userexport connections "
                              "list' shows them")
@@ -376,6 +376,8 @@ def format_job(job: pb.Job) -> str:
         ("expires", _timestamp(job, "expires_at")),
         ("location", job.location),
         ("size", f"{job.size_bytes} bytes" if job.size_bytes else ""),
+        ("sha256", job.sha256),
+        ("details", job.status_details),
         ("request id", job.request_id),
     ]
     return "\n".join(f"{key:<11} {value}" for key, value in rows if value)

@@ -138,13 +138,20 @@ def _sqlite_path(segments: Sequence[Segment]) -> str:
     return "$" + "".join(f"[{s}]" if isinstance(s, int) else f'."{s}"' for s in segments)
 
 
-def count_users(conn: Connection, tenant: str, spec: ExportSpec) -> int:
-    """How many users the export of `spec` will write: min(limit, matching users)."""
+def count_users(conn: Connection, tenant: str, spec: ExportSpec, key_range: KeyRange | None = None) -> int:
+    """How many users the export of `spec` (or one `key_range` of it, as its slice reads them) will
+    write: min(limit, matching users)."""
     where, params = request_sql(spec, tenant, conn.dialect.name)
+    limit = spec.limit
+    if key_range is not None:
+        for bound, operator, value in (("after", ">", key_range.after), ("through", "<=", key_range.through)):
+            if value is not None:
+                where, params[bound] = f"{where} AND user_id {operator} :{bound}", value
+        limit = key_range.rows
     sql = f"SELECT count(*) FROM (SELECT 1 FROM users WHERE {where}"
-    if spec.limit is not None:
+    if limit is not None:
         sql += " LIMIT :limit"
-        params["limit"] = spec.limit
+        params["limit"] = limit
     return int(conn.execute(text(sql + ") AS matched").bindparams(**params)).scalar_one())
 
 

@@ -1,4 +1,4 @@
-"""The planning store: the users-table queries that cut a job into slices."""
+"""The planning store: the users-table queries that cut a job into slices, and count them again."""
 from __future__ import annotations
 
 from sqlalchemy import Engine
@@ -22,3 +22,14 @@ class PlanningStore:
             total = count_users(conn, tenant, spec)
             run.moved()
             return key_ranges(conn, tenant, spec, total, slice_users)
+
+    def recount(self, tenant: str, spec: ExportSpec, ranges: list[KeyRange], run: Run) -> list[int]:
+        """The users in each of `ranges` now (at most the rows planned for it), as its slice would
+        read them: the assembler's test of whether users changed while the export ran."""
+        with reading(self.engine) as conn, run.cancellable(canceller(conn)):
+            export_reads(conn)
+            counts = []
+            for key_range in ranges:
+                counts.append(count_users(conn, tenant, spec, key_range))
+                run.moved()
+            return counts

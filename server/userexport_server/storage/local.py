@@ -26,6 +26,7 @@ from userexport_server.errors import StorageError
 from userexport_server.logs import EventLog
 from userexport_server.private_files import make_private_dirs
 from userexport_server.storage.base import (
+    READ_PIECE,
     ObjectExistsError,
     StoredEntry,
     delete_each,
@@ -110,6 +111,22 @@ class LocalStorage:
         except BaseException:
             writer.abort()
             raise
+
+    def read(self, key: str, write: Callable[[bytes], object], start: int = 0, end: int | None = None) -> int:
+        """See Storage.read."""
+        path, done = self._path(key), 0
+        try:
+            with path.open("rb", buffering=0) as file:
+                file.seek(start)
+                while end is None or start + done < end:
+                    piece = file.read(READ_PIECE if end is None else min(READ_PIECE, end - start - done))
+                    if not piece:
+                        break
+                    write(piece)
+                    done += len(piece)
+        except OSError as exc:
+            raise _storage_error("reading", path, exc, "Reading the export file") from exc
+        return done
 
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         validate_key(key)
