@@ -12,6 +12,7 @@ import pathlib
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS, reason="replicas s
 
 USERS = 100_000
 LEASE = 2.0
-SETTINGS = {"slice_users": USERS // 4, "gzip_level": 9, "lease_seconds": LEASE}
+SETTINGS: dict[str, Any] = {"slice_users": USERS // 4, "gzip_level": 9, "lease_seconds": LEASE}
 
 
 @pytest.fixture
