@@ -155,15 +155,18 @@ def test_a_paused_standby_is_waited_for_then_the_primary_read_and_the_file_is_no
         final, content = export(standby_server, seeded.tenant)
         took = time.monotonic() - started
         assert health(standby_server, "") == SERVING and health(standby_server, SERVICE_NAME) == SERVING
+        behind = one(parse(scrape(standby_server.metrics_port)), "userexport_standby_replay_lag_seconds")
     finally:
         seeded.standby.execute("SELECT pg_wal_replay_resume()")
     ids = user_ids(content)
     assert final.users_written == len(ids) == USERS + seeded.added and ids == sorted(set(ids))
-    assert lag > 0
+    assert lag > 0 and behind >= wait, (lag, behind)
     assert took >= wait, f"the export took {took:.1f} s: it did not wait for the standby"
     counted = reads(parse(scrape(standby_server.metrics_port)))
     assert counted == {("primary", "behind"): all_reads(seeded)}, counted
     eventually(lambda: health(standby_server, STANDBY_SERVICE) == SERVING, "the standby healthy again once resumed")
+    eventually(lambda: one(parse(scrape(standby_server.metrics_port)), "userexport_standby_replay_lag_seconds") == 0,
+               "the standby caught up")
 
 
 def test_a_standby_that_catches_up_within_the_wait_is_read(seeded: Seeded, server: Any) -> None:
