@@ -13,9 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Engine
-
-from userexport_server.db.engine import canceller, export_reads, reading
+from userexport_server.db.engine import canceller, export_reads
+from userexport_server.db.standby import ExportReads
 from userexport_server.errors import WorkStopped
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, run_export
 from userexport_server.jobs.assembly import Assembler, NotWhole
@@ -97,12 +96,12 @@ class _Moving:
 class Phases:
     """What the workers do with what they claim. `wake` tells idle workers here that slices wait."""
 
-    def __init__(self, *, store: JobStore, slices: SliceStore, engine: Engine, storage: Storage, runs: Runs,
+    def __init__(self, *, store: JobStore, slices: SliceStore, reads: ExportReads, storage: Storage, runs: Runs,
                  policy: FailurePolicy, tracing: Tracing, metrics: Metrics, gzip_level: int, slice_users: int,
                  wake: Callable[[], None]) -> None:
-        self.store, self.slices, self.planning = store, slices, PlanningStore(engine)
+        self.store, self.slices, self.planning = store, slices, PlanningStore(reads)
         self.assembler = Assembler(storage, self.planning)
-        self.engine, self.storage, self.runs, self.policy = engine, storage, runs, policy
+        self.reads, self.storage, self.runs, self.policy = reads, storage, runs, policy
         self.tracing, self.metrics, self.wake = tracing, metrics, wake
         self.gzip_level, self.slice_users = gzip_level, max(1, slice_users)
 
@@ -233,7 +232,8 @@ class Phases:
             # An earlier attempt may have committed the file before its replica died; objects are
             # never overwritten, so clear the way (that file was whole, and so will this one be).
             self.storage.delete(key)
-        with reading(self.engine) as conn, run.cancellable(canceller(conn)), contextlib.ExitStack() as reads:
+        with (self.reads.connect(run, piece.seq) as conn, run.cancellable(canceller(conn)),
+              contextlib.ExitStack() as query):
             export_reads(conn)
             writer = self.storage.open_writer(key, key.rsplit("/", 1)[-1])
             moving = _Moving(writer, run)
@@ -241,7 +241,7 @@ class Phases:
                 written = run_export(conn, job.tenant, job.spec, moving, gzip_level=self.gzip_level,
                                      progress=_SliceProgress(self.slices, piece, job.users_total, run),
                                      batch_rows=batch_rows(job.users_total), key_range=piece.key_range,
-                                     on_query=lambda reader: reads.enter_context(run.cancellable(reader.cancel)))
+                                     on_query=lambda reader: query.enter_context(run.cancellable(reader.cancel)))
                 if run.stop.is_set():
                     raise WorkStopped("the slice is no longer this worker's")
                 writer.commit()

@@ -50,6 +50,8 @@ _COPY_BUFFER = 1 << 20
 # say a full disk, is not among them, and the loop would meet it again anyway.
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                              errno.EPERM})
+# The system's reasons that mean the disk (or this user's quota on it) is full.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class LocalStorage:
@@ -373,6 +375,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
 def _storage_error(action: str, path: pathlib.Path, exc: OSError, summary: str = "Writing the export file"
                    ) -> StorageError:
     """A StorageError safe to show on the job, "<summary> failed: <the system's reason>." (no
-    paths); the details go to the log."""
+    paths; a full disk said as such, for the operator to act on); the details go to the log."""
     log.error("local storage failed", action=action, path=path, error=exc)
-    return StorageError(f"{summary} failed: {exc.strerror or exc}.")
+    full = " (the storage disk is full)" if exc.errno in _DISK_FULL else ""
+    return StorageError(f"{summary} failed: {exc.strerror or exc}{full}.")
