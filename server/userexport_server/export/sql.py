@@ -9,6 +9,11 @@ written); the rows stream as a binary COPY (reader.py). On SQLite `->` gives the
 and a chunk of users comes back as one row: their rows as lines of JSON objects (SQLite's C
 json_object), which polars parses in one call (see Chunks for why a chunk is one row).
 
+An incremental export (changed_since) reads the users changed after its watermark from the change
+log (export/changes.py), each once, joined to its row when the user still matches the request: an
+`op` column says upsert, or delete for a user deleted or no longer matching (whose other columns
+are null). The join looks each changed user up by key, so the cost follows the changes.
+
 Every value that comes from a request (tenant, connection, bounds, limit, JSON paths) is a bind
 parameter, never SQL text.
 """
@@ -20,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, TextClause, text
 
+from userexport_server.export.changes import Watermark, changed_users, watermark_of
 from userexport_server.export.paths import FieldPath, Kind, Segment, parse_path
 from userexport_server.export.spec import ExportSpec, Format
 
@@ -60,12 +66,14 @@ class Chunks:
 @dataclass(frozen=True, slots=True)
 class Projection:
     """The export's query and what it returns: `columns` (c0..cn) in order, and for each requested
-    field the position of its column (None: no user can have a value there); on SQLite, `chunks`."""
+    field the position of its column (None: no user can have a value there); on SQLite, `chunks`;
+    `op`: an incremental export's, whose rows start with an `op` column ('upsert' or 'delete')."""
 
     statement: TextClause
     columns: tuple[Column, ...]
     fields: tuple[int | None, ...]
     chunks: Chunks | None = None
+    op: bool = False
 
 
 def field_column(path: FieldPath, format: Format) -> Column | None:
@@ -89,6 +97,9 @@ def projection(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange 
         if column is not None and column not in columns:
             columns.append(column)
         fields.append(None if column is None else columns.index(column))
+    mark = watermark_of(spec)
+    if mark is not None:
+        return _changes(spec, tenant, dialect, key_range, mark, tuple(columns), tuple(fields))
     within, params = _where(tenant, spec)  # the users of the export, but for the range's lower bound
     after = ""
     limit = spec.limit
@@ -97,7 +108,8 @@ def projection(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange 
             after, params["after"] = " AND user_id > :after", key_range.after
         if key_range.through is not None:
             within, params["through"] = within + " AND user_id <= :through", key_range.through
-        limit = key_range.rows
+        if limit is not None:  # else every user in the range: one that existed at the watermark is never cut
+            limit = key_range.rows
     values = [_value(column, i, dialect, params) for i, column in enumerate(columns)]
     if dialect == "postgresql":
         select = ", ".join(f"{value} AS c{i}" for i, value in enumerate(values)) or "1 AS c"
@@ -106,17 +118,61 @@ def projection(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange 
             sql += " LIMIT :limit"
             params["limit"] = limit
         return Projection(text(sql).bindparams(**params), tuple(columns), tuple(fields))
-    line = "json_object(" + (", ".join(f"'c{i}', {value}" for i, value in enumerate(values)) or "'c', 1") + ")"
+    line = _json_line(values)
 
     def chunk(lower: str) -> TextClause:
         # One lower bound on user_id, so that the index range starts at it: with two, SQLite may
         # start at the range's and filter every user up to the cursor, chunk after chunk.
-        lines = f"SELECT {line} AS line, user_id AS uid FROM users WHERE {within}{lower} ORDER BY user_id LIMIT :chunk"
-        bound = {k: v for k, v in params.items() if k != "after" or lower == after}
-        return text(f"SELECT CAST(group_concat(line, char(10)) AS BLOB), max(uid), count(*) FROM ({lines})") \
-            .bindparams(**bound)
+        return _chunk(f"SELECT {line} AS line, user_id AS uid FROM users WHERE {within}{lower} ORDER BY user_id "
+                      "LIMIT :chunk", params, lower == after)
 
     return Projection(chunk(after), tuple(columns), tuple(fields), Chunks(chunk(" AND user_id > :cursor"), limit))
+
+
+def _changes(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange | None, mark: Watermark,
+             columns: tuple[Column, ...], fields: tuple[int | None, ...]) -> Projection:
+    """The incremental projection: the users changed after `mark` (of `key_range`) in user_id order,
+    each with its op, its row joined when it still matches the request (`_where`: tenant,
+    connection and the filter), else nulls but for its user_id."""
+    match, params = _where(tenant, spec)
+    after, through = "", ""
+    if key_range is not None:
+        if key_range.after is not None:
+            after, params["after"] = " AND user_id > :after", key_range.after
+        if key_range.through is not None:
+            through, params["through"] = " AND user_id <= :through", key_range.through
+    changed = changed_users(mark, spec.connection_id, params, through)
+    values = ["changed_id" if (c.root, c.path) == ("user_id", None) else _value(c, i, dialect, params)
+              for i, c in enumerate(columns)]
+    op = "CASE WHEN users.user_id IS NULL THEN 'delete' ELSE 'upsert' END"
+    if dialect == "postgresql":
+        # LATERAL ... OFFSET 0: a lookup by key per changed user, never a pass over the tenant's users.
+        select = ", ".join([f"{op} AS op", *(f"{value} AS c{i}" for i, value in enumerate(values))])
+        sql = (f"SELECT {select} FROM ({changed}{after}) AS changed LEFT JOIN LATERAL (SELECT * FROM users "
+               f"WHERE user_id = changed.changed_id AND {match} OFFSET 0) AS users ON true ORDER BY changed_id")
+        return Projection(text(sql).bindparams(**params), columns, fields, op=True)
+    line = _json_line(values, op)
+
+    def chunk(lower: str) -> TextClause:
+        return _chunk(f"SELECT {line} AS line, changed_id AS uid FROM ({changed}{lower} ORDER BY changed_id "
+                      f"LIMIT :chunk) AS changed LEFT JOIN users ON users.user_id = changed.changed_id AND {match} "
+                      "ORDER BY changed_id", params, lower == after)
+
+    return Projection(chunk(after), columns, fields, Chunks(chunk(" AND user_id > :cursor"), None), op=True)
+
+
+def _json_line(values: Sequence[str], op: str | None = None) -> str:
+    """SQLite: a row as a JSON object of its columns (and op)."""
+    members = ([f"'op', {op}"] if op is not None else []) + [f"'c{i}', {value}" for i, value in enumerate(values)]
+    return "json_object(" + (", ".join(members) or "'c', 1") + ")"
+
+
+def _chunk(lines: str, params: dict[str, Any], first: bool) -> TextClause:
+    """SQLite: a chunk of `lines` (a SELECT of line and uid) as one row; `first`: the statement with
+    the range's lower bound (:after), else the one after a cursor."""
+    bound = {k: v for k, v in params.items() if k != "after" or first}
+    return text(f"SELECT CAST(group_concat(line, char(10)) AS BLOB), max(uid), count(*) FROM ({lines})") \
+        .bindparams(**bound)
 
 
 def _value(column: Column, i: int, dialect: str, params: dict[str, Any]) -> str:
@@ -138,7 +194,13 @@ def _sqlite_path(segments: Sequence[Segment]) -> str:
 
 
 def count_users(conn: Connection, tenant: str, spec: ExportSpec) -> int:
-    """How many users the export of `spec` will write: min(limit, matching users)."""
+    """How many users the export of `spec` will write: min(limit, matching users); for an
+    incremental export, the users changed after its watermark."""
+    mark = watermark_of(spec)
+    if mark is not None:
+        params: dict[str, Any] = {"tenant": tenant}
+        sql = f"SELECT count(*) FROM ({changed_users(mark, spec.connection_id, params)}) AS changed"
+        return int(conn.execute(text(sql).bindparams(**params)).scalar_one())
     where, params = _where(tenant, spec)
     sql = f"SELECT count(*) FROM (SELECT 1 FROM users WHERE {where}"
     if spec.limit is not None:
@@ -151,7 +213,15 @@ def key_ranges(conn: Connection, tenant: str, spec: ExportSpec, total: int, size
     """Cut the export's first `total` users (see count_users) into ranges of `size` users, in
     user_id order; at least one range. Each boundary is one step along the index that serves the
     export (`OFFSET size - 1` past the last boundary), which reads only index entries: on a million
-    users 0.03-0.3 s, where one window-function pass took 0.5-1.7 s."""
+    users 0.03-0.3 s, where one window-function pass took 0.5-1.7 s. An incremental export's
+    boundaries are every size-th changed user, in one pass over its changes."""
+    mark = watermark_of(spec)
+    if mark is not None:
+        params: dict[str, Any] = {"tenant": tenant, "size": size, "total": total}
+        numbered = f"SELECT changed_id, row_number() OVER (ORDER BY changed_id) AS n " \
+                   f"FROM ({changed_users(mark, spec.connection_id, params)}) AS changed"
+        sql = f"SELECT changed_id FROM ({numbered}) AS numbered WHERE n % :size = 0 AND n < :total ORDER BY changed_id"
+        return _ranges(list(conn.execute(text(sql).bindparams(**params)).scalars()), total, size)
     where, params = _where(tenant, spec)
     bounds: list[str] = []
     for _ in range(-(-total // size) - 1):
@@ -162,6 +232,12 @@ def key_ranges(conn: Connection, tenant: str, spec: ExportSpec, total: int, size
         if bound is None:  # users deleted since they were counted
             break
         bounds.append(bound)
+    return _ranges(bounds, total, size)
+
+
+def _ranges(bounds: list[str], total: int, size: int) -> list[KeyRange]:
+    """The ranges between consecutive `bounds` (and before the first, after the last), `size` users
+    each but the last, which holds the rest of `total`."""
     edges: list[str | None] = [None, *bounds, None]
     return [KeyRange(edges[i], edges[i + 1], size if i < len(bounds) else total - size * len(bounds))
             for i in range(len(edges) - 1)]
