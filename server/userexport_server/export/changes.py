@@ -99,22 +99,24 @@ def watermark_of(spec: ExportSpec) -> Watermark | None:
     return None if spec.changed_since is None else Watermark.parse(spec.changed_since)
 
 
-def expired(since: Watermark, retention_seconds: float) -> FailedPrecondition:
-    """The error of a watermark whose changes the log no longer holds."""
+def expired(since: Watermark, retention_seconds: float | None = None) -> FailedPrecondition:
+    """The error of a watermark whose changes the log no longer holds (all of them, or for
+    `retention_seconds` only)."""
+    kept = "" if retention_seconds is None else f"keeps {retention_seconds:g} seconds of changes and "
     return FailedPrecondition(
-        f"The watermark (changed_since) is from {since.moment}, and the change log keeps "
-        f"{retention_seconds:g} seconds of changes or lost some after it: export everything again (a request "
-        "without changed_since), and take its watermark for the next increment.",
-        reason="WATERMARK_EXPIRED",
-        metadata={"watermark_taken_at": since.moment, "retention_seconds": f"{retention_seconds:g}"})
+        f"The watermark (changed_since) is from {since.moment}, and the change log {kept}no longer holds every "
+        "change after it: export everything again (a request without changed_since), and take that export's "
+        "watermark for the next increment.", reason="WATERMARK_EXPIRED",
+        metadata={"watermark_taken_at": since.moment,
+                  **({} if retention_seconds is None else {"retention_seconds": f"{retention_seconds:g}"})})
 
 
-def require_log_intact(conn: Connection, spec: ExportSpec, retention_seconds: float) -> None:
+def require_log_intact(conn: Connection, spec: ExportSpec) -> None:
     """Raise the expired error if pruning deleted a change after `spec`'s watermark; called after an
-    incremental export's reads, so a prune that raced them cannot go unnoticed."""
+    incremental export's reads (on their connection), so a prune that raced them cannot go unnoticed."""
     mark = watermark_of(spec)
     if mark is not None and not _intact(conn, mark):
-        raise expired(mark, retention_seconds)
+        raise expired(mark)
 
 
 def _intact(conn: Connection, mark: Watermark) -> bool:

@@ -29,6 +29,9 @@ from userexport_server.export.changes import Watermark, changed_users, watermark
 from userexport_server.export.paths import FieldPath, Kind, Segment, parse_path
 from userexport_server.export.spec import ExportSpec, Format
 
+# An incremental export's first field in every format: 'upsert' or 'delete' (the query's `op` column).
+OP_FIELD = "_op"
+
 
 @dataclass(frozen=True, slots=True)
 class Column:
