@@ -178,11 +178,21 @@ user_changes = Table(
 )
 
 # One row (id 1): on SQLite `last`, the last txn handed out (SQLite has one writer at a time, so a
-# counter is commit order); on both, `pruned_through`, the highest txn pruning deleted, which
-# tells a watermark whose changes are gone.
+# counter is commit order); on both, `pruned_mark`, the taken_at of the mark whose visible changes
+# pruning deleted last (0: none yet): a watermark taken after it lost nothing.
 user_change_clock = Table(
     "user_change_clock", Base.metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),
     Column("last", BigInteger, nullable=False),
-    Column("pruned_through", BigInteger, nullable=False),
+    Column("pruned_mark", Double, nullable=False),
+)
+
+# Marks the reaper takes as it goes: watermarks (export/changes.py, server form) and when they were
+# taken. A change visible to a mark is visible to every watermark taken later, so pruning deletes
+# the changes visible to the newest mark older than the retention.
+user_change_marks = Table(
+    "user_change_marks", Base.metadata,
+    Column("taken_at", Double, nullable=False),
+    Column("watermark", Text, nullable=False),
+    Index("ix_user_change_marks_taken_at", "taken_at"),
 )

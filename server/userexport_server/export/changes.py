@@ -13,9 +13,13 @@ Every read of the export happens after the watermark, so what an export writes i
 watermark or later, and every change not visible at the watermark is in the next increment:
 increments may overlap, and never lose a change.
 
-The log is pruned after the retention (settings.change_retention_seconds). A watermark is expired
-when it is older than the retention, or when pruning deleted a change that may be after it (a
-transaction open across the retention): then only a full export can say what changed.
+The log is pruned after the retention (settings.change_retention_seconds), exactly enough that a
+watermark younger than the retention loses nothing. Reaper rounds take marks: watermarks kept with
+their time. Pruning deletes the changes visible to the newest mark older than the retention (they
+are visible to every later watermark), never by their age alone: a transaction that stays open for
+longer than the retention keeps its changes until a mark sees them committed. A watermark is
+expired once it is older than the retention (or than the mark pruning last went by, should a prune
+race an export's reads): then only a full export can say what changed.
 
 The server form of a watermark is text (`xmin:xmax:xip,...:taken_at`); the API seals it for callers.
 """
@@ -34,7 +38,8 @@ from userexport_server.logs import EventLog
 
 log = EventLog(__name__)
 # The database's clock in seconds since the epoch, as the triggers stamp changed_at.
-_NOW = {"postgresql": "extract(epoch FROM clock_timestamp())", "sqlite": "(julianday('now') - 2440587.5) * 86400.0"}
+_NOW = {"postgresql": "CAST(extract(epoch FROM clock_timestamp()) AS double precision)",
+        "sqlite": "(julianday('now') - 2440587.5) * 86400.0"}
 # Log rows deleted per pruning transaction (rows of one timestamp go together, however many).
 PRUNE_BATCH = 10_000
 
@@ -83,15 +88,23 @@ def changed_users(since: Watermark, connection_id: str | None, params: dict[str,
     read along the log's (tenant, txn) index, so its cost follows the changes, not the tenant. With
     a connection: only changes of users in it (before or after the change). `bounds` adds
     conditions on the log's user_id; :tenant is the caller's parameter, the rest go into `params`."""
-    params.update(since_xmin=since.xmin, since_xmax=since.xmax)
-    after = "txn >= :since_xmax"
-    if since.xip:  # only on PostgreSQL
-        params["since_xip"] = list(since.xip)
-        after = f"txn >= :since_xmin AND ({after} OR txn = ANY(CAST(:since_xip AS BIGINT[])))"
+    after = _after(since, params)
+    if since.xip:  # in flight at the watermark: at xmin or above, which bounds the index range
+        after = f"txn >= :since_xmin AND ({after})"
+        params["since_xmin"] = since.xmin
     if connection_id is not None:
         after += " AND connection_id = :connection_id"
         params["connection_id"] = connection_id
     return f"SELECT DISTINCT user_id AS changed_id FROM user_changes WHERE tenant = :tenant AND {after}{bounds}"
+
+
+def _after(since: Watermark, params: dict[str, Any]) -> str:
+    """The condition on a log row's txn that it is after `since` (not visible in its snapshot)."""
+    params["since_xmax"] = since.xmax
+    if not since.xip:  # always so on SQLite
+        return "txn >= :since_xmax"
+    params["since_xip"] = list(since.xip)
+    return "txn >= :since_xmax OR txn = ANY(CAST(:since_xip AS BIGINT[]))"
 
 
 def watermark_of(spec: ExportSpec) -> Watermark | None:
@@ -112,18 +125,18 @@ def expired(since: Watermark, retention_seconds: float | None = None) -> FailedP
 
 
 def require_log_intact(conn: Connection, spec: ExportSpec) -> None:
-    """Raise the expired error if pruning deleted a change after `spec`'s watermark; called after an
-    incremental export's reads (on their connection), so a prune that raced them cannot go unnoticed."""
+    """Raise the expired error if pruning went past `spec`'s watermark; called after an incremental
+    export's reads (on their connection), so a prune that raced them cannot go unnoticed."""
     mark = watermark_of(spec)
     if mark is not None and not _intact(conn, mark):
         raise expired(mark)
 
 
 def _intact(conn: Connection, mark: Watermark) -> bool:
-    """Whether every change after `mark` is still in the log (conservative on PostgreSQL: a pruned
-    txn at or above xmin might be after it)."""
-    pruned = conn.execute(text("SELECT pruned_through FROM user_change_clock WHERE id = 1")).scalar_one()
-    return bool(pruned < mark.xmin)
+    """Whether every change after `mark` is still in the log: it was taken after the mark pruning
+    last went by, which every pruned change was visible to."""
+    pruned = conn.execute(text("SELECT pruned_mark FROM user_change_clock WHERE id = 1")).scalar_one()
+    return bool(mark.taken_at > pruned)
 
 
 class ChangeLog:
@@ -134,7 +147,7 @@ class ChangeLog:
 
     def require_fresh(self, spec: ExportSpec) -> None:
         """Raise FailedPrecondition (WATERMARK_EXPIRED) when `spec`'s watermark is older than the
-        retention, or its changes were pruned."""
+        retention (or pruning went past it)."""
         mark = watermark_of(spec)
         if mark is None:
             return
@@ -144,24 +157,34 @@ class ChangeLog:
                 raise expired(mark, self.retention_seconds)
 
     def prune(self) -> int:
-        """Delete the changes older than the retention, a batch per transaction, raising the pruned
-        horizon with each; returns how many went."""
+        """Take a mark (at most one per thousandth of the retention), then delete the changes visible
+        to the newest mark older than the retention, a batch per transaction; returns how many went."""
+        with write_transaction(self.engine) as conn:
+            now = conn.execute(text(f"SELECT {_NOW[conn.dialect.name]}")).scalar_one()
+            if conn.execute(text("SELECT 1 FROM user_change_marks WHERE taken_at > :recent"),
+                            {"recent": now - self.retention_seconds / 1000}).first() is None:
+                mark = take_watermark(conn)
+                conn.execute(text("INSERT INTO user_change_marks (taken_at, watermark) VALUES (:at, :mark)"),
+                             {"at": mark.taken_at, "mark": mark.text()})
+            found = conn.execute(text("SELECT watermark FROM user_change_marks WHERE taken_at <= :cutoff "
+                                      "ORDER BY taken_at DESC LIMIT 1"),
+                                 {"cutoff": now - self.retention_seconds}).scalar()
+            if found is None:
+                return 0
+            below = Watermark.parse(found)
+            conn.execute(text("UPDATE user_change_clock SET pruned_mark = :at WHERE id = 1 AND pruned_mark < :at"),
+                         {"at": below.taken_at})
+            conn.execute(text("DELETE FROM user_change_marks WHERE taken_at < :at"), {"at": below.taken_at})
+        params: dict[str, Any] = {"at": below.taken_at, "skip": PRUNE_BATCH}
+        visible = f"changed_at < :at AND NOT ({_after(below, params)})"  # written before the mark, committed at it
         deleted, more = 0, True
         while more:
             with write_transaction(self.engine) as conn:
-                now = conn.execute(text(f"SELECT {_NOW[conn.dialect.name]}")).scalar_one()
-                cutoff = now - self.retention_seconds
-                end = conn.execute(text("SELECT changed_at FROM user_changes WHERE changed_at < :cutoff "
-                                        "ORDER BY changed_at LIMIT 1 OFFSET :skip"),
-                                   {"cutoff": cutoff, "skip": PRUNE_BATCH}).scalar()
-                old, bound = ("changed_at <= :bound", end) if end is not None else ("changed_at < :bound", cutoff)
-                top = conn.execute(text(f"SELECT max(txn) FROM user_changes WHERE {old}"), {"bound": bound}).scalar()
-                if top is None:
-                    break
-                deleted += conn.execute(text(f"DELETE FROM user_changes WHERE {old} AND txn <= :top"),
-                                        {"bound": bound, "top": top}).rowcount
-                conn.execute(text("UPDATE user_change_clock SET pruned_through = :top "
-                                  "WHERE id = 1 AND pruned_through < :top"), {"top": top})
+                end = conn.execute(text(f"SELECT changed_at FROM user_changes WHERE {visible} ORDER BY changed_at "
+                                        "LIMIT 1 OFFSET :skip"), params).scalar()
+                batch = " AND changed_at <= :end" if end is not None else ""
+                deleted += conn.execute(text(f"DELETE FROM user_changes WHERE {visible}{batch}"),
+                                        {**params, "end": end}).rowcount
             more = end is not None
         if deleted:
             log.info("change log pruned", changes=deleted, retention_seconds=self.retention_seconds)

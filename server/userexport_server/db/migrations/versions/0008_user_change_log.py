@@ -17,6 +17,9 @@ counter is commit order.
 An UPDATE records the user under its old and its new key and connection (a user moved to another
 connection changed in both). `changed_at` is seconds since the epoch on the database's clock.
 
+user_change_clock holds SQLite's counter and the pruning horizon, user_change_marks the reaper's
+samples of which changes were committed when (export/changes.py says how pruning uses them).
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-08
@@ -96,9 +99,15 @@ def upgrade() -> None:
         "user_change_clock",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("last", sa.BigInteger, nullable=False),
-        sa.Column("pruned_through", sa.BigInteger, nullable=False),
+        sa.Column("pruned_mark", sa.Double, nullable=False),
     )
-    op.bulk_insert(clock, [{"id": 1, "last": 0, "pruned_through": 0}])
+    op.bulk_insert(clock, [{"id": 1, "last": 0, "pruned_mark": 0.0}])
+    op.create_table(
+        "user_change_marks",
+        sa.Column("taken_at", sa.Double, nullable=False),
+        sa.Column("watermark", sa.Text, nullable=False),
+    )
+    op.create_index("ix_user_change_marks_taken_at", "user_change_marks", ["taken_at"])
     if op.get_context().dialect.name == "postgresql":
         op.execute(POSTGRES_FUNCTION)
         for name, when in POSTGRES_TRIGGERS.items():
@@ -114,6 +123,8 @@ def downgrade() -> None:
         op.execute(f"DROP TRIGGER IF EXISTS {name}" + (" ON users" if postgres else ""))
     if postgres:
         op.execute("DROP FUNCTION IF EXISTS userexport_users_changed()")
+    op.drop_index("ix_user_change_marks_taken_at", table_name="user_change_marks")
+    op.drop_table("user_change_marks")
     op.drop_table("user_change_clock")
     op.drop_index("ix_user_changes_changed_at", table_name="user_changes")
     op.drop_index("ix_user_changes_tenant_txn", table_name="user_changes")
