@@ -225,14 +225,17 @@ class UsersExportClient:
         limit: int | None = None,
         fields: Sequence[tuple[str, str | None]] | Sequence[FieldLike] = (),
         request_id: str = "",
+        changed_since: str | None = None,
     ) -> pb.Job:
-        """Start a users-export job; `request_id` makes a retry return the same job."""
+        """Start a users-export job; `request_id` makes a retry return the same job; `changed_since`
+        (an earlier completed job's watermark) exports only the users changed after it."""
         request = pb.ExportRequest(
             format=parse_format(format),
             connection_id=connection_id,
             limit=limit,
             fields=[_to_pb_field(f) for f in fields],
             request_id=request_id,
+            changed_since=changed_since,
         )
         return self._unary(self._stub.CreateUsersExportJob, request)
 
