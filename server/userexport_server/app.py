@@ -19,6 +19,7 @@ from userexport_server.auth import Authenticator
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
 from userexport_server.db.standby import ExportReads, Standby
+from userexport_server.export.changes import ChangeLog
 from userexport_server.health import HealthMonitor, database_problem
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.pg_events import PgListener
@@ -88,9 +89,10 @@ class App:
                                   attempts=settings.job_attempts, slice_users=settings.slice_users,
                                   tracing=self.tracing, metrics=self.metrics) \
             if settings.workers > 0 else None
+        self.changes = ChangeLog(self.engine, settings.change_retention_seconds)
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
                              orphan_grace=settings.orphan_grace_seconds,
-                             sweep_interval=settings.orphan_sweep_interval_seconds)
+                             sweep_interval=settings.orphan_sweep_interval_seconds, changes=self.changes)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(self.health, ("", SERVICE_NAME), {
             **({"workers": self.workers.healthy} if self.workers is not None else {}),
@@ -142,6 +144,7 @@ class App:
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage,
             url_ttl=settings.url_ttl_seconds,
             page_tokens=PageTokens(configured_secret(settings.page_token_key, settings.data_dir / "page_token_key")),
+            changes=self.changes,
             read_threads=settings.api_read_threads, write_threads=settings.api_write_threads, tracing=self.tracing,
         )
         servicer.start()

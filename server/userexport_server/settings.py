@@ -109,6 +109,9 @@ class Settings:
     # How often the reaper sweeps storage for orphans (it also sweeps once at start).
     orphan_sweep_interval_seconds: float = 600.0
     max_active_jobs_per_tenant: int = 2
+    # How long the users change log keeps a change: a watermark older than this is WATERMARK_EXPIRED
+    # (the reaper prunes older changes), so an incremental sync must run at least this often.
+    change_retention_seconds: float = 7 * 24 * 3600
     # Bytes of completed export files one tenant may keep (0: no limit); more is RESOURCE_EXHAUSTED.
     max_retained_bytes_per_tenant: int = 5 * 1024**3
     # Tokens: HS256 secret (empty: a generated one in data_dir), JWKS file for RS256/ES256.
@@ -237,7 +240,8 @@ _POSITIVE = frozenset({
     "api_read_threads", "api_write_threads", "health_interval_seconds", "poll_interval_seconds", "lease_seconds",
     "stall_seconds",
     "job_ttl_seconds", "job_timeout_seconds", "reaper_interval_seconds", "job_attempts", "slice_users",
-    "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "jwt_jwks_cache_seconds", "max_request_bytes",
+    "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "change_retention_seconds",
+    "jwt_jwks_cache_seconds", "max_request_bytes",
     "files_head_timeout_seconds", "files_write_timeout_seconds", "files_max_connections",
 })
 _RANGES: dict[str, tuple[int, int]] = {

@@ -235,9 +235,11 @@ class UsersExportClient:
         fields: Sequence[tuple[str, str | None]] | Sequence[FieldLike] = (),
         request_id: str = "",
         filter: str | None = None,
+        changed_since: str | None = None,
     ) -> pb.Job:
         """Start a users-export job; `request_id` makes a retry return the same job; `filter` keeps
-        the users it matches (docs/api.md, "Filters")."""
+        the users it matches (docs/api.md, "Filters"); `changed_since` (an earlier completed job's
+        watermark) exports only the users changed after it."""
         request = pb.ExportRequest(
             format=parse_format(format),
             connection_id=connection_id,
@@ -245,6 +247,7 @@ class UsersExportClient:
             fields=[_to_pb_field(f) for f in fields],
             request_id=request_id,
             filter=filter,
+            changed_since=changed_since,
         )
         return self._unary(self._stub.CreateUsersExportJob, request)
 

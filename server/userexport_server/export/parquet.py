@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from userexport_server.export import thrift
 from userexport_server.export.paths import Kind
 from userexport_server.export.spec import ExportSpec
-from userexport_server.export.sql import Column
+from userexport_server.export.sql import OP_FIELD, Column
 
 ROW_GROUP_BYTES = 8 * 1024 * 1024
 COMPRESSION = "zstd"
@@ -40,14 +40,18 @@ _ARROW_TYPES = {Kind.STRING: pa.large_string(), Kind.BOOL: pa.bool_(), Kind.INT:
 
 
 class ParquetColumns:
-    """The Parquet columns of one spec: its Arrow schema, and a frame (reader.py) made a table of it."""
+    """The Parquet columns of one spec: its Arrow schema, and a frame (reader.py) made a table of it;
+    `op`: an incremental export's `_op` column comes first."""
 
-    def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None]) -> None:
+    def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None],
+                 op: bool = False) -> None:
         kinds = [None if i is None else columns[i].kind for i in fields]
-        self.schema = pa.schema([pa.field(f.title, _ARROW_TYPES[kind or Kind.STRING])
+        self.schema = pa.schema([pa.field(OP_FIELD, pa.large_string())] * op +
+                                [pa.field(f.title, _ARROW_TYPES[kind or Kind.STRING])
                                  for f, kind in zip(spec.fields, kinds)])
-        self._exprs = [_value(None if i is None else pl.col(f"c{i}"), kind).alias(f"f{n}")
-                       for n, (i, kind) in enumerate(zip(fields, kinds))]
+        self._exprs = [pl.col("op").alias("f_op")] * op + [
+            _value(None if i is None else pl.col(f"c{i}"), kind).alias(f"f{n}")
+            for n, (i, kind) in enumerate(zip(fields, kinds))]
         self._names = [e.meta.output_name() for e in self._exprs]
 
     def table(self, frame: pl.DataFrame) -> pa.Table:

@@ -15,9 +15,9 @@ JSON object lines (sql.Chunks), which polars parses in one call with the column 
 
 Every frame has the projection's columns c0..cn, one type per kind: STRING and JSON (the value's
 JSON text) as String, INT as Int64, BOOL as Boolean, DATETIME as Datetime(us, UTC); a missing
-value is null. `cancel()` (any thread) stops the running query, and does nothing once the reader is
-closed; ADBC's errors become psycopg's OperationalError, which db/faults.py knows, so a terminated
-connection is retried as before.
+value is null; an incremental export's frames also have `op` (String). `cancel()` (any thread)
+stops the running query, and does nothing once the reader is closed; ADBC's errors become psycopg's
+OperationalError, which db/faults.py knows, so a terminated connection is retried as before.
 """
 from __future__ import annotations
 
@@ -188,7 +188,8 @@ class _SqliteReader(ColumnReader):
         self._first, self._after = (s.compile(dialect=conn.dialect) for s in (projection.statement, chunks.after))
         self._limit = chunks.limit
         columns = projection.columns
-        self._schema = {f"c{i}": _SQLITE_TYPES[c.kind] for i, c in enumerate(columns)} or {"c": pl.Int64}
+        self._schema = ({"op": pl.String} if projection.op else {}) | \
+            {f"c{i}": _SQLITE_TYPES[c.kind] for i, c in enumerate(columns)} or {"c": pl.Int64}
         self._typed = [_sqlite_typed(pl.col(f"c{i}"), c.kind).alias(f"c{i}") for i, c in enumerate(columns)]
 
     def __iter__(self) -> Iterator[pl.DataFrame]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from userexport_server.db.engine import canceller, export_reads
 from userexport_server.db.standby import ExportReads
 from userexport_server.errors import WorkStopped
+from userexport_server.export.changes import require_log_intact
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, run_export
 from userexport_server.jobs.assembly import Assembler, NotWhole
 from userexport_server.jobs.failures import FailurePolicy, Unwritten
@@ -128,9 +129,10 @@ class Phases:
     def _plan(self, job: Job, run: Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
         with self.tracing.span("planned", _ref(job)) as span:
-            ranges = self.planning.key_ranges(job.tenant, job.spec, self.slice_users, run)
+            plan = self.planning.plan(job.tenant, job.spec, self.slice_users, run)
+            ranges = plan.ranges
             span.set_attributes({"userexport.users": sum(r.rows for r in ranges), "userexport.slices": len(ranges)})
-        if run.stop.is_set() or self.slices.plan(job, ranges) is None:
+        if run.stop.is_set() or self.slices.plan(job, ranges, plan.watermark) is None:
             raise WorkStopped("the plan is no longer this worker's")
         self.wake()  # the other idle workers of this replica take slices at once
 
@@ -242,6 +244,7 @@ class Phases:
                                      progress=_SliceProgress(self.slices, piece, job.users_total, run),
                                      batch_rows=batch_rows(job.users_total), key_range=piece.key_range,
                                      on_query=lambda reader: query.enter_context(run.cancellable(reader.cancel)))
+                require_log_intact(conn, job.spec)
                 if run.stop.is_set():
                     raise WorkStopped("the slice is no longer this worker's")
                 writer.commit()

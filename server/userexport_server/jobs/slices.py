@@ -75,13 +75,13 @@ class SliceStore:
 
     # --- planning ------------------------------------------------------------------------------
 
-    def plan(self, job: Job, ranges: list[KeyRange]) -> Job | None:
-        """Insert the job's slices and hand it from its planner to the slice workers, in one
-        transaction; None: the job is no longer the planner's."""
+    def plan(self, job: Job, ranges: list[KeyRange], watermark: str | None = None) -> Job | None:
+        """Insert the job's slices and hand it from its planner to the slice workers, with the
+        watermark taken before its reads, in one transaction; None: the job is no longer the planner's."""
         with write_transaction(self.engine, lock_key=_lock(job.id)) as conn:
             row = change_row(conn, job.id, {
                 "lease_owner": None, "lease_expires_at": None, "users_written": 0, "percentage_done": 0,
-                "users_total": sum(r.rows for r in ranges), "time_left_seconds": None,
+                "users_total": sum(r.rows for r in ranges), "time_left_seconds": None, "watermark": watermark,
             }, _held(job))
             if row is None:
                 return None
