@@ -123,6 +123,29 @@ def test_a_user_that_left_the_connection_is_a_delete_of_its_increment(server: Se
     caller.close()
 
 
+def test_a_user_that_no_longer_matches_the_filter_is_a_delete_and_one_that_came_in_an_upsert(
+        server: ServerHandle, tenant: str) -> None:
+    server.seed(30, tenant)
+    caller = Caller(server, tenant)
+    request: dict[str, Any] = dict(format=pb.ExportRequest.CSV, fields=[("user_id", ""), ("logins_count", "")],
+                                   filter="logins_count >= 0")
+    with server.app.engine.begin() as conn:  # every user matches at the baseline
+        conn.execute(text("UPDATE users SET logins_count = 5 WHERE tenant = :t"), {"t": tenant})
+    baseline, data = export(caller, **request)
+    assert len(csv_lines(data)[1]) == 30
+    with server.app.engine.begin() as conn:
+        left, touched = conn.execute(text("SELECT user_id FROM users WHERE tenant = :t ORDER BY user_id LIMIT 2"),
+                                     {"t": tenant}).scalars().all()
+        conn.execute(text("UPDATE users SET logins_count = -1 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": left})
+        conn.execute(text("UPDATE users SET logins_count = 7 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": touched})
+    _, changed = export(caller, **request, changed_since=baseline.watermark)
+    assert csv_lines(changed) == (["_op", "user_id", "logins_count"],
+                                  [["delete", left, ""], ["upsert", touched, "7"]])
+    caller.close()
+
+
 @pytest.mark.parametrize("spoil", [
     pytest.param(lambda mark, other: other, id="another tenant's"),
     pytest.param(lambda mark, other: mark[:10] + ("A" if mark[10] != "A" else "B") + mark[11:], id="tampered"),

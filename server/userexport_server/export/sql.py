@@ -139,6 +139,7 @@ def _changes(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange | 
     each with its op, its row joined when it still matches the request (`request_sql`: tenant,
     connection and the filter), else nulls but for its user_id."""
     match, params = request_sql(spec, tenant, dialect)
+    params["tenant"] = tenant  # changed_users' (the log's) tenant
     after, through = "", ""
     if key_range is not None:
         if key_range.after is not None:
