@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, error_reason, violations
+from tests.integration.test_digest_counts import SLICE_USERS, USERS, last_slice_held, started
 from tests.polling import eventually
 from userexport.client.cli import main as cli
 from userexport.v1 import users_export_pb2 as pb
@@ -241,3 +242,25 @@ def test_the_cli_keeps_a_sync_going_with_its_watermark_file(
     assert cli(["--server", server.target, "--data-dir", str(server.data_dir), "--tenant", tenant, "export",
                 "--format", "json", "--save-watermark", str(mark)]) == 2
     assert "--save-watermark needs --wait" in capsys.readouterr().err
+
+
+def test_users_inserted_into_a_slice_s_range_push_no_counted_user_out(make_server: Callable[..., ServerHandle]) -> None:
+    """Users inserted at the start of the last slice's key range after planning: the slice reads its
+    whole range, so every user that existed at the watermark is in the file, the new ones as well,
+    and the job completes saying users changed (a slice capped at its planned count would have cut
+    off the range's last users, which no increment brings back: they did not change)."""
+    server = make_server(slice_users=SLICE_USERS)
+    caller, job, tenant = started(server, pb.ExportRequest.JSON)
+    with server.app.engine.connect() as conn:
+        before = set(conn.execute(text("SELECT user_id FROM users WHERE tenant = :t"), {"t": tenant}).scalars())
+    with last_slice_held(server, job.id) as rows, server.app.engine.begin() as conn:
+        for i in range(5):
+            conn.execute(text("INSERT INTO users (tenant, user_id, connection_id) SELECT tenant, :new, connection_id "
+                              "FROM users WHERE tenant = :t AND user_id = :after"),
+                         {"t": tenant, "after": rows[-1].after, "new": f"{rows[-1].after}0{i}"})
+    final = caller.finish(job.id)
+    assert final.status == pb.Job.COMPLETED, final.error
+    written = {line["user_id"] for line in ndjson_lines(download(final.location))}
+    assert written == before | {f"{rows[-1].after}0{i}" for i in range(5)} and final.users_written == USERS + 5
+    assert final.status_details.startswith("Users changed while the export ran")
+    caller.close()
