@@ -1,0 +1,397 @@
+"""Chaos benchmark: a CSV and an NDJSON export of one tenant at once, over three replicas on
+PostgreSQL with GCS storage, undisturbed and then under faults, both files checked user by user.
+
+    python bench/chaos_bench.py                                   # 10,000,000 users
+    python bench/chaos_bench.py --users 200000 --kill-every 5     # a quick check
+
+Everything runs on this machine and is made by the benchmark: a PostgreSQL cluster of its own
+(initdb into a temporary folder, on a free port, with the binaries of the installed PostgreSQL; as
+the postgres user when run as root), so restarting it disturbs no other database; fake-gcs-server
+(tests/gcs_emulator.py); three `userexport-server` processes sharing both, with --lease-seconds
+leases. It seeds --users users (and prints the seed's users per second), then runs:
+
+1. undisturbed: both exports created at once, timed until both are COMPLETED;
+2. chaos: the same, while a replica is SIGKILLed every --kill-every seconds and restarted at once
+   (in turn, never the paused one), PostgreSQL is restarted once (`pg_ctl restart -m fast`) at 30%
+   of the undisturbed time, and one replica is stopped with SIGSTOP at 60% of it for the lease and
+   5 s more, then continued.
+
+Each file is downloaded and read whole: every user of the table exactly once, in id order, the
+count equal to the table's, and Job.sha256 (when the server sets it) equal to the downloaded
+bytes' digest. It prints a table: the time of each run and their ratio (goal: at most 1.5x), the
+files' check, and each replica's peak RSS (VmHWM polled from /proc every 0.5 s, over every process
+that replica slot ran; goal: at most 250 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+import psycopg
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.export_files import problems, read_export, table_ids  # noqa: E402
+from tests.gcs_emulator import running_emulator  # noqa: E402
+from tests.harness import ServerProcess  # noqa: E402
+from tests.service_account import new_private_key, write_key_file  # noqa: E402
+from userexport.v1 import users_export_pb2 as pb  # noqa: E402
+from userexport.v1 import users_export_pb2_grpc as pb_grpc  # noqa: E402
+from userexport_server.db.engine import make_engine  # noqa: E402
+from userexport_server.db.migrate import upgrade  # noqa: E402
+from userexport_server.seed import seed_users  # noqa: E402
+
+TENANT = "chaos"
+TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
+FORMATS: dict[str, pb.ExportRequest.Format] = {"CSV": pb.ExportRequest.CSV, "NDJSON": pb.ExportRequest.JSON}
+_TICK = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Postgres:
+    """A PostgreSQL cluster of the benchmark's own in a temporary folder (removed by stop()), on a
+    free port."""
+
+    def __init__(self) -> None:
+        found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            raise SystemExit("no PostgreSQL binaries under /usr/lib/postgresql/*/bin: apt-get install postgresql")
+        self.bin, self.port = found[-1].parent, free_port()
+        self.folder = pathlib.Path(tempfile.mkdtemp(prefix="userexport-chaos-pg-"))
+        self.data = self.folder / "data"
+        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+        if self.as_owner:
+            shutil.chown(self.folder, "postgres")
+        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8",
+                  "--no-sync")
+        settings = {"listen_addresses": "'127.0.0.1'", "port": self.port, "unix_socket_directories": f"'{self.folder}'",
+                    "max_connections": 200, "shared_buffers": "'512MB'", "max_wal_size": "'8GB'",
+                    # Nothing replicates from it: WAL minimal, so the seed's COPY into the emptied table writes none.
+                    "wal_level": "minimal", "max_wal_senders": 0}
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "start")
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self.as_owner, str(self.bin / tool), *args], capture_output=True, text=True,
+                              cwd=self.folder, check=False)
+        if done.returncode:
+            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stdout}{done.stderr}")
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def restart(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-m", "fast", "-w",
+                  "restart")
+
+    def cpu_seconds(self) -> float:
+        """CPU-seconds of the cluster's live processes (the postmaster's children)."""
+        postmaster = (self.data / "postmaster.pid").read_text().split()[0]
+        children = subprocess.run(["pgrep", "-P", postmaster], check=False, capture_output=True, text=True).stdout
+        return sum(_cpu(pid) for pid in children.split())
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _cpu(pid: str) -> float:
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Replicas:
+    """Replica slots, each running one `userexport-server` at a time; a restarted slot gets a new
+    process (new ports). A thread keeps each slot's peak RSS over all of its processes."""
+
+    def __init__(self, count: int, data_dir: pathlib.Path, env: dict[str, str]) -> None:
+        self.data_dir, self.env = data_dir, env
+        self.servers = [ServerProcess(data_dir, env) for _ in range(count)]
+        self.peaks = [0.0] * count
+        self.paused: int | None = None
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.5):
+            self.sample()
+
+    def sample(self) -> None:
+        for slot, server in enumerate(self.servers):
+            self.peaks[slot] = max(self.peaks[slot], peak_rss_mb(server.process.pid))
+
+    def kill_and_restart(self, slot: int) -> None:
+        self.sample()
+        self.servers[slot].signal(signal.SIGKILL)
+        self.servers[slot].wait(30)
+        self.servers[slot] = ServerProcess(self.data_dir, self.env)
+
+    def targets(self) -> list[str]:
+        return [s.target for n, s in enumerate(self.servers) if n != self.paused]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join()
+        self.sample()
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.signal(signal.SIGCONT)
+            server.stop()
+
+
+class Client:
+    """Calls any live replica: one that fails (killed, paused, or its database restarting) is
+    skipped and the call tried on the next, until it succeeds or `patience` seconds pass."""
+
+    def __init__(self, replicas: Replicas, token: str) -> None:
+        self.replicas, self.metadata = replicas, (("authorization", f"Bearer {token}"),)
+
+    def call(self, method: Callable[[pb_grpc.UsersExportServiceStub], T], patience: float = 300) -> T:
+        deadline = time.monotonic() + patience
+        while True:
+            for target in self.replicas.targets():
+                with grpc.insecure_channel(target) as channel:
+                    try:
+                        return method(pb_grpc.UsersExportServiceStub(channel))
+                    except grpc.RpcError as error:
+                        if time.monotonic() > deadline:
+                            raise SystemExit(f"no replica answered for {patience:.0f} s: {error}") from error
+            time.sleep(0.5)
+
+    def create(self, fmt: pb.ExportRequest.Format, request_id: str) -> pb.Job:
+        request = pb.ExportRequest(format=fmt, request_id=request_id)  # idempotent: a retried create is one job
+        return self.call(lambda stub: stub.CreateUsersExportJob(request, metadata=self.metadata, timeout=10))
+
+    def get(self, job_id: str) -> pb.Job:
+        return self.call(lambda stub: stub.GetJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=10))
+
+    def delete(self, job_id: str) -> None:
+        self.call(lambda stub: stub.DeleteJob(pb.DeleteJobRequest(id=job_id), metadata=self.metadata, timeout=30))
+
+
+class Chaos(threading.Thread):
+    """The faults of a chaos run, on a schedule from its start, until stopped."""
+
+    def __init__(self, replicas: Replicas, postgres: Postgres, kill_every: float, restart_at: float,
+                 pause_at: float, pause_for: float) -> None:
+        super().__init__(daemon=True)
+        self.replicas, self.postgres = replicas, postgres
+        self.kill_every, self.restart_at, self.pause_at, self.pause_for = kill_every, restart_at, pause_at, pause_for
+        self.done = threading.Event()
+        self.events: list[str] = []
+
+    def note(self, started: float, what: str) -> None:
+        self.events.append(f"{time.monotonic() - started:6.1f} s {what}")
+        log(f"chaos: {what}")
+
+    def run(self) -> None:
+        started = time.monotonic()
+        next_kill, slot, restarted, resume_at = self.kill_every, 0, False, None
+        while not self.done.wait(0.2):
+            now = time.monotonic() - started
+            if resume_at is None and self.replicas.paused is None and now >= self.pause_at:
+                paused = (slot + 1) % len(self.replicas.servers)
+                self.replicas.servers[paused].signal(signal.SIGSTOP)
+                self.replicas.paused, resume_at = paused, now + self.pause_for
+                self.note(started, f"replica {paused} stopped (SIGSTOP) for {self.pause_for:.0f} s")
+            elif resume_at is not None and self.replicas.paused is not None and now >= resume_at:
+                self.replicas.servers[self.replicas.paused].signal(signal.SIGCONT)
+                self.note(started, f"replica {self.replicas.paused} continued (SIGCONT)")
+                self.replicas.paused = None
+            if not restarted and now >= self.restart_at:
+                restarted = True
+                self.note(started, "PostgreSQL restarting (pg_ctl restart -m fast)")
+                self.postgres.restart()
+                self.note(started, "PostgreSQL back")
+            if now >= next_kill:
+                next_kill += self.kill_every
+                if slot == self.replicas.paused:
+                    slot = (slot + 1) % len(self.replicas.servers)
+                self.note(started, f"replica {slot} SIGKILLed, restarting")
+                self.replicas.kill_and_restart(slot)
+                self.note(started, f"replica {slot} restarted")
+                slot = (slot + 1) % len(self.replicas.servers)
+        if self.replicas.paused is not None:
+            self.replicas.servers[self.replicas.paused].signal(signal.SIGCONT)
+            self.replicas.paused = None
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    seconds: float
+    per_format: dict[str, float]
+    checks: dict[str, list[str]]
+    notes: dict[str, str]
+    faults: list[str]
+
+
+def export_both(client: Client, name: str, chaos: Chaos | None, timeout: float) -> tuple[Run, dict[str, pb.Job]]:
+    """Create the two exports at once, wait until both end (polling GetJob), while `chaos` runs."""
+    started = time.monotonic()
+    jobs = {label: client.create(fmt, f"{name}-{label}-{uuid.uuid4().hex[:8]}") for label, fmt in FORMATS.items()}
+    log(f"{name}: created {', '.join(f'{label} {job.id}' for label, job in jobs.items())}")
+    if chaos is not None:
+        chaos.start()
+    ended: dict[str, float] = {}
+    try:
+        while len(ended) < len(jobs):
+            if time.monotonic() - started > timeout:
+                raise SystemExit(f"{name}: the exports did not end in {timeout:.0f} s: {jobs}")
+            time.sleep(1)
+            for label, job in jobs.items():
+                if label not in ended:
+                    jobs[label] = client.get(job.id)
+                    if jobs[label].status in TERMINAL:
+                        ended[label] = time.monotonic() - started
+                        log(f"{name}: {label} {pb.Job.Status.Name(jobs[label].status)} after {ended[label]:.1f} s "
+                            f"({jobs[label].users_written:,} users) {jobs[label].error}")
+    finally:
+        if chaos is not None:
+            chaos.done.set()
+            chaos.join()
+    seconds = max(ended.values())
+    return Run(name, seconds, ended, {}, {}, chaos.events if chaos else []), jobs
+
+
+def check_files(client: Client, run: Run, jobs: dict[str, pb.Job], table: object) -> None:
+    """Download each file and compare it with the table (see tests/export_files.py)."""
+    for label, job in jobs.items():
+        if job.status != pb.Job.COMPLETED:
+            run.checks[label] = [f"job {job.id} ended {pb.Job.Status.Name(job.status)}: {job.error}"]
+            continue
+        fresh = client.get(job.id)  # a URL signed now
+        started = time.monotonic()
+        found = read_export(fresh.location, json_lines=label == "NDJSON", timeout=600)
+        run.checks[label] = problems(found, table, fresh.sha256)  # type: ignore[arg-type]
+        run.notes[label] = "sha256 matches" if fresh.sha256 else "Job.sha256 empty, not checked"
+        log(f"{run.name}: {label} file {found.size / 1e6:.0f} MB, {found.ids.count:,} users read in "
+            f"{time.monotonic() - started:.0f} s: {'; '.join(run.checks[label]) or 'whole'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=10_000_000)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between SIGKILLs (default 20)")
+    parser.add_argument("--lease-seconds", type=float, default=10.0,
+                        help="the replicas' USEREXPORT_LEASE_SECONDS (default 10; the server's default is 30)")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds a run may take before it fails")
+    args = parser.parse_args()
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="userexport-chaos-"))
+    postgres = None
+    try:
+        postgres = Postgres()
+        log(f"PostgreSQL {postgres.bin.parent.name} on port {postgres.port}, data in {postgres.data}")
+        with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE chaos")
+        dsn = postgres.dsn("chaos")
+        engine = make_engine(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
+        upgrade(engine)
+        cpu_before, started = postgres.cpu_seconds(), time.perf_counter()
+        client_before = sum(os.times()[:2])
+        seed_users(engine, tenant=TENANT, users=args.users,
+                   progress=lambda done: log(f"seeding: {done:,} of {args.users:,}") if done % 1_000_000 == 0 else None)
+        seed_seconds = time.perf_counter() - started
+        seed_line = (f"seeded {args.users:,} users in {seed_seconds:.1f} s: {args.users / seed_seconds:,.0f} users/s "
+                     f"(database CPU {postgres.cpu_seconds() - cpu_before:.0f} s, seeding process CPU "
+                     f"{sum(os.times()[:2]) - client_before:.0f} s)")
+        log(seed_line)
+        engine.dispose()
+        with psycopg.connect(dsn, autocommit=True) as vacuum:
+            vacuum.execute("VACUUM (ANALYZE) users")  # what autovacuum does to a table in service (export_bench.py)
+        table = table_ids(dsn, TENANT)
+        log(f"table: {table.count:,} users")
+        rows = run_all(args, postgres, dsn, folder, table)
+    finally:
+        if postgres is not None:
+            postgres.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n{args.users:,} users, {args.replicas} replicas (2 workers each, slices of 100,000 users, leases "
+          f"{args.lease_seconds:.0f} s), PostgreSQL and fake-gcs-server on the same {os.cpu_count()} cores; "
+          f"{seed_line}")
+    print("| run | CSV | NDJSON | both done | vs undisturbed | files | peak RSS per replica |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def run_all(args: argparse.Namespace, postgres: Postgres, dsn: str, folder: pathlib.Path, table: object) -> list[str]:
+    """The undisturbed run, then the chaos run, on fresh replicas each; the table's rows."""
+    key_file = write_key_file(folder / "service-account.json", new_private_key())
+    rows, undisturbed = [], None
+    with running_emulator("userexport-chaos") as gcs:
+        env = {"USEREXPORT_DATABASE_URL": dsn.replace("postgresql://", "postgresql+psycopg://", 1),
+               "USEREXPORT_STORAGE": "gcs", "USEREXPORT_GCS_BUCKET": gcs.bucket,
+               "USEREXPORT_GCS_ENDPOINT": gcs.endpoint, "USEREXPORT_GCS_CREDENTIALS_FILE": str(key_file),
+               "USEREXPORT_GCS_PROJECT": "chaos", "USEREXPORT_LEASE_SECONDS": str(args.lease_seconds),
+               "USEREXPORT_LOG_LEVEL": "INFO"}
+        for name in ("undisturbed", "chaos"):
+            replicas = Replicas(args.replicas, folder / name, env)
+            try:
+                client = Client(replicas, replicas.servers[0].token(TENANT))
+                chaos = None
+                if undisturbed is not None:
+                    chaos = Chaos(replicas, postgres, args.kill_every, restart_at=0.3 * undisturbed.seconds,
+                                  pause_at=0.6 * undisturbed.seconds, pause_for=args.lease_seconds + 5)
+                run, jobs = export_both(client, name, chaos, args.timeout)
+                replicas.sample()
+                check_files(client, run, jobs, table)
+                for job in jobs.values():  # the emulator keeps files in memory
+                    client.delete(job.id)
+            finally:
+                replicas.close()
+            undisturbed = undisturbed or run
+            verdict = "; ".join(f"{label}: {'; '.join(found) or 'every user once, in order, ' + run.notes[label]}"
+                                for label, found in run.checks.items())
+            rows.append(f"| {name} | {run.per_format['CSV']:.0f} s | {run.per_format['NDJSON']:.0f} s "
+                        f"| {run.seconds:.0f} s | {run.seconds / undisturbed.seconds:.2f}x | {verdict} "
+                        f"| {', '.join(f'{peak:.0f} MB' for peak in replicas.peaks)} |")
+            if run.faults:
+                log("faults:\n  " + "\n  ".join(run.faults))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
