@@ -30,7 +30,6 @@ import dataclasses
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,10 +37,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import TypeVar
 
-import grpc
 import psycopg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,10 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from tests.export_files import problems, read_export, table_ids  # noqa: E402
 from tests.gcs_emulator import running_emulator  # noqa: E402
-from tests.harness import ServerProcess  # noqa: E402
+from tests.replicas import AnyReplica, Replicas  # noqa: E402
 from tests.service_account import new_private_key, write_key_file  # noqa: E402
 from userexport.v1 import users_export_pb2 as pb  # noqa: E402
-from userexport.v1 import users_export_pb2_grpc as pb_grpc  # noqa: E402
 from userexport_server.db.engine import make_engine  # noqa: E402
 from userexport_server.db.migrate import upgrade  # noqa: E402
 from userexport_server.seed import seed_users  # noqa: E402
@@ -131,86 +127,6 @@ def _cpu(pid: str) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-class Replicas:
-    """Replica slots, each running one `userexport-server` at a time; a restarted slot gets a new
-    process (new ports). A thread keeps each slot's peak RSS over all of its processes."""
-
-    def __init__(self, count: int, data_dir: pathlib.Path, env: dict[str, str]) -> None:
-        self.data_dir, self.env = data_dir, env
-        self.servers = [ServerProcess(data_dir, env) for _ in range(count)]
-        self.peaks = [0.0] * count
-        self.paused: int | None = None
-        self._stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, daemon=True)
-        self._poller.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.5):
-            self.sample()
-
-    def sample(self) -> None:
-        for slot, server in enumerate(self.servers):
-            self.peaks[slot] = max(self.peaks[slot], peak_rss_mb(server.process.pid))
-
-    def kill_and_restart(self, slot: int) -> None:
-        self.sample()
-        self.servers[slot].signal(signal.SIGKILL)
-        self.servers[slot].wait(30)
-        self.servers[slot] = ServerProcess(self.data_dir, self.env)
-
-    def targets(self) -> list[str]:
-        return [s.target for n, s in enumerate(self.servers) if n != self.paused]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._poller.join()
-        self.sample()
-        for server in self.servers:
-            if server.process.poll() is None:
-                server.signal(signal.SIGCONT)
-            server.stop()
-
-
-class Client:
-    """Calls any live replica: one that fails (killed, paused, or its database restarting) is
-    skipped and the call tried on the next, until it succeeds or `patience` seconds pass."""
-
-    def __init__(self, replicas: Replicas, token: str) -> None:
-        self.replicas, self.metadata = replicas, (("authorization", f"Bearer {token}"),)
-
-    def call(self, method: Callable[[pb_grpc.UsersExportServiceStub], T], patience: float = 300) -> T:
-        deadline = time.monotonic() + patience
-        while True:
-            for target in self.replicas.targets():
-                with grpc.insecure_channel(target) as channel:
-                    try:
-                        return method(pb_grpc.UsersExportServiceStub(channel))
-                    except grpc.RpcError as error:
-                        if time.monotonic() > deadline:
-                            raise SystemExit(f"no replica answered for {patience:.0f} s: {error}") from error
-            time.sleep(0.5)
-
-    def create(self, fmt: pb.ExportRequest.Format, request_id: str) -> pb.Job:
-        request = pb.ExportRequest(format=fmt, request_id=request_id)  # idempotent: a retried create is one job
-        return self.call(lambda stub: stub.CreateUsersExportJob(request, metadata=self.metadata, timeout=10))
-
-    def get(self, job_id: str) -> pb.Job:
-        return self.call(lambda stub: stub.GetJob(pb.GetJobRequest(id=job_id), metadata=self.metadata, timeout=10))
-
-    def delete(self, job_id: str) -> None:
-        self.call(lambda stub: stub.DeleteJob(pb.DeleteJobRequest(id=job_id), metadata=self.metadata, timeout=30))
-
-
 class Chaos(threading.Thread):
     """The faults of a chaos run, on a schedule from its start, until stopped."""
 
@@ -233,13 +149,12 @@ class Chaos(threading.Thread):
             now = time.monotonic() - started
             if resume_at is None and self.replicas.paused is None and now >= self.pause_at:
                 paused = (slot + 1) % len(self.replicas.servers)
-                self.replicas.servers[paused].signal(signal.SIGSTOP)
-                self.replicas.paused, resume_at = paused, now + self.pause_for
+                self.replicas.pause(paused)
+                resume_at = now + self.pause_for
                 self.note(started, f"replica {paused} stopped (SIGSTOP) for {self.pause_for:.0f} s")
             elif resume_at is not None and self.replicas.paused is not None and now >= resume_at:
-                self.replicas.servers[self.replicas.paused].signal(signal.SIGCONT)
                 self.note(started, f"replica {self.replicas.paused} continued (SIGCONT)")
-                self.replicas.paused = None
+                self.replicas.resume()
             if not restarted and now >= self.restart_at:
                 restarted = True
                 self.note(started, "PostgreSQL restarting (pg_ctl restart -m fast)")
@@ -253,9 +168,7 @@ class Chaos(threading.Thread):
                 self.replicas.kill_and_restart(slot)
                 self.note(started, f"replica {slot} restarted")
                 slot = (slot + 1) % len(self.replicas.servers)
-        if self.replicas.paused is not None:
-            self.replicas.servers[self.replicas.paused].signal(signal.SIGCONT)
-            self.replicas.paused = None
+        self.replicas.resume()
 
 
 @dataclasses.dataclass
@@ -268,10 +181,11 @@ class Run:
     faults: list[str]
 
 
-def export_both(client: Client, name: str, chaos: Chaos | None, timeout: float) -> tuple[Run, dict[str, pb.Job]]:
+def export_both(client: AnyReplica, name: str, chaos: Chaos | None, timeout: float) -> tuple[Run, dict[str, pb.Job]]:
     """Create the two exports at once, wait until both end (polling GetJob), while `chaos` runs."""
     started = time.monotonic()
-    jobs = {label: client.create(fmt, f"{name}-{label}-{uuid.uuid4().hex[:8]}") for label, fmt in FORMATS.items()}
+    jobs = {label: client.create(pb.ExportRequest(format=fmt, request_id=f"{name}-{label}-{uuid.uuid4().hex[:8]}"))
+            for label, fmt in FORMATS.items()}
     log(f"{name}: created {', '.join(f'{label} {job.id}' for label, job in jobs.items())}")
     if chaos is not None:
         chaos.start()
@@ -296,7 +210,7 @@ def export_both(client: Client, name: str, chaos: Chaos | None, timeout: float) 
     return Run(name, seconds, ended, {}, {}, chaos.events if chaos else []), jobs
 
 
-def check_files(client: Client, run: Run, jobs: dict[str, pb.Job], table: object) -> None:
+def check_files(client: AnyReplica, run: Run, jobs: dict[str, pb.Job], table: object) -> None:
     """Download each file and compare it with the table (see tests/export_files.py)."""
     for label, job in jobs.items():
         if job.status != pb.Job.COMPLETED:
@@ -370,7 +284,7 @@ def run_all(args: argparse.Namespace, postgres: Postgres, dsn: str, folder: path
         for name in ("undisturbed", "chaos"):
             replicas = Replicas(args.replicas, folder / name, env)
             try:
-                client = Client(replicas, replicas.servers[0].token(TENANT))
+                client = AnyReplica(replicas, replicas.servers[0].token(TENANT))
                 chaos = None
                 if undisturbed is not None:
                     chaos = Chaos(replicas, postgres, args.kill_every, restart_at=0.3 * undisturbed.seconds,
