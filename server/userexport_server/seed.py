@@ -6,9 +6,9 @@ minutes where this takes seconds. A few users carry commas, quotes, newlines, no
 = + - @ so exports exercise CSV quoting and the injection guard.
 
 A seed of COLUMNAR_FROM users or more is generated as polars columns, PROGRESS_EVERY users at a
-time, and reaches PostgreSQL as one CSV COPY: no Python per user, over 100k users a second, so ten
-million can be seeded again for a benchmark. Smaller seeds keep the row generator, whose exact users
-tests pin (tests/export/test_golden.py); both draw the same kinds of users from the same tables.
+time, and reaches PostgreSQL as one CSV COPY: no Python per user, so ten million can be seeded again
+for a benchmark (docs/benchmarks.md, "Seeding"). Smaller seeds keep the row generator, whose exact
+users tests pin (tests/export/test_golden.py); both draw the same kinds of users from the same tables.
 
     python -m userexport_server.seed --users 1000000 [--tenant T] [--database-url URL | --data-dir D]
 """
@@ -42,8 +42,8 @@ from userexport_server.private_files import make_private_dirs
 from userexport_server.settings import Settings
 
 DEFAULT_TENANT = "default"
-_T = TypeVar("_T")
 PROGRESS_EVERY = 100_000  # users between two progress lines of the seed commands
+_T = TypeVar("_T")
 
 _COLUMNS = (
     "tenant", "user_id", "connection_id", "email", "email_verified", "username", "phone_number",
@@ -197,9 +197,10 @@ def _populating(conn: Connection, *, enabled: bool) -> Iterator[bool]:
     and pg_restore does: the table locked and truncated in the transaction (so COPY FREEZE writes
     frozen rows, and no WAL under wal_level=minimal), its secondary indexes and foreign keys dropped,
     then made again from their own definitions after the COPY, in one sorted build each and one
-    join instead of a check per row. Measured on 300k users: 7.2 backend CPU-s with the indexes and
-    10.4 with the foreign key checked per row, 2.0 without either. Yields whether it did so (the
-    COPY may then FREEZE); a table holding users is loaded as it is, never locked for the seed."""
+    join instead of a check per row. The COPY of 300k users cost the backend 10.4 CPU-s with the
+    indexes and the foreign key checked per row, 7.2 without the check, 3.2 with the primary key
+    alone. Yields whether it did so (the COPY may then FREEZE); a table that holds users is loaded
+    as it is, never locked for the seed."""
     empty = "SELECT NOT EXISTS (SELECT 1 FROM users)"
     if not enabled or not conn.exec_driver_sql(empty).scalar_one():
         yield False
@@ -210,7 +211,8 @@ def _populating(conn: Connection, *, enabled: bool) -> Iterator[bool]:
         return
     deferred = conn.execute(text(
         "SELECT format('DROP INDEX %s', indexrelid::regclass), pg_get_indexdef(indexrelid)"
-        " FROM pg_index WHERE indrelid = 'users'::regclass AND NOT indisprimary"
+        " FROM pg_index WHERE indrelid = 'users'::regclass"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conindid = indexrelid)"  # the key's stays
         " UNION ALL SELECT format('ALTER TABLE users DROP CONSTRAINT %I', conname),"
         " format('ALTER TABLE users ADD CONSTRAINT %I %s', conname, pg_get_constraintdef(oid))"
         " FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'f'")).all()
