@@ -7,8 +7,9 @@ PostgreSQL with GCS storage, undisturbed and then under faults, both files check
 Everything runs on this machine and is made by the benchmark: a PostgreSQL cluster of its own
 (initdb into a temporary folder, on a free port, with the binaries of the installed PostgreSQL; as
 the postgres user when run as root), so restarting it disturbs no other database; fake-gcs-server
-(tests/gcs_emulator.py); three `userexport-server` processes sharing both, with --lease-seconds
-leases. It seeds --users users (and prints the seed's users per second), then runs:
+(tests/gcs_emulator.py) keeping its objects as files in a temporary folder; three `userexport-server`
+processes sharing both, with --lease-seconds leases. It seeds --users users (and prints the seed's
+users per second), then runs:
 
 1. undisturbed: both exports created at once, timed until both are COMPLETED;
 2. chaos: the same, while a replica is SIGKILLed every --kill-every seconds and restarted at once
@@ -275,7 +276,7 @@ def run_all(args: argparse.Namespace, postgres: Postgres, dsn: str, folder: path
     """The undisturbed run, then the chaos run, on fresh replicas each; the table's rows."""
     key_file = write_key_file(folder / "service-account.json", new_private_key())
     rows, undisturbed = [], None
-    with running_emulator("userexport-chaos") as gcs:
+    with running_emulator("userexport-chaos", folder=folder / "gcs") as gcs:
         env = {"USEREXPORT_DATABASE_URL": dsn.replace("postgresql://", "postgresql+psycopg://", 1),
                "USEREXPORT_STORAGE": "gcs", "USEREXPORT_GCS_BUCKET": gcs.bucket,
                "USEREXPORT_GCS_ENDPOINT": gcs.endpoint, "USEREXPORT_GCS_CREDENTIALS_FILE": str(key_file),

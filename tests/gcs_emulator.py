@@ -43,8 +43,11 @@ class GcsEmulator:
 
 
 @contextlib.contextmanager
-def running_emulator(bucket: str = BUCKET, timeout: float = 10.0) -> Iterator[GcsEmulator]:
-    """Start fake-gcs-server, create `bucket`, yield; stop the process at the end."""
+def running_emulator(bucket: str = BUCKET, timeout: float = 10.0,
+                     folder: pathlib.Path | None = None) -> Iterator[GcsEmulator]:
+    """Start fake-gcs-server, create `bucket`, yield; stop the process at the end. Objects are kept
+    in memory, or as files in `folder` (for gigabytes: held in memory, 2.7 GB of exports took the
+    emulator 12.7 GB)."""
     with tempfile.TemporaryDirectory(prefix="fake-gcs-") as tmp:
         port = _free_port()
         endpoint = f"http://127.0.0.1:{port}"
@@ -52,7 +55,8 @@ def running_emulator(bucket: str = BUCKET, timeout: float = 10.0) -> Iterator[Gc
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                 "-backend", "memory", "-external-url", endpoint, "-public-host", f"127.0.0.1:{port}",
+                 *(["-backend", "filesystem", "-filesystem-root", str(folder)] if folder else ["-backend", "memory"]),
+                 "-external-url", endpoint, "-public-host", f"127.0.0.1:{port}",
                  "-log-level", "info"],
                 stdout=log, stderr=subprocess.STDOUT)
         try:
