@@ -5,8 +5,9 @@ PostgreSQL with GCS storage, undisturbed and then under faults, both files check
     python bench/chaos_bench.py --users 200000 --kill-every 5     # a quick check
 
 Everything runs on this machine and is made by the benchmark: a PostgreSQL cluster of its own
-(initdb into a temporary folder, on a free port, with the binaries of the installed PostgreSQL; as
-the postgres user when run as root), so restarting it disturbs no other database; fake-gcs-server
+(tests/pg_cluster.py: initdb into a temporary folder, on a free port, with the binaries of the
+installed PostgreSQL, as the postgres user when run as root; fsync off), so restarting it disturbs
+no other database; fake-gcs-server
 (tests/gcs_emulator.py) keeping its objects as files in a temporary folder; three `userexport-server`
 processes sharing both, with --lease-seconds leases. It seeds --users users (and prints the seed's
 users per second), then runs:
@@ -27,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import dataclasses
 import os
 import pathlib
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.export_files import Ids, problems, read_export, table_ids  # noqa: E402
 from tests.gcs_emulator import running_emulator  # noqa: E402
+from tests.pg_cluster import PgCluster, server_bin  # noqa: E402
 from tests.replicas import AnyReplica, Replicas  # noqa: E402
 from tests.service_account import new_private_key, write_key_file  # noqa: E402
 from userexport.v1 import users_export_pb2 as pb  # noqa: E402
@@ -58,7 +57,6 @@ from userexport_server.seed import seed_users  # noqa: E402
 TENANT = "chaos"
 TERMINAL = {pb.Job.COMPLETED, pb.Job.FAILED, pb.Job.CANCELLED, pb.Job.EXPIRED}
 FORMATS: dict[str, pb.ExportRequest.Format] = {"CSV": pb.ExportRequest.CSV, "NDJSON": pb.ExportRequest.JSON}
-_TICK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
 
 
@@ -66,73 +64,24 @@ def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Postgres:
-    """A PostgreSQL cluster of the benchmark's own in a temporary folder (removed by stop()), on a
-    free port."""
-
-    def __init__(self) -> None:
-        found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-        if not found:
-            raise SystemExit("no PostgreSQL binaries under /usr/lib/postgresql/*/bin: apt-get install postgresql")
-        self.bin, self.port = found[-1].parent, free_port()
-        self.folder = pathlib.Path(tempfile.mkdtemp(prefix="userexport-chaos-pg-"))
-        self.data = self.folder / "data"
-        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
-        if self.as_owner:
-            shutil.chown(self.folder, "postgres")
-        self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8",
-                  "--no-sync")
-        settings = {"listen_addresses": "'127.0.0.1'", "port": self.port, "unix_socket_directories": f"'{self.folder}'",
-                    "max_connections": 200, "shared_buffers": "'512MB'", "max_wal_size": "'8GB'",
-                    # Nothing replicates from it: WAL minimal, so the seed's COPY into the emptied table writes none.
-                    "wal_level": "minimal", "max_wal_senders": 0}
-        with (self.data / "postgresql.conf").open("a") as conf:
-            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "start")
-
-    def _run(self, tool: str, *args: str) -> None:
-        done = subprocess.run([*self.as_owner, str(self.bin / tool), *args], capture_output=True, text=True,
-                              cwd=self.folder, check=False)
-        if done.returncode:
-            raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stdout}{done.stderr}")
-
-    def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-m", "fast", "-w",
-                  "restart")
-
-    def cpu_seconds(self) -> float:
-        """CPU-seconds of the cluster's live processes (the postmaster's children)."""
-        postmaster = (self.data / "postmaster.pid").read_text().split()[0]
-        children = subprocess.run(["pgrep", "-P", postmaster], check=False, capture_output=True, text=True).stdout
-        return sum(_cpu(pid) for pid in children.split())
-
-    def stop(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _cpu(pid: str) -> float:
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+def private_cluster() -> PgCluster:
+    """A cluster of the benchmark's own (tests/pg_cluster.py), with room for ten million users: a
+    larger buffer pool and WAL allowance, and WAL minimal (nothing replicates from it), so the
+    seed's COPY into the emptied table writes none."""
+    bin_dir = server_bin()
+    if bin_dir is None:
+        raise SystemExit("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: apt-get install postgresql")
+    cluster = PgCluster.create(bin_dir)
+    for setting in ("shared_buffers = '512MB'", "max_wal_size = '8GB'", "wal_level = minimal", "max_wal_senders = 0"):
+        cluster.execute(f"ALTER SYSTEM SET {setting}")
+    cluster.restart("fast")
+    return cluster
 
 
 class Chaos(threading.Thread):
     """The faults of a chaos run, on a schedule from its start, until stopped."""
 
-    def __init__(self, replicas: Replicas, postgres: Postgres, kill_every: float, restart_at: float,
+    def __init__(self, replicas: Replicas, postgres: PgCluster, kill_every: float, restart_at: float,
                  pause_at: float, pause_for: float) -> None:
         super().__init__(daemon=True)
         self.replicas, self.postgres = replicas, postgres
@@ -169,7 +118,7 @@ class Chaos(threading.Thread):
             if not restarted and now >= self.restart_at:
                 restarted = True
                 self.note(started, "PostgreSQL restarting (pg_ctl restart -m fast)")
-                self.postgres.restart()
+                self.postgres.restart("fast")
                 self.note(started, "PostgreSQL back")
             if now >= next_kill:
                 next_kill += self.kill_every
@@ -257,11 +206,10 @@ def main() -> None:
     folder = pathlib.Path(tempfile.mkdtemp(prefix="userexport-chaos-"))
     postgres = None
     try:
-        postgres = Postgres()
-        log(f"PostgreSQL {postgres.bin.parent.name} on port {postgres.port}, data in {postgres.data}")
-        with psycopg.connect(postgres.dsn(), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE chaos")
-        dsn = postgres.dsn("chaos")
+        postgres = private_cluster()
+        log(f"PostgreSQL {postgres.bin_dir.parent.name} on port {postgres.port}, data in {postgres.data}")
+        postgres.execute("CREATE DATABASE chaos")
+        dsn = postgres.url("chaos")
         engine = make_engine(dsn.replace("postgresql://", "postgresql+psycopg://", 1))
         upgrade(engine)
         cpu_before, started = postgres.cpu_seconds(), time.perf_counter()
@@ -282,6 +230,7 @@ def main() -> None:
     finally:
         if postgres is not None:
             postgres.stop()
+            shutil.rmtree(postgres.root, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{args.users:,} users, {args.replicas} replicas (2 workers each, slices of 100,000 users, leases "
           f"{args.lease_seconds:.0f} s), PostgreSQL and fake-gcs-server on the same {os.cpu_count()} cores; "
@@ -291,11 +240,11 @@ def main() -> None:
     print("\n".join(rows))
 
 
-def run_all(args: argparse.Namespace, postgres: Postgres, dsn: str, folder: pathlib.Path, table: Ids) -> list[str]:
+def run_all(args: argparse.Namespace, postgres: PgCluster, dsn: str, folder: pathlib.Path, table: Ids) -> list[str]:
     """The undisturbed run, then the chaos run, on fresh replicas each; the table's rows."""
     key_file = write_key_file(folder / "service-account.json", new_private_key())
     rows, undisturbed = [], None
-    with running_emulator("userexport-chaos", folder=folder / "gcs") as gcs:
+    with running_emulator("userexport-chaos", on_disk=True) as gcs:
         env = {"USEREXPORT_DATABASE_URL": dsn.replace("postgresql://", "postgresql+psycopg://", 1),
                "USEREXPORT_STORAGE": "gcs", "USEREXPORT_GCS_BUCKET": gcs.bucket,
                "USEREXPORT_GCS_ENDPOINT": gcs.endpoint, "USEREXPORT_GCS_CREDENTIALS_FILE": str(key_file),

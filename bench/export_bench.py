@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -158,20 +159,22 @@ def run_peer(command: str, db_cpu: DatabaseCpu) -> tuple[Run, int]:
     return Run(wall, database[0], children() - before), int(out.split()[0])
 
 
-def run_service(server: ServerProcess, tenant: str, fmt: str, db_cpu: DatabaseCpu) -> tuple[Run, int]:
+def run_service(server: ServerProcess, tenant: str, fmt: str, db_cpu: DatabaseCpu,
+                **request: Any) -> tuple[Run, pb.Job]:
+    """One export of the service (default fields, and `request`'s other fields): its run and final job."""
     caller = Caller(server, tenant)  # type: ignore[arg-type]
     before = cpu_seconds(server.process.pid)
     try:
         with db_cpu.measure() as database:
             started = time.perf_counter()
-            job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON)
+            job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON, **request)
             final = caller.finish(job.id, timeout=3600)
             wall = time.perf_counter() - started
     finally:
         caller.close()
     if final.status != pb.Job.COMPLETED:
         raise SystemExit(f"export failed: {final.error}")
-    return Run(wall, database[0], cpu_seconds(server.process.pid) - before), final.users_written
+    return Run(wall, database[0], cpu_seconds(server.process.pid) - before), final
 
 
 def ratio(ours: list[Run], theirs: list[Run], attribute: str) -> float:
@@ -236,8 +239,8 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
                 command = peer_command(backend, fmt, tenant, target)
                 service, peers = [], []
                 for run in range(runs):  # interleaved, so load from elsewhere hits both alike
-                    ours, written = run_service(server, tenant, fmt, db_cpu)
-                    assert written == users, (written, users)
+                    ours, final = run_service(server, tenant, fmt, db_cpu)
+                    assert final.users_written == users, (final.users_written, users)
                     service.append(ours)
                     theirs, size = run_peer(command, db_cpu) if peer else (Run(*[float("nan")] * 3), 0)
                     peers.append(theirs)

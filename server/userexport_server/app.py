@@ -18,6 +18,8 @@ from userexport_server.api.servicer import UsersExportServicer, add_to_server
 from userexport_server.auth import Authenticator
 from userexport_server.db.engine import make_engine
 from userexport_server.db.migrate import upgrade
+from userexport_server.db.standby import ExportReads, Standby
+from userexport_server.export.changes import ChangeLog
 from userexport_server.health import HealthMonitor, database_problem
 from userexport_server.jobs.events import EventBus
 from userexport_server.jobs.pg_events import PgListener
@@ -38,6 +40,8 @@ from userexport_server.tracing import Tracing
 
 log = EventLog(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["UsersExportService"].full_name
+# The health service that follows the export standby alone (USEREXPORT_EXPORT_DATABASE_URL).
+STANDBY_SERVICE = "userexport.standby"
 # After the workers are done: how long calls in flight (drained watchers sending their last
 # versions, unary calls) get before the server cancels them.
 DRAIN_SECONDS = 2.0
@@ -74,24 +78,33 @@ class App:
         # On PostgreSQL other replicas change jobs too; their changes come in through LISTEN.
         self.listener = PgListener(_libpq_dsn(self.engine), self.origin, self.bus, self.store.get_any,
                                    on_delivered=self.metrics.event_delivered) if postgres else None
-        self.workers = WorkerPool(self.store, self.engine, self.storage, self.bus, workers=settings.workers,
+        self.standby = Standby(make_engine(settings.export_database_url, settings.db_timeouts), self.engine,
+                               interval=settings.health_interval_seconds,
+                               wait_seconds=settings.export_database_wait_seconds) \
+            if settings.export_database_url else None
+        self.reads = ExportReads(self.engine, self.standby, on_read=self.metrics.export_read)
+        self.workers = WorkerPool(self.store, self.reads, self.storage, self.bus, workers=settings.workers,
                                   poll_interval=settings.poll_interval_seconds, gzip_level=settings.gzip_level,
                                   lease_seconds=settings.lease_seconds, stall_seconds=settings.stall_seconds,
                                   attempts=settings.job_attempts, slice_users=settings.slice_users,
                                   tracing=self.tracing, metrics=self.metrics) \
             if settings.workers > 0 else None
+        self.changes = ChangeLog(self.engine, settings.change_retention_seconds)
         self.reaper = Reaper(self.store, self.storage, settings.reaper_interval_seconds,
                              orphan_grace=settings.orphan_grace_seconds,
-                             sweep_interval=settings.orphan_sweep_interval_seconds)
+                             sweep_interval=settings.orphan_sweep_interval_seconds, changes=self.changes)
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(self.health, ("", SERVICE_NAME), {
             **({"workers": self.workers.healthy} if self.workers is not None else {}),
             "database": lambda: database_problem(self.engine),
             "events": self.listener.healthy if self.listener is not None else self.bus.healthy,
             **({"downloads": self.storage.healthy} if isinstance(self.storage, LocalStorage) else {}),
-        }, interval=settings.health_interval_seconds)
+        }, interval=settings.health_interval_seconds,
+            advisory={"standby": (STANDBY_SERVICE, self.standby.health)} if self.standby is not None else None)
         self.metrics.collect_from(jobs=self.store.count_by_status, watchers=self.bus.watcher_count,
                                   health=self.monitor.check_results)
+        if self.standby is not None:
+            self.metrics.collect_standby(self.standby.lag)
         self.server: grpc.aio.Server | None = None
         self.servicer: UsersExportServicer | None = None
         self.port = 0
@@ -131,6 +144,7 @@ class App:
             auth=self._authenticator(), store=self.store, bus=self.bus, storage=self.storage,
             url_ttl=settings.url_ttl_seconds,
             page_tokens=PageTokens(configured_secret(settings.page_token_key, settings.data_dir / "page_token_key")),
+            changes=self.changes,
             read_threads=settings.api_read_threads, write_threads=settings.api_write_threads, tracing=self.tracing,
         )
         servicer.start()
@@ -142,6 +156,8 @@ class App:
         await self.server.start()
         if self.listener is not None:
             await asyncio.to_thread(self.listener.start)
+        if self.standby is not None:
+            await asyncio.to_thread(self.standby.start)
         if self.workers is not None:
             self.workers.start()
         self.reaper.start()
@@ -149,6 +165,8 @@ class App:
         metrics_port = self.metrics.start()
         log.info("server started", listen=settings.listen, port=self.port, tls=_tls_mode(settings),
                  database=self.engine.url.render_as_string(hide_password=True), storage=settings.storage,
+                 export_database=self.standby.engine.url.render_as_string(hide_password=True)
+                 if self.standby is not None else "primary",
                  workers=settings.workers, metrics_port=metrics_port)
         return self.port
 
@@ -173,6 +191,8 @@ class App:
         if self.servicer is not None:
             self.servicer.stop()
         await asyncio.to_thread(self.reaper.stop)
+        if self.standby is not None:
+            await asyncio.to_thread(self.standby.stop)
         await asyncio.to_thread(self.metrics.stop)
         self.storage.close()
         if self.listener is not None:

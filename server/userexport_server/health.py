@@ -3,6 +3,8 @@
 Orchestrators (and the Dockerfile HEALTHCHECK through `userexport-server health`) only learn of a
 dead worker pool, an unreachable database or a dead event listener from health, so every few
 moments each part is asked, and the status of the whole server and of each service follows.
+An advisory check (the export standby: exports fall back to the primary without it) has a health
+service of its own and never turns the server NOT_SERVING: restarting replicas would not mend it.
 """
 from __future__ import annotations
 
@@ -40,11 +42,14 @@ def database_problem(engine: Engine) -> str | None:
 
 class HealthMonitor:
     """Every `interval` seconds runs `checks` (name -> reason it is down, or None) off the loop and
-    sets `services` SERVING when none reports a reason, NOT_SERVING otherwise."""
+    sets `services` SERVING when none reports a reason, NOT_SERVING otherwise; each `advisory` check
+    (name -> (its own service, check)) sets its service alone."""
 
     def __init__(self, servicer: health.aio.HealthServicer, services: Sequence[str], checks: Mapping[str, Check],
-                 interval: float) -> None:
+                 interval: float, advisory: Mapping[str, tuple[str, Check]] | None = None) -> None:
         self.servicer, self.services, self.checks, self.interval = servicer, tuple(services), dict(checks), interval
+        self.advisory = dict(advisory or {})
+        self._advisory_status: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: asyncio.Future[list[str]] | None = None
@@ -71,7 +76,8 @@ class HealthMonitor:
     def check_results(self) -> dict[str, bool]:
         """Each check's verdict in the latest round, for metrics; all False while a round hangs."""
         stuck = STUCK in self._failing
-        return {name: not stuck and name not in self._failing for name in self.checks}
+        return {**{name: not stuck and name not in self._failing for name in self.checks},
+                **{name: not stuck and self._advisory_status.get(name) == SERVING for name in self.advisory}}
 
     async def _run(self) -> None:
         while True:
@@ -82,7 +88,8 @@ class HealthMonitor:
         """One round; the monitor's own errors are logged (once per distinct error) and never end it."""
         try:
             reasons = await self._reasons()
-            await self._apply(reasons)
+            await self._apply([r for r in reasons if r.split(":", 1)[0] not in self.advisory])
+            await self._apply_advisory(reasons)
             self._last_error = ""
         except asyncio.CancelledError:
             raise
@@ -103,7 +110,7 @@ class HealthMonitor:
 
     def _ask_all(self) -> list[str]:
         reasons = []
-        for name, check in self.checks.items():
+        for name, check in [*self.checks.items(), *((name, check) for name, (_, check) in self.advisory.items())]:
             try:
                 reason = check()
             except Exception as exc:
@@ -122,3 +129,16 @@ class HealthMonitor:
             for service in self.services:
                 await self.servicer.set(service, status)
             self._status, self._failing = status, failing
+
+    async def _apply_advisory(self, reasons: list[str]) -> None:
+        """Each advisory check's service follows that check alone (a stuck round leaves them as they were)."""
+        if any(reason.startswith(f"{STUCK}:") for reason in reasons):
+            return
+        for name, (service, _) in self.advisory.items():
+            reason = next((r.split(": ", 1)[1] for r in reasons if r.split(":", 1)[0] == name), None)
+            status = NOT_SERVING if reason else SERVING
+            if self._advisory_status.get(name) != status:
+                log.log(logging.WARNING if reason else logging.INFO, "health changed", service=service,
+                        status=health_pb2.HealthCheckResponse.ServingStatus.Name(status), reasons=reason or "none")
+                await self.servicer.set(service, status)
+                self._advisory_status[name] = status

@@ -1,4 +1,5 @@
-"""userexport-server: run the service (the default command), check its health, or seed sample users."""
+"""userexport-server: run the service (the default command), check its health, seed sample users or
+change them at random (churn)."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="connections to spread them over (default 3)")
     seed.add_argument("--start-index", type=int_at_least(0), default=0,
                       help="number of the first user: to add more users later, the count already seeded")
+    churn = commands.add_parser("churn", parents=[common], help="update, delete and insert users at random "
+                                                               "(for incremental exports' demos and benchmarks)")
+    for change in ("updates", "deletes", "inserts"):
+        churn.add_argument(f"--{change}", type=int_at_least(0), default=0, help=f"how many {change} (default 0)")
+    churn.add_argument("--tenant", default="default", help="the tenant whose users change (default default)")
     return parser
 
 
@@ -159,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(seed_database(settings, tenant=args.tenant, users=args.users, connections=args.connections,
                             start_index=args.start_index))
+        return 0
+    if args.command == "churn":
+        from userexport_server.churn import churn_database
+
+        print(churn_database(settings, tenant=args.tenant, updates=args.updates, deletes=args.deletes,
+                             inserts=args.inserts))
         return 0
     os.umask(0o077)  # besides the explicit modes: whatever else the server creates is private too
     try:

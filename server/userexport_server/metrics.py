@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -66,6 +67,11 @@ class Metrics:
                                         "processing, from its started_at to its file complete (observed by the "
                                         "replica that assembled the file).", buckets=EXPORT_BUCKETS,
                                         registry=registry)
+        self.export_reads = Counter(
+            "userexport_export_reads", "Export reads of the users table started here (a job's planning, or one "
+            "slice), by the database they ran on (primary, standby) and, for a read that fell back to the primary "
+            "though a standby is configured, why (unavailable, behind; empty otherwise).", ["database", "fallback"],
+            registry=registry)
         self.slices_in_flight = Gauge("userexport_export_slices_in_flight", "Slices this process is exporting now.",
                                       registry=registry)
         self.event_lag = Histogram(
@@ -92,6 +98,19 @@ class Metrics:
 
         for name in health():
             checks.labels(check=name).set_function(functools.partial(verdict, name))
+
+    def collect_standby(self, lag: Callable[[], tuple[float | None, float | None]]) -> None:
+        """Read at each scrape: the export standby's replay lag (bytes, seconds) as last probed; NaN: unknown."""
+        gauges = (("userexport_standby_replay_lag_bytes", "Bytes of WAL the primary has written that the export "
+                   "standby has not replayed yet, as last probed (NaN: unknown, one of them does not answer)."),
+                  ("userexport_standby_replay_lag_seconds", "How long ago the primary wrote the oldest WAL the export "
+                   "standby has not replayed yet (to within one health interval; 0: caught up; NaN: unknown)."))
+        for index, (name, text) in enumerate(gauges):
+            Gauge(name, text, registry=self.registry).set_function(functools.partial(_known, lag, index))
+
+    def export_read(self, database: str, fallback: str | None) -> None:
+        """An export read started on `database`; `fallback`: why the standby was passed over."""
+        self.export_reads.labels(database, fallback or "").inc()
 
     def slice_done(self, rows: int, size_bytes: int, seconds: float) -> None:
         """A slice recorded done here; one not recorded (its job ended, or it was lost) never reaches a file."""
@@ -134,6 +153,11 @@ class Metrics:
             self._http = None
         if self._jobs is not None:
             self._jobs.close()
+
+
+def _known(values: Callable[[], tuple[float | None, ...]], index: int) -> float:
+    value = values()[index]
+    return math.nan if value is None else float(value)
 
 
 class _JobsCollector(Collector):

@@ -41,6 +41,12 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # SQLAlchemy URL; empty: sqlite file in data_dir.
     database_url: str = ""
+    # A hot standby of that database (a PostgreSQL streaming replica) for the exports' reads of the
+    # users table; empty: they read the primary. An export reads there once the standby has replayed
+    # its job's creation, waiting at most export_database_wait_seconds, else it reads the primary
+    # (db/standby.py says why it falls back rather than failing).
+    export_database_url: str = ""
+    export_database_wait_seconds: float = 10.0
     # "local" (files in data_dir served over HTTP) or "gcs".
     storage: str = "local"
     # Local backend: where its download endpoint listens, and the base URL put into signed URLs.
@@ -103,6 +109,9 @@ class Settings:
     # How often the reaper sweeps storage for orphans (it also sweeps once at start).
     orphan_sweep_interval_seconds: float = 600.0
     max_active_jobs_per_tenant: int = 2
+    # How long the users change log keeps a change: a watermark older than this is WATERMARK_EXPIRED
+    # (the reaper prunes older changes), so an incremental sync must run at least this often.
+    change_retention_seconds: float = 7 * 24 * 3600
     # Bytes of completed export files one tenant may keep (0: no limit); more is RESOURCE_EXHAUSTED.
     max_retained_bytes_per_tenant: int = 5 * 1024**3
     # Tokens: HS256 secret (empty: a generated one in data_dir), JWKS file for RS256/ES256.
@@ -182,7 +191,8 @@ class Settings:
             raise _error("gcs_bucket", "", f"must be set when {PREFIX}STORAGE=gcs")
         _check_http_url("files_public_url", self.files_public_url)
         _check_http_url("otlp_endpoint", self.otlp_endpoint)
-        _check_database_url(self.database_url)
+        _check_database_url("database_url", self.database_url)
+        self._check_export_database()
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise _error("log_level", self.log_level, "must be DEBUG, INFO, WARNING or ERROR")
         if self.log_format not in ("text", "json"):
@@ -194,6 +204,17 @@ class Settings:
         for name in ("jwt_jwks_file", "gcs_credentials_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             _check_readable(name, getattr(self, name))
         self._check_tls()
+
+    def _check_export_database(self) -> None:
+        if not self.export_database_url:
+            return
+        _check_database_url("export_database_url", self.export_database_url)
+        if not self.export_database_url.startswith("postgresql") or not self.database_url.startswith("postgresql"):
+            raise _error("export_database_url", "<hidden>", f"needs PostgreSQL: a hot standby of {PREFIX}DATABASE_URL")
+        if self.export_database_wait_seconds >= self.stall_seconds:
+            raise _error("export_database_wait_seconds", self.export_database_wait_seconds,
+                         f"must be less than {PREFIX}STALL_SECONDS ({self.stall_seconds:g}): a read waiting for "
+                         "the standby does not move")
 
     def _check_tls(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -219,7 +240,8 @@ _POSITIVE = frozenset({
     "api_read_threads", "api_write_threads", "health_interval_seconds", "poll_interval_seconds", "lease_seconds",
     "stall_seconds",
     "job_ttl_seconds", "job_timeout_seconds", "reaper_interval_seconds", "job_attempts", "slice_users",
-    "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "jwt_jwks_cache_seconds", "max_request_bytes",
+    "orphan_sweep_interval_seconds", "max_active_jobs_per_tenant", "change_retention_seconds",
+    "jwt_jwks_cache_seconds", "max_request_bytes",
     "files_head_timeout_seconds", "files_write_timeout_seconds", "files_max_connections",
 })
 _RANGES: dict[str, tuple[int, int]] = {
@@ -253,15 +275,15 @@ def _check_http_url(name: str, url: str) -> None:
         raise _error(name, url, "must be an http:// or https:// URL")
 
 
-def _check_database_url(url: str) -> None:
+def _check_database_url(name: str, url: str) -> None:
     if not url:
         return
     try:
         backend = make_url(url).get_backend_name()
     except sqlalchemy.exc.ArgumentError:
-        raise _error("database_url", "<hidden>", "is not a database URL (postgresql://user@host:5432/db)") from None
+        raise _error(name, "<hidden>", "is not a database URL (postgresql://user@host:5432/db)") from None
     if backend not in ("sqlite", "postgresql"):
-        raise _error("database_url", f"{backend}://...", "must be a postgresql:// or sqlite:/// URL")
+        raise _error(name, f"{backend}://...", "must be a postgresql:// or sqlite:/// URL")
 
 
 def _check_data_dir(path: pathlib.Path) -> None:

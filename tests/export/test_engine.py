@@ -177,10 +177,20 @@ def test_sqlite_chunks_after_the_first_start_at_the_cursor_alone() -> None:
     """A chunk after the first has one lower bound, the cursor: with the key range's own lower bound
     beside it, SQLite started the index range there and filtered every user up to the cursor again,
     chunk after chunk (an export of three 100,000-user slices took 1.4x as long)."""
-    spec = build_spec(format="csv", connection_id=None, limit=None, fields=[])
+    spec = build_spec(format="csv", connection_id=None, limit=5000, fields=[])
     query = projection(spec, "t", "sqlite", KeyRange("auth0|a", "auth0|z", 1000))
     assert query.chunks is not None and query.chunks.limit == 1000
     first, after = str(query.statement), str(query.chunks.after)
     assert "user_id > :after" in first and ":cursor" not in first
     assert "user_id > :cursor" in after and ":after" not in after
     assert "user_id <= :through" in first and "user_id <= :through" in after
+
+
+def test_a_range_is_capped_by_its_count_only_under_a_limit() -> None:
+    """Without a limit a slice reads every user of its key range, however many it held when counted:
+    a cap would cut off users that existed at the watermark when others were inserted before them."""
+    spec = build_spec(format="csv", connection_id=None, limit=None, fields=[])
+    for dialect in ("sqlite", "postgresql"):
+        query = projection(spec, "t", dialect, KeyRange("auth0|a", "auth0|z", 1000))
+        assert "LIMIT :limit" not in str(query.statement)
+        assert query.chunks is None or query.chunks.limit is None

@@ -1,5 +1,5 @@
 """Parquet exports on every backend: typed columns, JSON as text with the JSON logical type, titles,
-defaults, and slices assembled into one file whose row groups are the slices'."""
+defaults, and slices joined into one file whose row groups are the slices'."""
 from __future__ import annotations
 
 import datetime as dt
@@ -17,7 +17,7 @@ from tests.export.test_csv import ALICE
 from userexport_server.api.requests import build_spec
 from userexport_server.export.defaults import DEFAULT_JSON_FIELDS
 from userexport_server.export.engine import run_export
-from userexport_server.export.parquet import assemble_parquet
+from userexport_server.export.parquet import joined_footer, part_footer
 from userexport_server.export.sql import KeyRange, count_users, key_ranges
 from userexport_server.seed import seed_users
 
@@ -33,6 +33,11 @@ def export(engine: Engine, tenant: str, fields: Sequence[tuple[str, str]] = (), 
 
 def table(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
+
+
+def footer_of(data: bytes) -> bytes:
+    """The footer of the Parquet file `data`, read as the assembler reads a part's."""
+    return part_footer(len(data), lambda start, end: data[start:end])
 
 
 @pytest.fixture
@@ -77,16 +82,21 @@ def test_json_paths_are_their_text_as_stored_and_export_as_names_columns(engine:
                      "mail": "alice@example.com"}
 
 
-def test_slices_assemble_into_one_file_of_their_row_groups(engine: Engine) -> None:
+def test_slices_laid_end_to_end_under_one_footer_are_the_whole_export(engine: Engine) -> None:
+    """The parts as written, one after the other, then joined_footer: one file of their row groups,
+    in order, which reads as the single-pass export; a part of no users (a range emptied since
+    planning) adds no row group."""
     tenant = new_tenant()
     seed_users(engine, tenant=tenant, users=2500)
     spec = build_spec(format="parquet", fields=[], connection_id=None, limit=None)
     with engine.connect() as conn:
         ranges = key_ranges(conn, tenant, spec, count_users(conn, tenant, spec), 1000)
-    parts = [export(engine, tenant, key_range=r) for r in ranges]
-    writer = MemoryWriter()
-    assert assemble_parquet((io.BytesIO(p) for p in parts), writer.write) == 2500
-    whole = pq.ParquetFile(io.BytesIO(writer.buffer.getvalue()))
+    empty = KeyRange(ranges[0].through, ranges[0].through, 0)  # after == through: no user is in it
+    parts = [export(engine, tenant, key_range=r) for r in (ranges[0], empty, *ranges[1:])]
+    footers = [footer_of(part) for part in parts]
+    tail, rows = joined_footer(footers, [len(part) for part in parts])
+    assert rows == [1000, 0, 1000, 500]
+    whole = pq.ParquetFile(io.BytesIO(b"".join(parts) + tail))
     assert [whole.metadata.row_group(i).num_rows for i in range(whole.num_row_groups)] == [1000, 1000, 500]
     assert whole.read().equals(table(export(engine, tenant)))
     assert whole.schema_arrow.equals(table(parts[0]).schema)

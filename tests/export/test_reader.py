@@ -1,7 +1,10 @@
 """The PostgreSQL reader's own connection: it takes the caller's export settings, and a query cancelled
-(by the reader, or by the worker's canceller on the caller's connection) or terminated surfaces at
-once as the transient error the worker retries (DatabaseUnavailable once translated)."""
+(by the reader, or by a worker's run that the reader registered with, as jobs/phases.py does) or
+terminated surfaces at once as the transient error the worker retries (DatabaseUnavailable once
+translated)."""
 from __future__ import annotations
+
+import contextlib
 
 import psycopg
 import pytest
@@ -16,6 +19,7 @@ from userexport_server.db.engine import canceller
 from userexport_server.db.faults import DatabaseUnavailable, translated
 from userexport_server.export.engine import run_export
 from userexport_server.export.reader import ColumnReader
+from userexport_server.jobs.runs import Run
 from userexport_server.seed import seed_users
 
 JSON = build_spec(format="json", connection_id=None, limit=None, fields=[])
@@ -38,7 +42,7 @@ def test_the_reader_runs_with_the_callers_statement_timeout(seeded: tuple[Engine
             run_export(conn, tenant, JSON, MemoryWriter())
 
 
-@pytest.mark.parametrize("how", ["cancel", "terminate", "caller's canceller"])
+@pytest.mark.parametrize("how", ["cancel", "terminate", "the run's cancel"])
 def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Engine, str], how: str) -> None:
     engine, tenant = seeded
     readers: list[ColumnReader] = []
@@ -50,15 +54,21 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
                 readers[0].cancel()
             elif how == "terminate":
                 admin_execute("SELECT pg_terminate_backend(%s)", (readers[0].backend_pid,))
-            else:  # what the worker does to a stalled read: db/engine.py's canceller on its connection
-                stop()
+            else:  # what a cancel, a stall or shutdown does to a worker's run
+                run.cancel("test")
         calls.append(written)
         return True
 
-    # The caller's connection outermost: after its canceller, closing it fails too, translated alike.
-    with pytest.raises(DatabaseUnavailable) as raised, translated(), engine.connect() as conn:
-        stop = canceller(conn)
-        run_export(conn, tenant, JSON, MemoryWriter(), progress=progress, batch_rows=100, on_query=readers.append)
+    def registered(reader: ColumnReader) -> None:
+        readers.append(reader)
+        reads.enter_context(run.cancellable(reader.cancel))
+
+    # As a worker does: the run cancels both the caller's connection and the reader (after the
+    # caller's canceller, closing its connection fails too, translated alike).
+    run = Run("job_test", "slice")
+    with (pytest.raises(DatabaseUnavailable) as raised, translated(), engine.connect() as conn,
+          run.cancellable(canceller(conn)), contextlib.ExitStack() as reads):
+        run_export(conn, tenant, JSON, MemoryWriter(), progress=progress, batch_rows=100, on_query=registered)
     assert isinstance(raised.value.__cause__, psycopg.OperationalError | OperationalError)
     assert calls[-1] < 20_000  # stopped, not read to the end
     pid = readers[0].backend_pid

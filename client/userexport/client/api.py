@@ -5,9 +5,9 @@ details, instead of stubs, metadata tuples and raw `grpc.RpcError`s.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
-import shutil
 import tempfile
 import time
 import urllib.error
@@ -115,6 +115,10 @@ class DownloadError(Exception):
         self.status = status
 
 
+class DigestMismatch(DownloadError):
+    """The file came, but its SHA-256 is not the job's: it was removed, not saved."""
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     """TLS for the channel (PEM file paths). `ca_file`: the roots the server's certificate must
@@ -158,13 +162,18 @@ def format_name(fmt: pb.ExportRequest.Format) -> str:
     return pb.ExportRequest.Format.Name(fmt).lower()
 
 
+def file_suffix(fmt: pb.ExportRequest.Format) -> str:
+    """How an export file of `fmt` ends: ".csv.gz", ".json.gz" (gzip text) or ".parquet"."""
+    return ".parquet" if fmt == pb.ExportRequest.PARQUET else f".{format_name(fmt)}.gz"
+
+
 def parse_status(status: str | pb.Job.Status) -> pb.Job.Status:
     """Accept "completed" as well as `pb.Job.COMPLETED`."""
     return pb.Job.Status.Value(status.upper()) if isinstance(status, str) else status
 
 
 def parse_format(fmt: str | pb.ExportRequest.Format) -> pb.ExportRequest.Format:
-    """Accept "csv"/"json" as well as `pb.ExportRequest.CSV`."""
+    """Accept "csv", "json" or "parquet" as well as `pb.ExportRequest.CSV`."""
     return pb.ExportRequest.Format.Value(fmt.upper()) if isinstance(fmt, str) else fmt
 
 
@@ -225,14 +234,20 @@ class UsersExportClient:
         limit: int | None = None,
         fields: Sequence[tuple[str, str | None]] | Sequence[FieldLike] = (),
         request_id: str = "",
+        filter: str | None = None,
+        changed_since: str | None = None,
     ) -> pb.Job:
-        """Start a users-export job; `request_id` makes a retry return the same job."""
+        """Start a users-export job; `request_id` makes a retry return the same job; `filter` keeps
+        the users it matches (docs/api.md, "Filters"); `changed_since` (an earlier completed job's
+        watermark) exports only the users changed after it."""
         request = pb.ExportRequest(
             format=parse_format(format),
             connection_id=connection_id,
             limit=limit,
             fields=[_to_pb_field(f) for f in fields],
             request_id=request_id,
+            filter=filter,
+            changed_since=changed_since,
         )
         return self._unary(self._stub.CreateUsersExportJob, request)
 
@@ -305,17 +320,22 @@ class UsersExportClient:
         """Revoke a job before it expires: its file is deleted now and the job reads EXPIRED."""
         return self._unary(self._stub.DeleteJob, pb.DeleteJobRequest(id=job_id))
 
-    def download(self, job_or_url: pb.Job | str, dest_path: str | os.PathLike[str]) -> pathlib.Path:
-        """Save the export file at `dest_path` (a directory: keep the server's file name).
+    def download(self, job_or_url: pb.Job | str, dest_path: str | os.PathLike[str],
+                 sha256: str | None = None) -> pathlib.Path:
+        """Save the export file at `dest_path` (a directory: keep the server's file name), as served
+        (gzip text, or Parquet).
 
         The body goes to a temporary name beside the target, renamed once complete, so a cut
         download never looks finished. Given a job, an expired URL is re-signed once via get_job.
+        The file's SHA-256 must be the job's (`sha256` given a URL; none: unchecked), else it is
+        removed and DigestMismatch says so.
         """
         if isinstance(job_or_url, str):
             url, job_id, fallback_name = job_or_url, None, "users-export.gz"
         else:
             url, job_id = job_or_url.location, job_or_url.id
-            fallback_name = f"{job_id}.{format_name(job_or_url.format)}.gz"
+            fallback_name = job_id + file_suffix(job_or_url.format)
+            sha256 = job_or_url.sha256 or None
             if not url:
                 raise ValueError(f"job {job_id} is {status_name(job_or_url.status)}: it has no file")
         try:
@@ -331,7 +351,11 @@ class UsersExportClient:
             target = pathlib.Path(dest_path)
             if target.is_dir():
                 target = target / (_served_file_name(response, url) or fallback_name)
-            _save(response, target)
+            digest = _save(response, target, sha256)
+        if sha256 is not None and digest != sha256.lower():
+            raise DigestMismatch(url, response.status,
+                                 f"{target} was refused and removed: its SHA-256 is {digest}, the job's file has "
+                                 f"{sha256.lower()} (damaged in storage or on the way); download it again")
         return target
 
     def _open_url(self, url: str) -> HTTPResponse:
@@ -374,15 +398,24 @@ def _served_file_name(response: HTTPResponse, url: str) -> str | None:
     return name if name not in ("", ".", "..") else None
 
 
-def _save(response: HTTPResponse, target: pathlib.Path) -> None:
+def _save(response: HTTPResponse, target: pathlib.Path, sha256: str | None) -> str:
+    """Write the body at `target` through a temporary file and return its SHA-256; when it is not
+    `sha256` (lowercase hex; None: any), nothing is left at `target`."""
     try:
         fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as error:  # name the path the caller gave, not the temporary one
         raise OSError(error.errno, error.strerror, str(target)) from None
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(response, out, _COPY_CHUNK_BYTES)
-        os.replace(partial, target)
+            while piece := response.read(_COPY_CHUNK_BYTES):
+                digest.update(piece)
+                out.write(piece)
+        if sha256 is None or digest.hexdigest() == sha256.lower():
+            os.replace(partial, target)
+            return digest.hexdigest()
     except BaseException:
         pathlib.Path(partial).unlink(missing_ok=True)
         raise
+    pathlib.Path(partial).unlink(missing_ok=True)
+    return digest.hexdigest()

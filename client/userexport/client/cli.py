@@ -93,8 +93,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = commands.add_parser("export", parents=[common], help="start a users-export job")
-    export.add_argument("--format", required=True, type=str.lower, choices=["csv", "json"],
-                        help="csv or json (NDJSON), either case")
+    export.add_argument("--format", required=True, type=str.lower, choices=["csv", "json", "parquet"],
+                        help="csv or json (NDJSON), gzip text, or parquet; either case")
     export.add_argument("--connection", metavar="NAME|ID",
                         help="only this connection: its name or its id (con_...), as 'userexport connections "
                              "list' shows them")
@@ -103,11 +103,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=[], help="a field to export, repeatable (default: the format's default set)",
     )
     export.add_argument("--limit", type=int, help="export at most N users")
+    export.add_argument("--filter", metavar="EXPR", help="only the users matching EXPR, e.g. 'created_at >= "
+                        '"2024-01-01T00:00:00Z" AND blocked = false\' (see docs/api.md, "Filters")')
     export.add_argument("--request-id", default="", help="idempotency key: a retry returns the same job")
     export.add_argument("--wait", action="store_true", help="show progress, then download the file")
     export.add_argument("--output", metavar="PATH", help="with --wait: file or directory (default: .)")
     export.add_argument("--cancel-on-interrupt", action="store_true",
                         help="with --wait: Ctrl-C cancels the job (without it the job goes on running)")
+    since = export.add_mutually_exclusive_group()
+    since.add_argument("--changed-since", metavar="WATERMARK",
+                       help="only the users changed after this watermark (a completed job's), each line with "
+                            "_op upsert or delete")
+    since.add_argument("--since-file", metavar="FILE",
+                       help="--changed-since the watermark in FILE; no FILE yet: a full export (the baseline)")
+    export.add_argument("--save-watermark", metavar="FILE",
+                        help="with --wait: once the file is downloaded, write the job's watermark to FILE (for "
+                             "the next --since-file)")
     export.set_defaults(handler=_cmd_export)
 
     jobs = commands.add_parser("jobs", parents=[common], help="inspect, cancel and delete jobs")
@@ -171,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return EXIT_BROKEN_PIPE
     except UsersExportError as error:
-        return _report_rpc_error(error, args.server, getattr(args, "secret_problem", None))
+        return _report_rpc_error(error, args.server, getattr(args, "secret_problem", None),
+                                 getattr(args, "since_file", None))
     except DownloadError as error:
         _error(str(error))
         return EXIT_UNREACHABLE if error.status is None else EXIT_JOB_FAILED
@@ -204,6 +216,8 @@ def _connect(args: argparse.Namespace) -> UsersExportClient:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.save_watermark and (not args.wait or args.limit is not None):
+        raise UsageError("--save-watermark needs --wait, and no --limit (a limited export has no watermark)")
     with _connect(args) as client:
         job = client.create_export(
             args.format,
@@ -211,6 +225,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             limit=args.limit,
             fields=args.fields,
             request_id=args.request_id,
+            filter=args.filter,
+            changed_since=args.changed_since or _read_watermark(args.since_file),
         )
         if not args.wait:
             _print(job_to_dict(job) if args.json else job.id, args.json)
@@ -227,8 +243,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if job.status != pb.Job.COMPLETED:
             return _report_unfinished(job)
         path = client.download(job, args.output or ".")
+    if args.save_watermark:
+        _save_watermark(args.save_watermark, job.watermark)
     _print({**job_to_dict(job), "output": str(path)} if args.json else str(path), args.json)
     return EXIT_OK
+
+
+def _read_watermark(path: str | None) -> str | None:
+    """The watermark kept in `path` by --save-watermark; None when there is none yet (or no path)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as kept:
+            return kept.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _save_watermark(path: str, watermark: str) -> None:
+    """Write `watermark` to `path` whole or not at all (a temporary file renamed over it)."""
+    partial = f"{path}.tmp-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as out:
+        out.write(watermark + "\n")
+    os.replace(partial, path)
 
 
 def _connection_id(client: UsersExportClient, connection: str | None) -> str | None:
@@ -373,6 +410,9 @@ def format_job(job: pb.Job) -> str:
         ("expires", _timestamp(job, "expires_at")),
         ("location", job.location),
         ("size", f"{job.size_bytes} bytes" if job.size_bytes else ""),
+        ("sha256", job.sha256),
+        ("details", job.status_details),
+        ("watermark", job.watermark),
         ("request id", job.request_id),
     ]
     return "\n".join(f"{key:<11} {value}" for key, value in rows if value)
@@ -415,7 +455,8 @@ def _report_unfinished(job: pb.Job) -> int:
     return EXIT_JOB_FAILED
 
 
-def _report_rpc_error(error: UsersExportError, server: str, secret_problem: str | None = None) -> int:
+def _report_rpc_error(error: UsersExportError, server: str, secret_problem: str | None = None,
+                      since_file: str | None = None) -> int:
     if error.unreachable:
         _error(f"cannot reach the userexport server at {server}: {error.message}")
         return EXIT_UNREACHABLE
@@ -430,6 +471,9 @@ def _report_rpc_error(error: UsersExportError, server: str, secret_problem: str 
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
         sent = f"no token was sent ({secret_problem}); " if secret_problem else ""
         print(f"hint: {sent}pass --token or USEREXPORT_TOKEN, or point --data-dir at the server's data directory",
+              file=sys.stderr)
+    if error.reason == "WATERMARK_EXPIRED" and since_file:
+        print(f"hint: remove {since_file} for a full export; with --save-watermark it starts the increments again",
               file=sys.stderr)
     return EXIT_RPC_ERROR
 

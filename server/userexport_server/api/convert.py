@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from google.protobuf import timestamp_pb2
 
@@ -24,7 +25,11 @@ def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def job_message(job: Job, location: tuple[str, dt.datetime] | None = None) -> pb.Job:
+def job_message(job: Job, location: tuple[str, dt.datetime] | None = None, *,
+                seal: Callable[[str], str]) -> pb.Job:
+    """The Job message; `seal` makes a watermark (server form) the caller's text (requests.seal_watermark).
+    A job's watermark is shown once it COMPLETED: before, its file does not exist."""
+    watermark = job.watermark if job.status == JobStatus.COMPLETED and job.watermark else None
     message = pb.Job(
         id=job.id, type="users_export", status=_STATUS_TO_PB[job.status], created_at=timestamp(job.created_at),
         updated_at=timestamp(job.updated_at), connection_id=job.spec.connection_id or "",
@@ -33,7 +38,8 @@ def job_message(job: Job, location: tuple[str, dt.datetime] | None = None) -> pb
         percentage_done=job.percentage_done, users_written=job.users_written, users_total=job.users_total,
         error=job.error or "", expires_at=timestamp(job.expires_at), started_at=timestamp(job.started_at),
         finished_at=timestamp(job.finished_at), request_id=job.request_id or "", size_bytes=job.size_bytes,
-        version=job.version, sha256=job.sha256 or "", changed_since=job.spec.changed_since or "",
+        version=job.version, sha256=job.sha256 or "", watermark=seal(watermark) if watermark else "",
+        changed_since=seal(job.spec.changed_since) if job.spec.changed_since else "",
         filter=job.spec.filter or "", status_details=job.status_details or "",
     )
     if job.spec.limit is not None:

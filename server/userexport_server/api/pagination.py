@@ -2,13 +2,16 @@
 it continues after) and opens only with the listing it was made for.
 
 The key is derived (HKDF-SHA256) from the page-token secret, which every replica shares; the
-caller's binding (tenant and filter, see api/requests.py) is the associated data.
+caller's binding (tenant and filter, see api/requests.py) is the associated data. A stable token
+(a watermark's) takes its nonce from an HMAC of what it seals, so the same keys always give the
+same text (a synthetic nonce, as in AES-SIV: equal tokens tell only that they seal the same).
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import datetime as dt
+import hmac
 import os
 
 import orjson
@@ -20,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 Cursor = tuple[dt.datetime, str]  # the last job of a page: (created_at, id)
 _NONCE_BYTES = 12
 _KEY_INFO = b"userexport.v1 ListJobs page token"  # ListConnections shares it; bindings differ
+_NONCE_INFO = b"userexport.v1 stable token nonce"
 
 
 class InvalidPageToken(ValueError):
@@ -32,6 +36,7 @@ class PageTokens:
     def __init__(self, secret: bytes) -> None:
         key = HKDF(algorithm=SHA256(), length=32, salt=None, info=_KEY_INFO).derive(secret)
         self._aead = AESGCM(key)
+        self._nonce_key = HKDF(algorithm=SHA256(), length=32, salt=None, info=_NONCE_INFO).derive(secret)
 
     def seal(self, binding: bytes, cursor: Cursor) -> str:
         """A ListJobs token: the last job's (created_at, id)."""
@@ -44,10 +49,13 @@ class PageTokens:
         except ValueError as exc:
             raise InvalidPageToken("page token does not open") from exc
 
-    def seal_keys(self, binding: bytes, keys: tuple[str, ...]) -> str:
-        """Any listing's token: the sort keys of its page's last item."""
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, orjson.dumps(keys), binding)
+    def seal_keys(self, binding: bytes, keys: tuple[str, ...], *, stable: bool = False) -> str:
+        """Any listing's token: the sort keys of its page's last item. `stable`: the same binding and
+        keys always seal to the same token."""
+        plain = orjson.dumps(keys)
+        nonce = hmac.digest(self._nonce_key, binding + b"\0" + plain, "sha256")[:_NONCE_BYTES] if stable \
+            else os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, plain, binding)
         return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 
     def open_keys(self, binding: bytes, token: str, count: int) -> tuple[str, ...]:

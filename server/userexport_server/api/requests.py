@@ -20,6 +20,8 @@ from userexport.v1 import users_export_pb2 as pb
 from userexport_server.api.convert import FORMAT_FROM_PB, STATUS_FROM_PB
 from userexport_server.api.pagination import Cursor, InvalidPageToken, PageTokens
 from userexport_server.errors import InvalidArgument, Violation
+from userexport_server.export import filters
+from userexport_server.export.changes import Watermark
 from userexport_server.export.defaults import default_fields
 from userexport_server.export.paths import (
     KEY_PATTERN,
@@ -32,6 +34,7 @@ from userexport_server.export.paths import (
     parse_path,
 )
 from userexport_server.export.spec import ExportSpec, FieldSpec, Format
+from userexport_server.export.sql import OP_FIELD
 from userexport_server.identifiers import CONNECTION_ID, JOB_ID, REQUEST_ID, control_character, matches
 from userexport_server.jobs.model import Job, JobStatus
 
@@ -115,15 +118,21 @@ def connection_to_look_up(request: pb.ExportRequest) -> str | None:
     return connection_id if connection_id is not None and matches(CONNECTION_ID, connection_id) else None
 
 
-def new_export(request: pb.ExportRequest, connection_name: str | None) -> NewExport:
+def new_export(request: pb.ExportRequest, connection_name: str | None, tenant: str, tokens: PageTokens) -> NewExport:
     """The request as a NewExport, or InvalidArgument with every violation; `connection_name` is the
-    name found for connection_to_look_up(request) in the caller's tenant (None: not found)."""
+    name found for connection_to_look_up(request) in the caller's tenant (None: not found). A
+    changed_since watermark must open for `tenant` (see seal_watermark); the spec holds it opened."""
     connection_id = request.connection_id if request.HasField("connection_id") else None
-    spec, violations = _export_spec(format=_format_text(request.format), connection_id=connection_id,
-                                    limit=request.limit if request.HasField("limit") else None,
-                                    fields=[(f.name, f.export_as) for f in request.fields],
-                                    changed_since=request.changed_since if request.HasField("changed_since") else None,
-                                    filter=request.filter if request.HasField("filter") else None)
+    violations: list[Violation] = []
+    since = request.changed_since if request.HasField("changed_since") else None
+    opened = None if since is None else _open_watermark(tokens, tenant, since, violations)
+    # One that does not open still has the incremental rules checked; the request is refused anyway.
+    spec, found = _export_spec(format=_format_text(request.format), connection_id=connection_id,
+                               limit=request.limit if request.HasField("limit") else None,
+                               fields=[(f.name, f.export_as) for f in request.fields],
+                               changed_since=opened or since,
+                               filter=request.filter if request.HasField("filter") else None)
+    violations[:0] = found
     name = None
     if connection_to_look_up(request) is not None:
         name = connection_name
@@ -173,10 +182,60 @@ def _export_spec(*, format: str | None, connection_id: str | None, limit: int | 
         violations.append(Violation("fields", f"at most {MAX_FIELDS} fields are allowed, got {len(fields)}"))
     specs = tuple(FieldSpec(name, export_as or None) for name, export_as in fields)
     violations.extend(_field_violations(specs, fmt))
+    filter = _filter(filter, violations)
+    if changed_since is not None:
+        violations.extend(_incremental_violations(specs, limit))
     if violations or fmt is None:
         return None, violations
     return ExportSpec(format=fmt, fields=specs or default_fields(fmt), connection_id=connection_id or None,
                       limit=limit, changed_since=changed_since, filter=filter), violations
+
+
+def _filter(text: str | None, violations: list[Violation]) -> str | None:
+    """The filter's text as given, once it parses (export/filters.py); None: absent or blank."""
+    try:
+        return text if text and filters.parse(text) is not None else None
+    except filters.FilterError as error:
+        violations.append(Violation("filter", str(error)))
+        return None
+
+
+def _incremental_violations(specs: Sequence[FieldSpec], limit: int | None) -> list[Violation]:
+    """An increment holds every change (no limit), names each user by user_id (a delete line holds
+    nothing else; every default set has it), and its lines start with OP_FIELD, which no field may be called."""
+    violations = []
+    if limit is not None:
+        violations.append(Violation("limit", "must be absent with changed_since: an increment holds every change"))
+    if specs and all(f.name != "user_id" for f in specs):
+        violations.append(Violation("fields", "must include user_id with changed_since: a delete line names its "
+                                              "user by it"))
+    violations.extend(Violation(f"fields[{i}].export_as", f'"{OP_FIELD}" is the op of an incremental export\'s '
+                                                          "lines; pick another name")
+                      for i, f in enumerate(specs) if f.title == OP_FIELD)
+    return violations
+
+
+def _open_watermark(tokens: PageTokens, tenant: str, sealed: str, violations: list[Violation]) -> str | None:
+    """The watermark (server form) that `sealed` holds for `tenant`, or None after its violation."""
+    try:
+        (watermark,) = tokens.open_keys(_watermark_binding(tenant), sealed, 1)
+        Watermark.parse(watermark)
+    except ValueError:  # InvalidPageToken included
+        violations.append(Violation("changed_since", "is not a watermark of this tenant: pass the watermark of a "
+                                                     "COMPLETED job as it was returned"))
+        return None
+    return watermark
+
+
+def seal_watermark(tokens: PageTokens, tenant: str, watermark: str) -> str:
+    """A watermark (server form) as callers see it (Job.watermark, the changed_since echo): opaque,
+    opening only for `tenant`, and the same text each time."""
+    return tokens.seal_keys(_watermark_binding(tenant), (watermark,), stable=True)
+
+
+def _watermark_binding(tenant: str) -> bytes:
+    """Four items, where listings' bindings have two or three, so no page token opens as a watermark."""
+    return orjson.dumps(["watermark", tenant, "", ""])
 
 
 def _format(value: str | None, violations: list[Violation]) -> Format | None:

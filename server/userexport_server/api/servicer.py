@@ -26,6 +26,7 @@ from userexport_server.auth import READ, READ_OR_CREATE, Authenticator, Principa
 from userexport_server.db.connections import list_connections
 from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.errors import InvalidArgument, JobNotFound, ServiceError, Unavailable
+from userexport_server.export.changes import ChangeLog
 from userexport_server.jobs.events import Draining, EventBus
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import Job, JobStatus
@@ -126,8 +127,10 @@ def _serialize(message: Message | bytes) -> bytes:
 
 class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     def __init__(self, *, auth: Authenticator, store: JobStore, bus: EventBus, storage: Storage, url_ttl: int,
-                 page_tokens: PageTokens, read_threads: int = 8, write_threads: int = 4, tracing: Tracing) -> None:
+                 page_tokens: PageTokens, changes: ChangeLog, read_threads: int = 8, write_threads: int = 4,
+                 tracing: Tracing) -> None:
         self.auth, self.store, self.bus, self.storage, self.tracing = auth, store, bus, storage, tracing
+        self.changes = changes
         self.url_ttl, self.page_tokens = url_ttl, page_tokens
         self.threads: dict[Pool, int] = {"read": read_threads, "write": write_threads}
         self._pools: dict[Pool, ThreadPoolExecutor] = {}
@@ -173,7 +176,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         connection_id = requests.connection_to_look_up(request)
         name = None if connection_id is None else \
             await self.blocking("read", self.store.connection_name, principal.tenant, connection_id)
-        export = requests.new_export(request, name)
+        export = requests.new_export(request, name, principal.tenant, self.page_tokens)
+        await self.blocking("read", self.changes.require_fresh, export.spec)
         with self.tracing.creating() as creation:
             job, created = await self.blocking("write", self.store.create, principal.tenant, export.spec,
                                                connection_name=export.connection_name, request_id=export.request_id,
@@ -263,7 +267,8 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
         local: a thread hop would cost twenty times more)."""
         key = _location_key(job)
         if key is not None and not self.storage.signs_locally:
-            return convert.job_message(job, await self.blocking("read", self.storage.sign_url, key, self.url_ttl))
+            return convert.job_message(job, await self.blocking("read", self.storage.sign_url, key, self.url_ttl),
+                                       seal=self._sealer(job))
         return self._render_here(job)
 
     def _signs_remotely(self, job: Job) -> bool:
@@ -272,7 +277,12 @@ class UsersExportServicer(pb_grpc.UsersExportServiceServicer):
     def _render_here(self, job: Job) -> pb.Job:
         """The Job message when no remote signature is needed (see _signs_remotely)."""
         key = _location_key(job)
-        return convert.job_message(job, None if key is None else self.storage.sign_url(key, self.url_ttl))
+        return convert.job_message(job, None if key is None else self.storage.sign_url(key, self.url_ttl),
+                                   seal=self._sealer(job))
+
+    def _sealer(self, job: Job) -> Callable[[str], str]:
+        """Seals `job`'s watermarks for its tenant."""
+        return functools.partial(requests.seal_watermark, self.page_tokens, job.tenant)
 
     async def shared_render(self, job: Job) -> bytes:
         """`job` serialized once for every watcher and reader that is sent this version; a completed

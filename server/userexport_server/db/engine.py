@@ -34,13 +34,19 @@ class Timeouts:
 
     `busy`: SQLite waiting for another writer's lock. `statement`: PostgreSQL running one statement
     (exports lift it, see `unbounded_statements`). `pool`: waiting for a free pooled connection.
-    `connect`: opening a PostgreSQL connection.
+    `connect`: opening a PostgreSQL connection. `idle`: a PostgreSQL session idle inside a
+    transaction this long is ended by the server, which frees its locks: a replica paused in the
+    middle of one (SIGSTOP, a frozen VM) would otherwise hold its job's row and advisory lock for as
+    long as it stays paused, and every other replica's writes to that job, and claims of its
+    slices, would wait (tests/integration/test_faults_paused_replica.py). The service's own
+    transactions last milliseconds; an export's reading transaction lifts it (`export_reads`).
     """
 
     busy: float = 5.0
     statement: float = 30.0
     pool: float = 10.0
     connect: float = 5.0
+    idle: float = 5.0
 
 
 def make_engine(url: str, timeouts: Timeouts = Timeouts(), origin: str = "", **kwargs: Any) -> Engine:
@@ -57,6 +63,7 @@ def make_engine(url: str, timeouts: Timeouts = Timeouts(), origin: str = "", **k
         options["connect_args"] = {"check_same_thread": False, "timeout": timeouts.busy}
     else:
         settings = f"-c statement_timeout={round(timeouts.statement * 1000)}" + \
+            f" -c idle_in_transaction_session_timeout={round(timeouts.idle * 1000)}" + \
             (f" -c userexport.origin={origin}" if origin else "")
         options.update(pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=timeouts.pool, connect_args={
             "connect_timeout": max(1, round(timeouts.connect)), "options": settings, **KEEPALIVES})
@@ -85,14 +92,16 @@ def unbounded_statements(connection: Connection) -> None:
 
 
 def export_reads(connection: Connection) -> None:
-    """Set this transaction up for an export's reads: no statement timeout (see unbounded_statements)
-    and, on PostgreSQL, no parallel plan and no JIT. Slices are the parallelism: each streams one
+    """Set this transaction up for an export's reads: no statement timeout (see unbounded_statements),
+    no idle-in-transaction timeout (the connection idles while ADBC's own reads), and, on
+    PostgreSQL, no parallel plan and no JIT. Slices are the parallelism: each streams one
     range of the index in order, where a parallel plan would sort it (spilling to disk) and every
     query would first spend about 135 ms compiling its expressions. The backend shows as
     application_name EXPORT_APPLICATION_NAME in pg_stat_activity, so a DBA can tell export reads apart."""
     unbounded_statements(connection)
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SET LOCAL application_name = '{EXPORT_APPLICATION_NAME}'")
+        connection.exec_driver_sql("SET LOCAL idle_in_transaction_session_timeout = 0")
         connection.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
         connection.exec_driver_sql("SET LOCAL jit = off")
 

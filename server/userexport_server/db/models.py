@@ -4,7 +4,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKeyConstraint, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Double,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -18,6 +31,10 @@ class Connection(Base):
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     id: Mapped[str] = mapped_column(String(20), primary_key=True)
     name: Mapped[str] = mapped_column(String(128))
+
+
+# A user_id, compared in byte order on PostgreSQL whatever the database's locale.
+_USER_ID = String(255).with_variant(String(255, collation="C"), "postgresql")
 
 
 class User(Base):
@@ -36,8 +53,7 @@ class User(Base):
 
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     # Byte order on PostgreSQL whatever the database's locale, so exports order users the same everywhere.
-    user_id: Mapped[str] = mapped_column(String(255).with_variant(String(255, collation="C"), "postgresql"),
-                                         primary_key=True)
+    user_id: Mapped[str] = mapped_column(_USER_ID, primary_key=True)
     connection_id: Mapped[str] = mapped_column(String(20))
     email: Mapped[str | None] = mapped_column(String(320))
     email_verified: Mapped[bool | None] = mapped_column(Boolean)
@@ -141,3 +157,42 @@ class JobSlice(Base):
     users_written: Mapped[int] = mapped_column(BigInteger, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     part_key: Mapped[str | None] = mapped_column(String(512))
+
+
+# The change log of users (migration 0008's triggers write it; export/changes.py reads it): one row
+# per user an INSERT, UPDATE or DELETE touched (`op` I, U or D; a D row is the tombstone), at
+# `txn`: the writing transaction's id on PostgreSQL (pg_current_xact_id), a counter on SQLite
+# (user_change_clock.last). `changed_at` (seconds since the epoch, the database's clock) is what
+# pruning goes by. No primary key: a transaction's rows share their txn.
+user_changes = Table(
+    "user_changes", Base.metadata,
+    Column("txn", BigInteger, nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("user_id", _USER_ID, nullable=False),
+    Column("connection_id", String(20)),
+    Column("op", String(1), nullable=False),
+    Column("changed_at", Double, nullable=False),
+    # Serves "the changes of tenant T after watermark W": a range of the tenant's entries.
+    Index("ix_user_changes_tenant_txn", "tenant", "txn"),
+    Index("ix_user_changes_changed_at", "changed_at"),
+)
+
+# One row (id 1): on SQLite `last`, the last txn handed out (SQLite has one writer at a time, so a
+# counter is commit order); on both, `pruned_mark`, the taken_at of the mark whose visible changes
+# pruning deleted last (0: none yet): a watermark taken after it lost nothing.
+user_change_clock = Table(
+    "user_change_clock", Base.metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("last", BigInteger, nullable=False),
+    Column("pruned_mark", Double, nullable=False),
+)
+
+# Marks the reaper takes as it goes: watermarks (export/changes.py, server form) and when they were
+# taken. A change visible to a mark is visible to every watermark taken later, so pruning deletes
+# the changes visible to the newest mark older than the retention.
+user_change_marks = Table(
+    "user_change_marks", Base.metadata,
+    Column("taken_at", Double, nullable=False),
+    Column("watermark", Text, nullable=False),
+    Index("ix_user_change_marks_taken_at", "taken_at"),
+)

@@ -11,6 +11,8 @@ Rules (SPEC, "The export file"):
   object (and a list keeps its positions, holes filled with null); an all-missing object is
   omitted. JSON values are spliced as stored, never re-encoded; strings are escaped the way
   PostgreSQL's to_json and SQLite's json_quote escape them.
+- An incremental export's lines start with `_op` (upsert or delete): the first CSV column, the
+  first NDJSON key. A delete line's other fields are null: empty cells, omitted keys.
 
 A frame becomes one column of whole lines, whose Arrow values buffer is the text to write.
 """
@@ -24,7 +26,7 @@ import pyarrow as pa
 
 from userexport_server.export.paths import Kind, Segment, output_keys, parse_path
 from userexport_server.export.spec import ExportSpec, Format
-from userexport_server.export.sql import Column
+from userexport_server.export.sql import OP_FIELD, Column
 
 # First characters that make a spreadsheet evaluate a cell; such cells get a leading quote.
 GUARD_CHARS = "=+-@\t\r"
@@ -128,9 +130,12 @@ def _list(node: _Tree) -> pl.Expr:
     return pl.concat_str(pl.lit("["), tail, pl.lit("]"))
 
 
-def json_line(tree: _Tree) -> pl.Expr:
-    """The line's object. When the first member is never missing (user_id) it is written without
-    the leading comma the others carry, which saves cutting the first character off every line."""
+def json_line(tree: _Tree, op: pl.Expr | None = None) -> pl.Expr:
+    """The line's object, `op` its first member when given. When the first member is never missing
+    (user_id) it is written without the leading comma the others carry, which saves cutting the
+    first character off every line."""
+    if op is not None:
+        return pl.concat_str(pl.lit(f'{{"{OP_FIELD}":"'), op, pl.lit('"'), _members(tree), pl.lit("}"))
     items = list(tree.items())
     if items and isinstance(items[0][1], tuple) and items[0][1][1]:
         (key, (value, _)), rest = items[0], dict(items[1:])
@@ -150,19 +155,21 @@ def _insert(tree: _Tree, keys: Sequence[Segment], leaf: _Leaf) -> None:
 
 class Formatter:
     """The cells of one spec, compiled once into one polars expression of the whole line (line end
-    included) and applied to every frame."""
+    included) and applied to every frame; `op`: the frames' op column starts each line."""
 
-    def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None]) -> None:
+    def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None],
+                 op: bool = False) -> None:
         value = lambda i: pl.col(f"c{i}")
         if spec.format is Format.CSV:
-            self.header: bytes | None = ",".join(csv_quote(f.title) for f in spec.fields).encode()
+            titles = [OP_FIELD] * op + [f.title for f in spec.fields]
+            self.header: bytes | None = ",".join(map(csv_quote, titles)).encode()
             self.line_end = b"\r\n"
             cells = [csv_cell(None if i is None else columns[i], value(i)).fill_null("") for i in fields]
-            if len(cells) == 1:
+            if len(cells) == 1 and not op:
                 # A one-column row whose cell is empty would be a blank line, which readers skip;
                 # write it as "" the way Python's csv module does.
                 cells = [pl.when(cells[0] != "").then(cells[0]).otherwise(pl.lit('""'))]
-            line = pl.concat_str(cells, separator=",")
+            line = pl.concat_str([_csv_string(pl.col("op"))] * op + cells, separator=",")
         else:
             self.header, self.line_end = None, b"\n"
             tree: _Tree = {}
@@ -171,7 +178,7 @@ class Formatter:
                     path, column = parse_path(f.name), columns[i]
                     always = column.kind is Kind.STRING and column.path is None and column.root in _NOT_NULL
                     _insert(tree, output_keys(path, f.export_as), (_json_leaf(column, value(i)), always))
-            line = json_line(tree)
+            line = json_line(tree, pl.col("op") if op else None)
         self._line = pl.concat_str(line, pl.lit(self.line_end.decode())).alias(_LINE)
 
     def render(self, frame: pl.DataFrame) -> memoryview:

@@ -141,8 +141,8 @@ class _Output(Protocol):
 
 def _output(spec: ExportSpec, query: Projection, sink: _Coalesced, gzip_level: int) -> _Output:
     if spec.format is Format.PARQUET:
-        return _ParquetOutput(ParquetColumns(spec, query.columns, query.fields), sink)
-    return _TextOutput(Formatter(spec, query.columns, query.fields), sink, gzip_level)
+        return _ParquetOutput(ParquetColumns(spec, query.columns, query.fields, query.op), sink)
+    return _TextOutput(Formatter(spec, query.columns, query.fields, query.op), sink, gzip_level)
 
 
 class _ParquetOutput:

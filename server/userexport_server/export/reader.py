@@ -15,7 +15,8 @@ JSON object lines (sql.Chunks), which polars parses in one call with the column 
 
 Every frame has the projection's columns c0..cn, one type per kind: STRING and JSON (the value's
 JSON text) as String, INT as Int64, BOOL as Boolean, DATETIME as Datetime(us, UTC); a missing
-value is null. `cancel()` (any thread) stops the running query; ADBC's errors become psycopg's
+value is null; an incremental export's frames also have `op` (String). `cancel()` (any thread)
+stops the running query, and does nothing once the reader is closed; ADBC's errors become psycopg's
 OperationalError, which db/faults.py knows, so a terminated connection is retried as before.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ import abc
 import contextlib
 import io
 import os
-import select
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -66,7 +66,7 @@ class ColumnReader(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self) -> None:
-        """Stop the running query; iterating then raises."""
+        """Stop the running query (any thread; nothing once closed); iterating then raises."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -81,9 +81,9 @@ def open_reader(conn: Connection, projection: Projection) -> ColumnReader:
 
 
 class _PostgresReader(ColumnReader):
-    """ADBC's binary COPY on a connection of its own, tied to the caller's: the reader is cancelled
-    when the caller's connection goes (db/engine.py's canceller shuts its socket down to stop a read
-    stuck on a hung backend), so whatever stops the caller's reads stops this one too."""
+    """ADBC's binary COPY on a connection of its own. Whoever may have to stop the read (a worker's
+    run: a cancel, a stall, shutdown) registers `cancel` (run_export's on_query); the caller's own
+    connection sits idle meanwhile."""
 
     def __init__(self, conn: Connection, projection: Projection) -> None:
         self._projection = projection
@@ -98,6 +98,8 @@ class _PostgresReader(ColumnReader):
         uri = url.render_as_string(hide_password=False)
         self._adbc = _pg_errors(lambda: adbc_driver_postgresql.dbapi.connect(uri, autocommit=True))
         self._socket: socket.socket | None = None
+        self._lock = threading.Lock()  # cancel() and close() from different threads
+        self._closed = False
         try:
             self._cursor = self._adbc.cursor()
             self._cursor.execute(mogrify(f"SELECT {apply}, pg_backend_pid(), inet_client_port()", tuple(current)))
@@ -107,7 +109,6 @@ class _PostgresReader(ColumnReader):
         except BaseException:
             self._adbc.close()
             raise
-        self._follower = _Follower(socket.socket(fileno=os.dup(driver.pgconn.socket)), self.cancel)
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
         self._cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(PG_BATCH_BYTES)})
@@ -123,58 +124,26 @@ class _PostgresReader(ColumnReader):
     def cancel(self) -> None:
         """Ask the server to cancel, and shut the socket down, which ends a read the server will
         never answer (a hung backend ignores a cancel request) at once; iterating then raises."""
-        with contextlib.suppress(adbc.Error):
-            self._cursor.adbc_cancel()
-        if self._socket is not None:
-            with contextlib.suppress(OSError):
-                self._socket.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(adbc.Error):
+                self._cursor.adbc_cancel()
+            if self._socket is not None:
+                with contextlib.suppress(OSError):
+                    self._socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        self._follower.stop()
-        try:
-            with contextlib.suppress(adbc.Error):
-                self._cursor.adbc_cancel()  # else closing mid-COPY would read the rest of it
-            self._cursor.close()
-        finally:
-            self._adbc.close()
-            if self._socket is not None:
-                self._socket.close()
-
-
-class _Follower:
-    """Calls `cancel` when `sock` (the caller's connection, idle while the export reads) reaches its
-    end: shut down by a canceller or closed by the server. A thread in poll(), woken to stop."""
-
-    def __init__(self, sock: socket.socket, cancel: Callable[[], None]) -> None:
-        self._sock, self._cancel = sock, cancel
-        self._wake_read, self._wake_write = os.pipe()
-        self._thread = threading.Thread(target=self._follow, name="export-follow", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN | select.POLLRDHUP)
-        poller.register(self._wake_read, select.POLLIN)
-        try:
-            for fd, _ in poller.poll():
-                if fd == self._sock.fileno() and self._ended():
-                    self._cancel()
-        finally:
-            self._sock.close()
-
-    def _ended(self) -> bool:
-        try:
-            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-
-    def stop(self) -> None:
-        os.write(self._wake_write, b"x")
-        self._thread.join()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._lock:
+            self._closed = True
+            try:
+                with contextlib.suppress(adbc.Error):
+                    self._cursor.adbc_cancel()  # else closing mid-COPY would read the rest of it
+                self._cursor.close()
+            finally:
+                self._adbc.close()
+                if self._socket is not None:
+                    self._socket.close()
 
 
 def _tcp_socket(port: int | None) -> socket.socket | None:
@@ -214,10 +183,13 @@ class _SqliteReader(ColumnReader):
     def __init__(self, conn: Connection, projection: Projection, chunks: Chunks) -> None:
         self._driver = conn.connection.driver_connection
         self._cursor = self._driver.cursor()  # type: ignore[union-attr]
+        self._lock = threading.Lock()
+        self._closed = False
         self._first, self._after = (s.compile(dialect=conn.dialect) for s in (projection.statement, chunks.after))
         self._limit = chunks.limit
         columns = projection.columns
-        self._schema = {f"c{i}": _SQLITE_TYPES[c.kind] for i, c in enumerate(columns)} or {"c": pl.Int64}
+        self._schema = ({"op": pl.String} if projection.op else {}) | \
+            {f"c{i}": _SQLITE_TYPES[c.kind] for i, c in enumerate(columns)} or {"c": pl.Int64}
         self._typed = [_sqlite_typed(pl.col(f"c{i}"), c.kind).alias(f"c{i}") for i, c in enumerate(columns)]
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
@@ -235,9 +207,13 @@ class _SqliteReader(ColumnReader):
                 remaining -= rows
 
     def cancel(self) -> None:
-        self._driver.interrupt()  # type: ignore[union-attr]
+        with self._lock:  # once closed, the connection is the caller's again: never interrupt it then
+            if not self._closed:
+                self._driver.interrupt()  # type: ignore[union-attr]
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self._cursor.close()
 
 

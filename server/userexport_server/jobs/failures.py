@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from userexport.backoff import Backoff
 from userexport_server.db.faults import DatabaseUnavailable
-from userexport_server.errors import StorageError
+from userexport_server.errors import ServiceError, StorageError
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.retry import retry_transient
 from userexport_server.jobs.store import JobStore
@@ -46,6 +46,10 @@ class FailurePolicy:
     def failed(self, job: Job, error: Exception, attempts: int, retry: Callable[[], object]) -> None:
         """Retry a transient failure (after a backoff, by handing the work back) while attempts are
         left; otherwise fail the job with a message naming the cause."""
+        if isinstance(error, ServiceError):  # a condition the caller can act on, told as it is (never retried)
+            log.warning("export failed", job_id=job.id, tenant=job.tenant, reason=error.reason, error=error)
+            self.fail(job, error.message)
+            return
         if isinstance(error, StorageError):
             cause = str(error)
         elif isinstance(error, DatabaseUnavailable):

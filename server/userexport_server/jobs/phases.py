@@ -8,15 +8,17 @@ stop, not a failure: cancelling a run in place breaks its query on purpose.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Engine
-
-from userexport_server.db.engine import canceller, export_reads, reading
+from userexport_server.db.engine import canceller, export_reads
+from userexport_server.db.standby import ExportReads
 from userexport_server.errors import WorkStopped
+from userexport_server.export.changes import require_log_intact
 from userexport_server.export.engine import DEFAULT_BATCH_ROWS, run_export
+from userexport_server.jobs.assembly import Assembler, NotWhole
 from userexport_server.jobs.failures import FailurePolicy, Unwritten
 from userexport_server.jobs.model import Job
 from userexport_server.jobs.planning import PlanningStore
@@ -95,11 +97,12 @@ class _Moving:
 class Phases:
     """What the workers do with what they claim. `wake` tells idle workers here that slices wait."""
 
-    def __init__(self, *, store: JobStore, slices: SliceStore, engine: Engine, storage: Storage, runs: Runs,
+    def __init__(self, *, store: JobStore, slices: SliceStore, reads: ExportReads, storage: Storage, runs: Runs,
                  policy: FailurePolicy, tracing: Tracing, metrics: Metrics, gzip_level: int, slice_users: int,
                  wake: Callable[[], None]) -> None:
-        self.store, self.slices, self.planning = store, slices, PlanningStore(engine)
-        self.engine, self.storage, self.runs, self.policy = engine, storage, runs, policy
+        self.store, self.slices, self.planning = store, slices, PlanningStore(reads)
+        self.assembler = Assembler(storage, self.planning)
+        self.reads, self.storage, self.runs, self.policy = reads, storage, runs, policy
         self.tracing, self.metrics, self.wake = tracing, metrics, wake
         self.gzip_level, self.slice_users = gzip_level, max(1, slice_users)
 
@@ -126,9 +129,10 @@ class Phases:
     def _plan(self, job: Job, run: Run) -> None:
         """Count the users and cut them into slices, which every worker then takes."""
         with self.tracing.span("planned", _ref(job)) as span:
-            ranges = self.planning.key_ranges(job.tenant, job.spec, self.slice_users, run)
+            plan = self.planning.plan(job.tenant, job.spec, self.slice_users, run)
+            ranges = plan.ranges
             span.set_attributes({"userexport.users": sum(r.rows for r in ranges), "userexport.slices": len(ranges)})
-        if run.stop.is_set() or self.slices.plan(job, ranges) is None:
+        if run.stop.is_set() or self.slices.plan(job, ranges, plan.watermark) is None:
             raise WorkStopped("the plan is no longer this worker's")
         self.wake()  # the other idle workers of this replica take slices at once
 
@@ -137,24 +141,27 @@ class Phases:
         return self.store.lapse(job) if planned else self.store.release(job)
 
     def _assemble(self, job: Job, run: Run) -> None:
-        """Join the parts (in key order) into the job's file, complete the job, delete the parts and
-        whatever else is left in the job's folder (a killed attempt's partial file)."""
+        """Join the parts (in key order) into the job's file and prove it whole (jobs/assembly.py),
+        complete the job, delete the parts and whatever else is left in the job's folder (a killed
+        attempt's partial file). Parts that do not add up fail the job."""
         started = time.monotonic()
         key = object_key(job.tenant, job.id, job.filename)
         parts = self.slices.parts(job.id)
-        sources = [part.key for part in parts]
         # The file is whole in storage once this span ends (one slice wrote it itself, else it joins the parts).
-        with self.tracing.span("upload", _ref(job), {"userexport.parts": len(sources)}):
-            if sources != [key]:
-                self.storage.delete(key)  # an earlier assembler's, whose complete never happened
-                run.moved()
-                self.storage.combine(sources, key, job.filename)
-        run.moved()
+        with self.tracing.span("upload", _ref(job), {"userexport.parts": len(parts)}):
+            try:
+                file = self.assembler.assemble(job, parts, key, run)
+            except NotWhole as error:
+                if run.stop.is_set():
+                    raise WorkStopped("the assembly is no longer this worker's") from None
+                log.error("export not whole", job_id=job.id, tenant=job.tenant, error=str(error))
+                self.policy.fail(job, f"The export failed: {error}.")
+                return
         if run.stop.is_set():
             raise WorkStopped("the assembly is no longer this worker's")
-        written, size = sum(part.users for part in parts), sum(part.size_bytes for part in parts)
+        written, size = file.users, file.size_bytes
         done = self.policy.final_write(job, "complete", lambda: self.store.complete(
-            job, storage_key=key, written=written, size_bytes=size))
+            job, storage_key=key, written=written, size_bytes=size, sha256=file.sha256, details=file.details))
         if isinstance(done, Unwritten):
             return  # the file stays: the rescuing assembler replaces it, or the sweep deletes it
         if done is None:
@@ -162,7 +169,7 @@ class Phases:
         else:
             self.tracing.ended("completed", _ref(job), {"userexport.users": written, "userexport.bytes": size})
             log.info("export done", job_id=job.id, tenant=job.tenant, users=written, parts=len(parts), bytes=size,
-                     assemble_seconds=round(time.monotonic() - started, 2))
+                     sha256=file.sha256, assemble_seconds=round(time.monotonic() - started, 2))
             if done.started_at is not None and done.finished_at is not None:
                 self.metrics.export_done((done.finished_at - done.started_at).total_seconds())
         self._clear_leftovers(job, keep=key)
@@ -185,7 +192,7 @@ class Phases:
                 self.metrics.slices_in_flight.track_inprogress():
             started = time.monotonic()
             whole = piece.key_range.after is None and piece.key_range.through is None
-            key = object_key(job.tenant, job.id, job.filename if whole else piece.name)
+            key = object_key(job.tenant, job.id, job.filename if whole else piece.part_name(job.spec.file_suffix))
             try:
                 with self.tracing.span("slice", _ref(job), {"userexport.slice": piece.seq,
                                                             "userexport.attempt": piece.attempts}) as span:
@@ -227,14 +234,17 @@ class Phases:
             # An earlier attempt may have committed the file before its replica died; objects are
             # never overwritten, so clear the way (that file was whole, and so will this one be).
             self.storage.delete(key)
-        with reading(self.engine) as conn, run.cancellable(canceller(conn)):
+        with (self.reads.connect(run, piece.seq) as conn, run.cancellable(canceller(conn)),
+              contextlib.ExitStack() as query):
             export_reads(conn)
             writer = self.storage.open_writer(key, key.rsplit("/", 1)[-1])
             moving = _Moving(writer, run)
             try:
                 written = run_export(conn, job.tenant, job.spec, moving, gzip_level=self.gzip_level,
                                      progress=_SliceProgress(self.slices, piece, job.users_total, run),
-                                     batch_rows=batch_rows(job.users_total), key_range=piece.key_range)
+                                     batch_rows=batch_rows(job.users_total), key_range=piece.key_range,
+                                     on_query=lambda reader: query.enter_context(run.cancellable(reader.cancel)))
+                require_log_intact(conn, job.spec)
                 if run.stop.is_set():
                     raise WorkStopped("the slice is no longer this worker's")
                 writer.commit()

@@ -1,5 +1,6 @@
 """The reaper: times out stuck exports, expires jobs after their lifetime, deletes files and the parts of
-ended jobs, purges, and sweeps storage for orphans (partial files of killed processes, files of jobs gone or finished).
+ended jobs, purges, prunes the users change log, and sweeps storage for orphans (partial files of killed
+processes, files of jobs gone or finished).
 
 No step holds a transaction while it deletes files, and each step's error is logged and retried
 at the next round, so one failure neither stops the others nor kills the thread.
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 from userexport_server.db.faults import DatabaseUnavailable
 from userexport_server.errors import StorageError
+from userexport_server.export.changes import ChangeLog
 from userexport_server.jobs.files import delete_export_file
 from userexport_server.jobs.model import ACTIVE, Job, JobStatus
 from userexport_server.jobs.slices import SliceStore
@@ -29,8 +31,9 @@ class Reaper:
     running export."""
 
     def __init__(self, store: JobStore, storage: Storage, interval: float, *, orphan_grace: float = 3600.0,
-                 sweep_interval: float = 600.0) -> None:
+                 sweep_interval: float = 600.0, changes: ChangeLog | None = None) -> None:
         self.store, self.slices, self.storage, self.interval = store, SliceStore(store), storage, interval
+        self.changes = changes
         self.orphan_grace, self.sweep_interval = orphan_grace, sweep_interval
         self._next_sweep = 0.0  # monotonic: the first round sweeps
         self._stop = threading.Event()
@@ -54,6 +57,7 @@ class Reaper:
             ("timeouts", self.store.fail_timed_out), ("expiry", self.store.expire_due),
             ("file deletes", self.delete_expired_files), ("slice parts", self.delete_finished_parts),
             ("purge", self.store.purge_expired),
+            *((("change log", self.changes.prune),) if self.changes is not None else ()),
             ("orphan sweep", self._sweep_when_due))
         for name, step in steps:
             try:

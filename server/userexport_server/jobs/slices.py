@@ -1,12 +1,12 @@
-"""Slices: a job's users cut into key ranges, each exported as its own gzip member by whichever
-worker, on whichever replica, claims it next.
+"""Slices: a job's users cut into key ranges, each exported as its own part (a gzip member, or a
+Parquet file) by whichever worker, on whichever replica, claims it next.
 
 A job goes through three phases, told apart by its lease:
 - planning (lease held by the planner): count the users, cut them into ranges, insert the slices;
 - slices (no job lease): every slice is claimed, leased and renewed on its own, like a job, so a
   replica's death loses only the slices it was running and the job resumes from the rest;
 - assembling (lease held by the worker that finished the last slice): the parts are concatenated
-  (local) or composed (GCS) into the final file, and the job completes.
+  (local) or composed (GCS) into the final file (jobs/assembly.py), and the job completes.
 
 A planner or assembler that dies leaves a job lease that lapses, and the next claim (JobStore.claim)
 takes the job over. The job's progress is the sum over its slices, never lower than it was.
@@ -48,20 +48,22 @@ class Slice:
         return cls(row.job_id, row.seq, row.tenant, KeyRange(row.after, row.through, row.rows), row.attempts,
                    row.lease_owner)
 
-    @property
-    def name(self) -> str:
-        """The slice's part file in the job's folder: one per attempt, so a stale worker's upload
-        never collides with its successor's."""
-        return f"part-{self.seq:05d}-{self.attempts}.gz"
+    def part_name(self, suffix: str) -> str:
+        """The slice's part file in the job's folder, ending like the job's file (`suffix`): one per
+        attempt, so a stale worker's upload never collides with its successor's."""
+        return f"part-{self.seq:05d}-{self.attempts}{suffix}"
 
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """A finished slice's file, in key order."""
+    """A finished slice's file, in key order: what it holds, and the key range (with the users
+    counted in it) that it was planned for."""
 
+    seq: int
     key: str
     users: int
     size_bytes: int
+    planned: KeyRange
 
 
 class SliceStore:
@@ -73,13 +75,13 @@ class SliceStore:
 
     # --- planning ------------------------------------------------------------------------------
 
-    def plan(self, job: Job, ranges: list[KeyRange]) -> Job | None:
-        """Insert the job's slices and hand it from its planner to the slice workers, in one
-        transaction; None: the job is no longer the planner's."""
+    def plan(self, job: Job, ranges: list[KeyRange], watermark: str | None = None) -> Job | None:
+        """Insert the job's slices and hand it from its planner to the slice workers, with the
+        watermark taken before its reads, in one transaction; None: the job is no longer the planner's."""
         with write_transaction(self.engine, lock_key=_lock(job.id)) as conn:
             row = change_row(conn, job.id, {
                 "lease_owner": None, "lease_expires_at": None, "users_written": 0, "percentage_done": 0,
-                "users_total": sum(r.rows for r in ranges), "time_left_seconds": None,
+                "users_total": sum(r.rows for r in ranges), "time_left_seconds": None, "watermark": watermark,
             }, _held(job))
             if row is None:
                 return None
@@ -182,10 +184,12 @@ class SliceStore:
     def parts(self, job_id: str) -> list[Part]:
         """The job's finished parts in key order; all of them, once the job is being assembled."""
         with reading(self.engine) as conn:
-            rows = conn.execute(select(slices.c.part_key, slices.c.users_written, slices.c.size_bytes)
+            rows = conn.execute(select(slices.c.seq, slices.c.part_key, slices.c.users_written, slices.c.size_bytes,
+                                       slices.c.after, slices.c.through, slices.c.rows)
                                 .where(slices.c.job_id == job_id, slices.c.status == DONE)
                                 .order_by(slices.c.seq)).all()
-        return [Part(row.part_key, row.users_written, row.size_bytes) for row in rows]
+        return [Part(row.seq, row.part_key, row.users_written, row.size_bytes,
+                     KeyRange(row.after, row.through, row.rows)) for row in rows]
 
     def forget(self, job_id: str) -> None:
         """Drop the slices of a finished job (their parts are deleted, or left to the sweep)."""

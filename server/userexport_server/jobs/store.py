@@ -232,10 +232,11 @@ class JobStore:
                 JOBS.c.lease_owner == job.lease_owner).values(lease_expires_at=now_utc()))
         return result.rowcount == 1
 
-    def complete(self, job: Job, *, storage_key: str, written: int, size_bytes: int = 0) -> Job | None:
+    def complete(self, job: Job, *, storage_key: str, written: int, size_bytes: int = 0, sha256: str | None = None,
+                 details: str | None = None) -> Job | None:
         return self._worker_change(job, {
             "status": JobStatus.COMPLETED.value, "storage_key": storage_key, "size_bytes": size_bytes,
-            "users_written": written,
+            "users_written": written, "sha256": sha256, "status_details": details,
             "users_total": written, "percentage_done": 100, "time_left_seconds": 0, "finished_at": now_utc(),
             "lease_owner": None, "lease_expires_at": None,
         }, "job completed")

@@ -6,10 +6,9 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import Engine
-
 from userexport.backoff import Backoff
 from userexport_server.db.faults import DatabaseUnavailable
+from userexport_server.db.standby import ExportReads
 from userexport_server.jobs.events import EventBus, JobChange
 from userexport_server.jobs.failures import FailurePolicy
 from userexport_server.jobs.model import Job, JobStatus
@@ -36,7 +35,7 @@ class WorkerPool:
     replica share each job's slices. The pool hears of every job change on the bus: a new job wakes
     idle workers, an ended one stops its work here."""
 
-    def __init__(self, store: JobStore, engine: Engine, storage: Storage, bus: EventBus, *, workers: int,
+    def __init__(self, store: JobStore, reads: ExportReads, storage: Storage, bus: EventBus, *, workers: int,
                  poll_interval: float, gzip_level: int, lease_seconds: float, stall_seconds: float,
                  metrics: Metrics, tracing: Tracing, attempts: int = 3, slice_users: int = 100_000) -> None:
         self.store, self.slices, self.bus = store, SliceStore(store), bus
@@ -44,7 +43,7 @@ class WorkerPool:
         self.owner = uuid.uuid4().hex[:12]
         self.runs = Runs(lease_seconds=lease_seconds, stall_seconds=stall_seconds)
         self._stopping = threading.Event()
-        self.phases = Phases(store=store, slices=self.slices, engine=engine, storage=storage, runs=self.runs,
+        self.phases = Phases(store=store, slices=self.slices, reads=reads, storage=storage, runs=self.runs,
                              policy=FailurePolicy(store, tracing, attempts=attempts, stopping=self._stopping),
                              tracing=tracing, metrics=metrics, gzip_level=gzip_level, slice_users=slice_users,
                              wake=self.wake)
@@ -54,7 +53,7 @@ class WorkerPool:
         # SQLite formats inside this process, where two slices at once ran 1.2-1.75x slower than
         # one after the other (its allocator's mutex and the GIL are shared), so one slice runs at
         # a time there; a PostgreSQL slice's formatting runs in its own backend.
-        self._slice_slots = threading.BoundedSemaphore(1 if engine.dialect.name == "sqlite" else max(1, workers))
+        self._slice_slots = threading.BoundedSemaphore(1 if store.engine.dialect.name == "sqlite" else max(1, workers))
 
     def start(self) -> None:
         self.bus.observe(self._on_change)

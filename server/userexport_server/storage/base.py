@@ -12,6 +12,11 @@ from userexport_server.logs import EventLog
 
 log = EventLog(__name__)
 
+# The most bytes Storage.read hands over at once.
+READ_PIECE = 1 << 20
+# What each kind of export file is served as (by its name's end; anything else is gzip text).
+_CONTENT_TYPES = {".parquet": "application/vnd.apache.parquet"}
+
 # A key segment: no separators, no "%" (so nothing URL-encoded), and no leading dot, which rules
 # out "." and ".." and also the writers' hidden temporary names.
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -89,6 +94,13 @@ class Storage(Protocol):
         Raises StorageError (a missing source is a StorageError too)."""
         ...
 
+    def read(self, key: str, write: Callable[[bytes], object], start: int = 0, end: int | None = None) -> int:
+        """Hand bytes [start, end) of object `key` (end None: to its end) to `write`, in pieces of at
+        most READ_PIECE bytes, and return how many: the assembler reads the parts' footers and the
+        digest of the job's file this way, in bounded memory. Raises StorageError (a missing object
+        is a StorageError too); what `write` raises goes through as it is."""
+        ...
+
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         """A GET URL for `key` valid `ttl_seconds`, and the moment it stops being valid (UTC)."""
         ...
@@ -136,6 +148,11 @@ class Storage(Protocol):
 def object_key(tenant: str, job_id: str, filename: str) -> str:
     """`<tenant>/<job id>/<file>`: callers pass only validated ids, so no key can escape its prefix."""
     return f"{tenant}/{job_id}/{filename}"
+
+
+def content_type(filename: str) -> str:
+    """The Content-Type of an export file's download: its format's media type."""
+    return next((kind for end, kind in _CONTENT_TYPES.items() if filename.endswith(end)), "application/gzip")
 
 
 def validate_key(key: str) -> str:

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from userexport_server.listen import parse_listen
 from userexport_server.logs import EventLog
+from userexport_server.storage.base import content_type
 
 log = EventLog(__name__)
 
@@ -212,7 +213,7 @@ class DownloadServer:
             return 404, _reply(404, "file not found", head_only=head_only)
         with file:
             size = os.fstat(file.fileno()).st_size
-            headers = {"Content-Type": "application/gzip", "Accept-Ranges": "bytes",
+            headers = {"Content-Type": content_type(key), "Accept-Ranges": "bytes",
                        "Content-Disposition": f'attachment; filename="{key.rsplit("/", 1)[-1]}"',
                        "Cache-Control": "private, no-store"}
             try:

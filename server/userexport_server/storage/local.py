@@ -26,6 +26,7 @@ from userexport_server.errors import StorageError
 from userexport_server.logs import EventLog
 from userexport_server.private_files import make_private_dirs
 from userexport_server.storage.base import (
+    READ_PIECE,
     ObjectExistsError,
     StoredEntry,
     delete_each,
@@ -49,6 +50,8 @@ _COPY_BUFFER = 1 << 20
 # say a full disk, is not among them, and the loop would meet it again anyway.
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                              errno.EPERM})
+# The system's reasons that mean the disk (or this user's quota on it) is full.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class LocalStorage:
@@ -110,6 +113,22 @@ class LocalStorage:
         except BaseException:
             writer.abort()
             raise
+
+    def read(self, key: str, write: Callable[[bytes], object], start: int = 0, end: int | None = None) -> int:
+        """See Storage.read."""
+        path, done = self._path(key), 0
+        try:
+            with path.open("rb", buffering=0) as file:
+                file.seek(start)
+                while end is None or start + done < end:
+                    piece = file.read(READ_PIECE if end is None else min(READ_PIECE, end - start - done))
+                    if not piece:
+                        break
+                    write(piece)
+                    done += len(piece)
+        except OSError as exc:
+            raise _storage_error("reading", path, exc, "Reading the export file") from exc
+        return done
 
     def sign_url(self, key: str, ttl_seconds: int) -> tuple[str, dt.datetime]:
         validate_key(key)
@@ -356,6 +375,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
 def _storage_error(action: str, path: pathlib.Path, exc: OSError, summary: str = "Writing the export file"
                    ) -> StorageError:
     """A StorageError safe to show on the job, "<summary> failed: <the system's reason>." (no
-    paths); the details go to the log."""
+    paths; a full disk said as such, for the operator to act on); the details go to the log."""
     log.error("local storage failed", action=action, path=path, error=exc)
-    return StorageError(f"{summary} failed: {exc.strerror or exc}.")
+    full = " (the storage disk is full)" if exc.errno in _DISK_FULL else ""
+    return StorageError(f"{summary} failed: {exc.strerror or exc}{full}.")

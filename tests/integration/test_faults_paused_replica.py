@@ -1,0 +1,85 @@
+"""A replica SIGSTOPped mid-export past its lease, then SIGCONT, for real (its own process): another
+replica takes its slices over and completes the job; the resumed replica is fenced. Its runs stop
+("lease lost"), nothing it wrote is left (no part, no partial file), it changes the job no more (its
+version stays), and the file is there once, whole: every user once, in order.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pathlib
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.databases import BACKENDS, fresh_postgres_database
+from tests.harness import ServerHandle, ServerProcess, new_tenant
+from tests.integration.support import Caller, download
+from tests.polling import eventually
+from userexport.v1 import users_export_pb2 as pb
+from userexport_server.db.engine import make_engine
+from userexport_server.db.migrate import upgrade
+from userexport_server.seed import seed_users
+
+pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS, reason="replicas share PostgreSQL")
+
+USERS = 100_000
+LEASE = 2.0
+SETTINGS: dict[str, Any] = {"slice_users": USERS // 4, "gzip_level": 9, "lease_seconds": LEASE}
+
+
+@pytest.fixture
+def seeded() -> Iterator[tuple[str, str]]:
+    with fresh_postgres_database() as url:
+        engine = make_engine(url)
+        upgrade(engine)
+        tenant = new_tenant()
+        seed_users(engine, tenant=tenant, users=USERS)
+        engine.dispose()
+        yield url, tenant
+
+
+def files_of(folder: pathlib.Path) -> list[str]:
+    """Every file in a job's folder, partial ones included."""
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def test_a_replica_paused_past_its_lease_is_fenced_and_the_file_is_made_once_whole(
+        seeded: tuple[str, str], tmp_path: pathlib.Path) -> None:
+    url, tenant = seeded
+    env = {"USEREXPORT_DATABASE_URL": url, "USEREXPORT_WORKERS": "2",
+           **{f"USEREXPORT_{name.upper()}": str(value) for name, value in SETTINGS.items()}}
+    a = ServerProcess(tmp_path, env)
+    b: ServerHandle | None = None
+    try:
+        caller = Caller(a, tenant)  # type: ignore[arg-type]
+        job = caller.create(format=pb.ExportRequest.CSV)
+        eventually(lambda: caller.get(job.id).users_written > 0, "A exporting", timeout=60)
+        a.signal(signal.SIGSTOP)
+        try:
+            b = ServerHandle(tmp_path, database_url=url, workers=2, **SETTINGS)
+            watcher = Caller(b, tenant)
+            final = watcher.finish(job.id)
+        finally:
+            a.signal(signal.SIGCONT)
+        assert final.status == pb.Job.COMPLETED, final.error
+        folder = tmp_path / "files" / tenant / job.id
+        claimed = a.log_text().count(f"slice claimed job_id={job.id}")
+        assert claimed, "A held no slice when it was stopped"
+        eventually(lambda: a.log_text().count(f"slice stopped job_id={job.id}") == claimed, "A's slices fenced",
+                   timeout=LEASE * 3)
+        time.sleep(LEASE)  # A's heartbeats and progress calls have all run by now
+        assert files_of(folder) == [f"{tenant}.csv.gz"], "A left something behind"
+        assert watcher.get(job.id).version == final.version, "A changed the job after it completed"
+        assert f"slice done job_id={job.id}" not in a.log_text(), "A recorded a slice it no longer held"
+        rows = list(csv.reader(io.StringIO(download(final.location).decode(), newline="")))
+        ids = [row[0] for row in rows[1:]]
+        assert rows[0][0] == "user_id" and len(ids) == final.users_written == USERS and ids == sorted(set(ids))
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
