@@ -5,13 +5,22 @@ executemany on SQLite or one COPY on PostgreSQL inside a single transaction: ORM
 minutes where this takes seconds. A few users carry commas, quotes, newlines, non-ASCII and leading
 = + - @ so exports exercise CSV quoting and the injection guard.
 
+A seed of COLUMNAR_FROM users or more is generated as polars columns, PROGRESS_EVERY users at a
+time, and reaches PostgreSQL as one CSV COPY: no Python per user, so ten million can be seeded again
+for a benchmark (docs/benchmarks.md, "Seeding"). Smaller seeds keep the row generator, whose exact
+users tests pin (tests/export/test_golden.py); both draw the same kinds of users from the same tables.
+
     python -m userexport_server.seed --users 1000000 [--tenant T] [--database-url URL | --data-dir D]
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import concurrent.futures
+import contextlib
 import datetime as dt
+import hashlib
+import io
 import itertools
 import pathlib
 import random
@@ -20,10 +29,11 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Engine, text
+import polars as pl
+from sqlalchemy import Connection, Engine, text
 
 from userexport.client.arguments import int_at_least
 from userexport_server.db.engine import make_engine, unbounded_statements, write_transaction
@@ -33,6 +43,7 @@ from userexport_server.settings import Settings
 
 DEFAULT_TENANT = "default"
 PROGRESS_EVERY = 100_000  # users between two progress lines of the seed commands
+_T = TypeVar("_T")
 
 _COLUMNS = (
     "tenant", "user_id", "connection_id", "email", "email_verified", "username", "phone_number",
@@ -132,13 +143,14 @@ def seed_users(
         ("con_" + "".join(rng.choices(alphabet, k=16)), _connection_name(i), _KINDS[i % len(_KINDS)])
         for i in range(connections)
     ]
-    generated = _users(tenant, conns, users, seed, start_index)
-    first = next(generated, None)
-    rows = _counted(itertools.chain([first] if first is not None else [], generated), progress)
+    batches: Iterator[_Rows | _Frame] = (
+        _frames(tenant, conns, users, seed, start_index) if users >= COLUMNAR_FROM
+        else _rows(_users(tenant, conns, users, seed, start_index)))
+    first = next(batches, None)
     with write_transaction(engine) as conn:  # SQLite: BEGIN IMMEDIATE, so reading first cannot lose the write lock race
         unbounded_statements(conn)  # one COPY of a million users takes longer than the statement timeout
         if first is not None and conn.execute(
-            text("SELECT 1 FROM users WHERE tenant = :t AND user_id = :u"), {"t": tenant, "u": first[1]}
+            text("SELECT 1 FROM users WHERE tenant = :t AND user_id = :u"), {"t": tenant, "u": first.first_user_id()}
         ).first():
             held = conn.execute(text("SELECT count(*) FROM users WHERE tenant = :t"), {"t": tenant}).scalar_one()
             raise AlreadySeeded(tenant, seed, start_index, held)
@@ -151,29 +163,299 @@ def seed_users(
                     text("INSERT INTO connections (tenant, id, name) VALUES (:t, :id, :name)"),
                     {"t": tenant, "id": cid, "name": name},
                 )
-        driver = conn.connection.driver_connection
-        if conn.dialect.name == "postgresql":
-            # Dates are written as UTC wall-clock text; the session zone makes PostgreSQL read them so.
-            conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
-            copy_sql = f"COPY users ({', '.join(_COLUMNS)}) FROM STDIN"
-            with driver.cursor() as cursor, cursor.copy(copy_sql) as copy:  # type: ignore[union-attr]
-                for row in rows:
-                    copy.write_row(row)
-            conn.exec_driver_sql("ANALYZE users")
-        else:
-            placeholders = ", ".join("?" * len(_COLUMNS))
-            driver.executemany(  # type: ignore[union-attr]
-                f"INSERT INTO users ({', '.join(_COLUMNS)}) VALUES ({placeholders})", rows
-            )
+        if first is not None:
+            _write(conn, first, itertools.chain([first], batches), progress)
     return [cid for cid, _, _ in conns]
 
 
-def _counted(rows: Iterator[tuple[Any, ...]], progress: Callable[[int], None] | None) -> Iterator[tuple[Any, ...]]:
-    """The rows, calling `progress` after every PROGRESS_EVERY of them (a million take a while)."""
-    for count, row in enumerate(rows, 1):
-        yield row
-        if progress is not None and count % PROGRESS_EVERY == 0:
-            progress(count)
+def _write(conn: Connection, first: _Rows | _Frame, batches: Iterator[_Rows | _Frame],
+           progress: Callable[[int], None] | None) -> None:
+    """Insert the batches: one COPY on PostgreSQL (in the format of the first), executemany on SQLite."""
+    driver: Any = conn.connection.driver_connection
+    done = 0
+    if conn.dialect.name == "postgresql":
+        # Dates are written as UTC wall-clock text; the session zone makes PostgreSQL read them so.
+        conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
+        with _populating(conn, enabled=isinstance(first, _Frame)) as freeze, driver.cursor() as cursor, \
+                cursor.copy(first.copy_sql(freeze)) as copy:
+            for batch in _prefetched(batches):
+                batch.copy_into(copy)
+                done += len(batch)
+                _report(progress, done)
+        conn.exec_driver_sql("ANALYZE users")
+    else:
+        insert = f"INSERT INTO users ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+        for batch in _prefetched(batches):
+            driver.executemany(insert, batch.rows())
+            done += len(batch)
+            _report(progress, done)
+
+
+@contextlib.contextmanager
+def _populating(conn: Connection, *, enabled: bool) -> Iterator[bool]:
+    """A large seed into an empty users table loads as PostgreSQL's "Populating a Database" advises
+    and pg_restore does: the table locked and truncated in the transaction (so COPY FREEZE writes
+    frozen rows, and no WAL under wal_level=minimal), its secondary indexes and foreign keys dropped,
+    then made again from their own definitions after the COPY, in one sorted build each and one
+    join instead of a check per row. The COPY of 300k users cost the backend 10.4 CPU-s with the
+    indexes and the foreign key checked per row, 7.2 without the check, 3.2 with the primary key
+    alone. Yields whether it did so (the COPY may then FREEZE); a table that holds users is loaded
+    as it is, never locked for the seed."""
+    empty = "SELECT NOT EXISTS (SELECT 1 FROM users)"
+    if not enabled or not conn.exec_driver_sql(empty).scalar_one():
+        yield False
+        return
+    conn.exec_driver_sql("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    if not conn.exec_driver_sql(empty).scalar_one():  # filled before the lock
+        yield False
+        return
+    deferred = conn.execute(text(
+        "SELECT format('DROP INDEX %s', indexrelid::regclass), pg_get_indexdef(indexrelid)"
+        " FROM pg_index WHERE indrelid = 'users'::regclass"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conindid = indexrelid)"  # the key's stays
+        " UNION ALL SELECT format('ALTER TABLE users DROP CONSTRAINT %I', conname),"
+        " format('ALTER TABLE users ADD CONSTRAINT %I %s', conname, pg_get_constraintdef(oid))"
+        " FROM pg_constraint WHERE conrelid = 'users'::regclass AND contype = 'f'")).all()
+    for drop, _ in deferred:
+        conn.exec_driver_sql(drop)
+    conn.exec_driver_sql("TRUNCATE users")
+    conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '512MB'")
+    yield True
+    for _, create in deferred:
+        conn.exec_driver_sql(create)
+
+
+def _prefetched(batches: Iterator[_T]) -> Iterator[_T]:
+    """The batches, the next one made in a thread while the caller writes this one (polars and the
+    database driver both let go of the GIL, so the generator and the database run at once)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seed") as pool:
+        following = pool.submit(next, batches, None)
+        while (batch := following.result()) is not None:
+            following = pool.submit(next, batches, None)
+            yield batch
+
+
+def _report(progress: Callable[[int], None] | None, done: int) -> None:
+    """Batches hold PROGRESS_EVERY users (the last may hold fewer): a line after each full one."""
+    if progress is not None and done % PROGRESS_EVERY == 0:
+        progress(done)
+
+
+class _Rows:
+    """Users from the row generator, in _COLUMNS order (the path of small seeds)."""
+
+    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def first_user_id(self) -> str:
+        return str(self._rows[0][1])
+
+    def copy_sql(self, freeze: bool) -> str:
+        return f"COPY users ({', '.join(_COLUMNS)}) FROM STDIN{' (FREEZE)' if freeze else ''}"
+
+    def copy_into(self, copy: Any) -> None:
+        for row in self._rows:
+            copy.write_row(row)
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        return self._rows
+
+
+def _rows(rows: Iterator[tuple[Any, ...]]) -> Iterator[_Rows]:
+    """The row generator's users, PROGRESS_EVERY at a time."""
+    while batch := list(itertools.islice(rows, PROGRESS_EVERY)):
+        yield _Rows(batch)
+
+
+COLUMNAR_FROM = PROGRESS_EVERY  # users from which a seed is generated as columns (see the module's docstring)
+_HEX4 = tuple(f"{v:04x}" for v in range(1 << 16))  # four hex digits per 16 bits of a draw
+_CSV_DATE = "%Y-%m-%d %H:%M:%S%.6f"  # _stamp's text
+_COPY_WRITE = 1 << 20  # bytes per COPY write: a 68 MB batch in one write took 9 s, in these 2.5
+
+
+class _Frame:
+    """Users as one polars frame of driver-ready columns in _COLUMNS order (the path of large seeds)."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self._frame = frame
+
+    def __len__(self) -> int:
+        return self._frame.height
+
+    def first_user_id(self) -> str:
+        return str(self._frame["user_id"][0])
+
+    def copy_sql(self, freeze: bool) -> str:
+        return f"COPY users ({', '.join(_COLUMNS)}) FROM STDIN (FORMAT csv{', FREEZE' if freeze else ''})"
+
+    def copy_into(self, copy: Any) -> None:
+        text = io.BytesIO()
+        # An empty quoted string is text and an empty unquoted one NULL, as COPY's CSV reads them.
+        self._frame.write_csv(text, include_header=False, null_value="", quote_style="necessary")
+        view = text.getbuffer()
+        for start in range(0, len(view), _COPY_WRITE):  # one large write costs psycopg many times more
+            copy.write(view[start:start + _COPY_WRITE])
+        view.release()
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        return self._frame.iter_rows()
+
+
+class _Draws:
+    """Uniform draws for a range of user numbers: each draw is a new stream, the user's number hashed
+    with that stream's own seed, so a user depends on (tenant, seed, number) only, like no other."""
+
+    def __init__(self, key: str, index: pl.Expr) -> None:
+        self._base = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+        self._index, self._streams = index, 0
+
+    def bits(self) -> pl.Expr:
+        """64 random bits (UInt64)."""
+        self._streams += 1
+        return self._index.hash((self._base + self._streams * 0x9E3779B97F4A7C15) % (1 << 64))
+
+    def random(self) -> pl.Expr:
+        """A float in [0, 1)."""
+        return (self.bits() // 2048).cast(pl.Float64) * 2.0**-53
+
+    def below(self, n: int) -> pl.Expr:
+        return (self.bits() % n).cast(pl.Int64)
+
+    def pick(self, items: Sequence[Any]) -> pl.Expr:
+        return _lookup(items, self.below(len(items)))
+
+    def hex(self, digits: int) -> pl.Expr:
+        """`digits` (a multiple of 4) random lowercase hex digits."""
+        parts = []
+        for _ in range(digits // 16):
+            word = self.bits()
+            parts += [_lookup(_HEX4, word // (1 << shift) % (1 << 16)) for shift in (48, 32, 16, 0)]
+        return pl.concat_str(parts)
+
+
+def _lookup(items: Sequence[Any], position: pl.Expr) -> pl.Expr:
+    return pl.lit(pl.Series(list(items))).gather(position)
+
+
+def _json_bool(condition: pl.Expr) -> pl.Expr:
+    return pl.when(condition).then(pl.lit("true")).otherwise(pl.lit("false"))
+
+
+def _frames(
+    tenant: str, conns: Sequence[tuple[str, str, _Kind]], count: int, seed: int, start: int
+) -> Iterator[_Frame]:
+    """The users of _users, of the same kinds and shares, as columns, PROGRESS_EVERY at a time."""
+    for first in range(start, start + count, PROGRESS_EVERY):
+        numbers = pl.DataFrame({"index": pl.int_range(first, min(first + PROGRESS_EVERY, start + count),
+                                                      dtype=pl.Int64, eager=True)})
+        yield _Frame(numbers.select(_user_columns(tenant, conns, seed)))
+
+
+def _user_columns(tenant: str, conns: Sequence[tuple[str, str, _Kind]], seed: int) -> list[pl.Expr]:
+    """The expressions of _COLUMNS over a frame of user numbers (`index`)."""
+    index = pl.col("index")
+    draw = _Draws(f"users/{tenant}/{seed}", index)
+    weights = [0.6] + [0.4 / (len(conns) - 1)] * (len(conns) - 1) if len(conns) > 1 else [1.0]
+    cumulative = [sum(weights[: i + 1]) for i in range(len(weights) - 1)]
+    r = draw.random()
+    connection = pl.sum_horizontal([(r >= edge).cast(pl.Int64) for edge in cumulative]) if cumulative else pl.lit(0)
+    kind = {attribute: _lookup([getattr(k, attribute) for _, _, k in conns], connection)
+            for attribute in ("provider", "social", "id_digits")}
+    # The number keeps ids unique across calls and in order; the random tail makes them look real.
+    ident = pl.when(kind["id_digits"]).then(pl.concat_str(
+        [pl.lit("1"), index.cast(pl.String).str.zfill(10), draw.below(10**10).cast(pl.String).str.zfill(10)])
+    ).otherwise(pl.concat_str([_lookup(_HEX4, index // (1 << 16)), _lookup(_HEX4, index % (1 << 16)), draw.hex(16)]))
+    given_at, family_at = draw.below(len(_GIVEN)), draw.below(len(_FAMILY))
+    given, family = _lookup(_GIVEN, given_at), _lookup(_FAMILY, family_at)
+    given_ascii, family_ascii = _lookup([_ASCII[n] for n in _GIVEN], given_at), _lookup(
+        [_ASCII[n] for n in _FAMILY], family_at)
+    # Every 40th user has a tricky name, in turn, so any 400 users hold all of them.
+    tricky = index % 40 == 39
+    micros = 1_000_000
+    created = pl.lit(_BASE) + pl.duration(microseconds=draw.below(_SPAN_SECONDS * micros))
+    updated = created + pl.duration(microseconds=draw.below(86400 * 90 * micros))
+    logged_in = draw.random() < 0.85
+    has_phone = draw.random() < 0.3
+    second_identity = pl.concat_str([pl.lit(',{"connection":"github","user_id":"'), draw.below(10**8).cast(pl.String),
+                                     pl.lit('","provider":"github","isSocial":true}')])
+    identities = pl.concat_str([
+        pl.lit('[{"connection":"'), _lookup([name for _, name, _ in conns], connection), pl.lit('","user_id":"'),
+        ident, pl.lit('","provider":"'), kind["provider"], pl.lit('","isSocial":'), _json_bool(kind["social"]),
+        pl.lit("}"), pl.when(draw.random() < 0.05).then(second_identity).otherwise(pl.lit("")), pl.lit("]")])
+    return [
+        pl.lit(tenant).alias("tenant"),
+        pl.concat_str([kind["provider"], pl.lit("|"), ident]).alias("user_id"),
+        _lookup([cid for cid, _, _ in conns], connection).alias("connection_id"),
+        pl.when(draw.random() < 0.97).then(pl.concat_str(
+            [given_ascii, pl.lit("."), family_ascii, pl.lit("."), index.cast(pl.String), pl.lit("@"),
+             _lookup(_DOMAINS, index % len(_DOMAINS))])).alias("email"),
+        pl.when(draw.random() < 0.98).then(draw.random() < 0.8).alias("email_verified"),
+        pl.when(~kind["social"] & (draw.random() < 0.6)).then(
+            pl.concat_str([given_ascii, index.cast(pl.String)])).alias("username"),
+        pl.when(has_phone).then(pl.concat_str(
+            [pl.lit("+1"), (2_000_000_000 + draw.below(8_000_000_000)).cast(pl.String)])).alias("phone_number"),
+        pl.when(has_phone).then(draw.random() < 0.5).alias("phone_verified"),
+        pl.when(tricky).then(_lookup(_TRICKY, index // 40 % len(_TRICKY))).otherwise(
+            pl.concat_str([given, pl.lit(" "), family])).alias("name"),
+        pl.when(draw.random() < 0.9).then(given).alias("given_name"),
+        pl.when(draw.random() < 0.9).then(family).alias("family_name"),
+        given.str.to_lowercase().alias("nickname"),
+        pl.concat_str([pl.lit("https://s.gravatar.com/avatar/"), draw.hex(32), pl.lit(f"?s=480&r=pg&d={_AVATARS}"),
+                       given_ascii.str.slice(0, 2), pl.lit(".png")]).alias("picture"),
+        created.dt.strftime(_CSV_DATE).alias("created_at"),
+        updated.dt.strftime(_CSV_DATE).alias("updated_at"),
+        pl.when(logged_in).then(
+            (updated + pl.duration(microseconds=draw.below(86400 * 30 * micros))).dt.strftime(_CSV_DATE)
+        ).alias("last_login"),
+        pl.when(logged_in).then(pl.concat_str(
+            [(1 + draw.below(223)).cast(pl.String), pl.lit("."), draw.below(256).cast(pl.String), pl.lit("."),
+             draw.below(256).cast(pl.String), pl.lit("."), (1 + draw.below(254)).cast(pl.String)])).alias("last_ip"),
+        pl.when(draw.random() < 0.2).then(
+            (updated - pl.duration(days=1 + draw.below(29))).dt.strftime(_CSV_DATE)).alias("last_password_reset"),
+        pl.when(logged_in).then(1 + draw.below(499)).otherwise(0).alias("logins_count"),
+        (draw.below(30) == 0).alias("blocked"),
+        pl.when(draw.random() < 0.15).then(draw.pick(
+            [f'["{factor}"]' for factor in ("guardian", "google-authenticator", "sms")])).alias("multifactor"),
+        identities.alias("identities"),
+        _app_metadata_column(draw).alias("app_metadata"),
+        _user_metadata_column(draw, created, tricky).alias("user_metadata"),
+    ]
+
+
+def _app_metadata_column(draw: _Draws) -> pl.Expr:
+    """_app_metadata's shapes: none, {} or roles (one or two, distinct), plan and billing."""
+    first_role, other_role = draw.below(len(_ROLES)), draw.below(len(_ROLES) - 1)
+    second_role = pl.when(draw.random() < 0.5).then(pl.concat_str(
+        [pl.lit(',"'), _lookup(_ROLES, (first_role + 1 + other_role) % len(_ROLES)), pl.lit('"')]
+    )).otherwise(pl.lit(""))
+    full = pl.concat_str([
+        pl.lit('{"roles":["'), _lookup(_ROLES, first_role), pl.lit('"'), second_role, pl.lit('],"plan":"'),
+        draw.pick(("free", "pro", "enterprise")), pl.lit('","billing":{"seats":'), (1 + draw.below(49)).cast(pl.String),
+        pl.lit(',"trial":'), _json_bool(draw.random() < 0.2), pl.lit("}}")])
+    r = draw.random()
+    return pl.when(r < 0.4).then(None).when(r < 0.5).then(pl.lit("{}")).otherwise(full)
+
+
+def _user_metadata_column(draw: _Draws, created: pl.Expr, tricky: pl.Expr) -> pl.Expr:
+    """_user_metadata's shape: country, consent, preferences (two distinct languages), a score, and
+    for the users with tricky names a bio that is one of the tricky values."""
+    languages = ("en", "fr", "de", "ja")
+    first, other = draw.below(len(languages)), draw.below(len(languages) - 1)
+    score = draw.below(10_001)
+    bio = pl.when(tricky).then(
+        pl.concat_str([pl.lit(',"bio":'), draw.pick([orjson.dumps(t).decode() for t in _TRICKY])]))
+    meta = pl.concat_str([
+        pl.lit('{"country":"'), draw.pick(_COUNTRIES), pl.lit('","consent":{"given":'), _json_bool(draw.random() < 0.7),
+        pl.lit(',"date":"'), created.dt.strftime("%Y-%m-%d"),
+        pl.lit('","text_details":"https://example.com/terms/v2"},"preferences":{"newsletter":'),
+        _json_bool(draw.random() < 0.3), pl.lit(',"languages":["'), _lookup(languages, first), pl.lit('","'),
+        _lookup(languages, (first + 1 + other) % len(languages)), pl.lit('"]},"score":'),
+        (score // 100).cast(pl.String), pl.lit("."), (score % 100).cast(pl.String).str.zfill(2),
+        bio.otherwise(pl.lit("")), pl.lit("}")])
+    return pl.when(draw.random() < 0.35).then(None).otherwise(meta)
 
 
 def _connection_name(i: int) -> str:
