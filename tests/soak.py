@@ -119,7 +119,14 @@ def run(load: Load, data_dir: pathlib.Path, gcs: dict[str, str]) -> Outcome:
 
 
 def _kill_until(replicas: Replicas, every: float, stop: threading.Event) -> None:
+    """Every `every` seconds, SIGKILL replica 0 just after it claims work (waiting at most `every`
+    more for a claim), so that a kill lands on running work, not on an idle replica."""
     while not stop.wait(every):
+        server = replicas.servers[0]
+        claims = server.log_text().count(" claimed")
+        deadline = time.monotonic() + every
+        while server.log_text().count(" claimed") == claims and time.monotonic() < deadline and not stop.wait(0.05):
+            pass
         replicas.kill_and_restart(0)
 
 
