@@ -9,10 +9,12 @@ import io
 import json
 import pathlib
 import random
+import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
+import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import text
 
@@ -124,26 +126,42 @@ def test_a_user_that_left_the_connection_is_a_delete_of_its_increment(server: Se
     caller.close()
 
 
-def test_a_user_that_no_longer_matches_the_filter_is_a_delete_and_one_that_came_in_an_upsert(
+def test_a_user_that_left_the_filter_is_a_delete_and_one_that_entered_it_an_upsert(
         server: ServerHandle, tenant: str) -> None:
-    server.seed(30, tenant)
+    server.seed(40, tenant)
     caller = Caller(server, tenant)
-    request: dict[str, Any] = dict(format=pb.ExportRequest.CSV, fields=[("user_id", ""), ("logins_count", "")],
-                                   filter="logins_count >= 0")
-    with server.app.engine.begin() as conn:  # every user matches at the baseline
-        conn.execute(text("UPDATE users SET logins_count = 5 WHERE tenant = :t"), {"t": tenant})
+    request = dict(format=pb.ExportRequest.CSV, fields=[("user_id", ""), ("logins_count", "")],
+                   filter="logins_count >= 100")
     baseline, data = export(caller, **request)
-    assert len(csv_lines(data)[1]) == 30
+    inside = sorted(row[0] for row in csv_lines(data)[1])
+    with server.app.engine.connect() as conn:
+        outside = conn.execute(text("SELECT user_id FROM users WHERE tenant = :t AND logins_count < 100 "
+                                    "ORDER BY user_id LIMIT 1"), {"t": tenant}).scalar_one()
     with server.app.engine.begin() as conn:
-        left, touched = conn.execute(text("SELECT user_id FROM users WHERE tenant = :t ORDER BY user_id LIMIT 2"),
-                                     {"t": tenant}).scalars().all()
-        conn.execute(text("UPDATE users SET logins_count = -1 WHERE tenant = :t AND user_id = :u"),
-                     {"t": tenant, "u": left})
-        conn.execute(text("UPDATE users SET logins_count = 7 WHERE tenant = :t AND user_id = :u"),
-                     {"t": tenant, "u": touched})
-    _, changed = export(caller, **request, changed_since=baseline.watermark)
-    assert csv_lines(changed) == (["_op", "user_id", "logins_count"],
-                                  [["delete", left, ""], ["upsert", touched, "7"]])
+        conn.execute(text("UPDATE users SET logins_count = 0 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": inside[0]})
+        conn.execute(text("UPDATE users SET logins_count = 500 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": outside})
+    increment, changed = export(caller, **request, changed_since=baseline.watermark)
+    assert increment.filter == "logins_count >= 100"
+    assert sorted(csv_lines(changed)[1]) == sorted([["delete", inside[0], ""], ["upsert", outside, "500"]])
+    caller.close()
+
+
+def test_a_parquet_increment_has_op_as_its_first_column(server: ServerHandle, tenant: str) -> None:
+    server.seed(20, tenant)
+    caller = Caller(server, tenant)
+    baseline = caller.finish(caller.create(format=pb.ExportRequest.PARQUET).id)
+    done = churn(server.app.engine, tenant=tenant, updates=2, deletes=2, rng=random.Random(5))
+    increment = caller.finish(caller.create(format=pb.ExportRequest.PARQUET, changed_since=baseline.watermark).id)
+    with urllib.request.urlopen(increment.location, timeout=30) as response:
+        table = pq.read_table(io.BytesIO(response.read()))
+    assert table.column_names[:2] == ["_op", "user_id"]
+    rows = table.to_pylist()
+    assert sorted((row["_op"], row["user_id"]) for row in rows) == sorted(
+        [("upsert", u) for u in done.updated] + [("delete", u) for u in done.deleted])
+    assert all(value is None for row in rows if row["_op"] == "delete"
+               for key, value in row.items() if key not in ("_op", "user_id"))
     caller.close()
 
 
