@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from tests.harness import ServerHandle, new_tenant
 from tests.integration.support import Caller, download, error_reason, violations
+from tests.integration.test_digest_counts import SLICE_USERS, USERS, last_slice_held, started
 from tests.polling import eventually
 from userexport.client.cli import main as cli
 from userexport.v1 import users_export_pb2 as pb
@@ -123,6 +124,29 @@ def test_a_user_that_left_the_connection_is_a_delete_of_its_increment(server: Se
     caller.close()
 
 
+def test_a_user_that_no_longer_matches_the_filter_is_a_delete_and_one_that_came_in_an_upsert(
+        server: ServerHandle, tenant: str) -> None:
+    server.seed(30, tenant)
+    caller = Caller(server, tenant)
+    request: dict[str, Any] = dict(format=pb.ExportRequest.CSV, fields=[("user_id", ""), ("logins_count", "")],
+                                   filter="logins_count >= 0")
+    with server.app.engine.begin() as conn:  # every user matches at the baseline
+        conn.execute(text("UPDATE users SET logins_count = 5 WHERE tenant = :t"), {"t": tenant})
+    baseline, data = export(caller, **request)
+    assert len(csv_lines(data)[1]) == 30
+    with server.app.engine.begin() as conn:
+        left, touched = conn.execute(text("SELECT user_id FROM users WHERE tenant = :t ORDER BY user_id LIMIT 2"),
+                                     {"t": tenant}).scalars().all()
+        conn.execute(text("UPDATE users SET logins_count = -1 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": left})
+        conn.execute(text("UPDATE users SET logins_count = 7 WHERE tenant = :t AND user_id = :u"),
+                     {"t": tenant, "u": touched})
+    _, changed = export(caller, **request, changed_since=baseline.watermark)
+    assert csv_lines(changed) == (["_op", "user_id", "logins_count"],
+                                  [["delete", left, ""], ["upsert", touched, "7"]])
+    caller.close()
+
+
 @pytest.mark.parametrize("spoil", [
     pytest.param(lambda mark, other: other, id="another tenant's"),
     pytest.param(lambda mark, other: mark[:10] + ("A" if mark[10] != "A" else "B") + mark[11:], id="tampered"),
@@ -218,3 +242,25 @@ def test_the_cli_keeps_a_sync_going_with_its_watermark_file(
     assert cli(["--server", server.target, "--data-dir", str(server.data_dir), "--tenant", tenant, "export",
                 "--format", "json", "--save-watermark", str(mark)]) == 2
     assert "--save-watermark needs --wait" in capsys.readouterr().err
+
+
+def test_users_inserted_into_a_slice_s_range_push_no_counted_user_out(make_server: Callable[..., ServerHandle]) -> None:
+    """Users inserted at the start of the last slice's key range after planning: the slice reads its
+    whole range, so every user that existed at the watermark is in the file, the new ones as well,
+    and the job completes saying users changed (a slice capped at its planned count would have cut
+    off the range's last users, which no increment brings back: they did not change)."""
+    server = make_server(slice_users=SLICE_USERS)
+    caller, job, tenant = started(server, pb.ExportRequest.JSON)
+    with server.app.engine.connect() as conn:
+        before = set(conn.execute(text("SELECT user_id FROM users WHERE tenant = :t"), {"t": tenant}).scalars())
+    with last_slice_held(server, job.id) as rows, server.app.engine.begin() as conn:
+        for i in range(5):
+            conn.execute(text("INSERT INTO users (tenant, user_id, connection_id) SELECT tenant, :new, connection_id "
+                              "FROM users WHERE tenant = :t AND user_id = :after"),
+                         {"t": tenant, "after": rows[-1].after, "new": f"{rows[-1].after}0{i}"})
+    final = caller.finish(job.id)
+    assert final.status == pb.Job.COMPLETED, final.error
+    written = {line["user_id"] for line in ndjson_lines(download(final.location))}
+    assert written == before | {f"{rows[-1].after}0{i}" for i in range(5)} and final.users_written == USERS + 5
+    assert final.status_details.startswith("Users changed while the export ran")
+    caller.close()

@@ -83,11 +83,13 @@ def take_watermark(conn: Connection) -> Watermark:
     return Watermark(last + 1, last + 1, (), taken_at)
 
 
-def changed_users(since: Watermark, connection_id: str | None, params: dict[str, Any], bounds: str = "") -> str:
-    """SELECT of the ids (`changed_id`, each once) of the tenant's users changed after `since`,
-    read along the log's (tenant, txn) index, so its cost follows the changes, not the tenant. With
-    a connection: only changes of users in it (before or after the change). `bounds` adds
-    conditions on the log's user_id; :tenant is the caller's parameter, the rest go into `params`."""
+def changed_users(tenant: str, since: Watermark, connection_id: str | None, params: dict[str, Any],
+                  bounds: str = "") -> str:
+    """SELECT of the ids (`changed_id`, each once) of `tenant`'s users changed after `since`, read
+    along the log's (tenant, txn) index, so its cost follows the changes, not the tenant. With a
+    connection: only changes of users in it (before or after the change). `bounds` adds conditions
+    on the log's user_id; the parameters go into `params` (:tenant, :connection_id, :since_*)."""
+    params["tenant"] = tenant
     after = _after(since, params)
     if since.xip:  # in flight at the watermark: at xmin or above, which bounds the index range
         after = f"txn >= :since_xmin AND ({after})"

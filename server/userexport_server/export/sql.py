@@ -145,7 +145,7 @@ def _changes(spec: ExportSpec, tenant: str, dialect: str, key_range: KeyRange | 
             after, params["after"] = " AND user_id > :after", key_range.after
         if key_range.through is not None:
             through, params["through"] = " AND user_id <= :through", key_range.through
-    changed = changed_users(mark, spec.connection_id, params, through)
+    changed = changed_users(tenant, mark, spec.connection_id, params, through)
     values = ["changed_id" if (c.root, c.path) == ("user_id", None) else _value(c, i, dialect, params)
               for i, c in enumerate(columns)]
     op = "CASE WHEN users.user_id IS NULL THEN 'delete' ELSE 'upsert' END"
@@ -205,8 +205,7 @@ def count_users(conn: Connection, tenant: str, spec: ExportSpec, key_range: KeyR
     bounds = "" if key_range is None else _bounds(key_range, params)
     mark = watermark_of(spec)
     if mark is not None:
-        params["tenant"] = tenant
-        sql = f"SELECT count(*) FROM ({changed_users(mark, spec.connection_id, params, bounds)}) AS changed"
+        sql = f"SELECT count(*) FROM ({changed_users(tenant, mark, spec.connection_id, params, bounds)}) AS changed"
         return int(conn.execute(text(sql).bindparams(**params)).scalar_one())
     where, matching = request_sql(spec, tenant, conn.dialect.name)
     params |= matching
@@ -239,8 +238,8 @@ def key_ranges(conn: Connection, tenant: str, spec: ExportSpec, total: int, size
     cuts = -(-total // size) - 1
     mark = watermark_of(spec)
     if mark is not None:
-        params: dict[str, Any] = {"tenant": tenant}
-        ids = changed_users(mark, spec.connection_id, params)
+        params: dict[str, Any] = {}
+        ids = changed_users(tenant, mark, spec.connection_id, params)
         bounds = _numbered(conn, ids, "changed_id", params, total, size) if cuts > 0 else []
     else:
         where, params = request_sql(spec, tenant, conn.dialect.name)
