@@ -36,7 +36,7 @@ class Load:
     creates: int = 500
     replicas: int = 2
     fault_seconds: float = 60.0  # creates are spread over this window, and the kills happen in it
-    kill_every: float = 4.0  # seconds replica 0 runs after each start before it is SIGKILLed
+    kill_every: float = 4.0  # seconds replica 0 runs after each start before it is SIGKILLed (_kill_until)
     settle_seconds: float = 300.0  # how long every accepted job gets to end after the window
     lease_seconds: float = 3.0
     callers: int = 8  # concurrent clients making the creates
@@ -79,9 +79,9 @@ class Outcome:
 
 def run(load: Load, data_dir: pathlib.Path, gcs: dict[str, str]) -> Outcome:
     """Seed the tenants in a fresh database, start the replicas (GCS settings `gcs`, as
-    USEREXPORT_* names), make the creates while SIGKILLing replica 0 `kill_every` seconds after each
-    of its starts and starting it again, wait for every accepted job, and check each completed file
-    against its tenant's users."""
+    USEREXPORT_* names), make the creates while SIGKILLing replica 0 mid-work some `kill_every`
+    seconds after each of its starts and starting it again, wait for every accepted job, and check
+    each completed file against its tenant's users."""
     outcome = Outcome(load)
     with fresh_postgres_database() as dsn:
         engine = make_engine(dsn)
@@ -119,14 +119,14 @@ def run(load: Load, data_dir: pathlib.Path, gcs: dict[str, str]) -> Outcome:
 
 
 def _kill_until(replicas: Replicas, every: float, stop: threading.Event) -> None:
-    """Every `every` seconds, SIGKILL replica 0 just after it claims work (waiting at most `every`
-    more for a claim), so that a kill lands on running work, not on an idle replica."""
+    """Replica 0 runs `every` seconds, then is SIGKILLed the moment it next claims a job or a slice
+    (or `every` seconds later, if it claims none), so a kill lands on running work."""
     while not stop.wait(every):
-        server = replicas.servers[0]
-        claims = server.log_text().count(" claimed")
-        deadline = time.monotonic() + every
-        while server.log_text().count(" claimed") == claims and time.monotonic() < deadline and not stop.wait(0.05):
-            pass
+        claims = replicas.servers[0].log_text().count(" claimed ")
+        give_up = time.monotonic() + every
+        while (not stop.is_set() and time.monotonic() < give_up
+               and replicas.servers[0].log_text().count(" claimed ") == claims):
+            time.sleep(0.02)
         replicas.kill_and_restart(0)
 
 
