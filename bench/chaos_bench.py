@@ -7,10 +7,9 @@ PostgreSQL with GCS storage, undisturbed and then under faults, both files check
 Everything runs on this machine and is made by the benchmark: a PostgreSQL cluster of its own
 (tests/pg_cluster.py: initdb into a temporary folder, on a free port, with the binaries of the
 installed PostgreSQL, as the postgres user when run as root; fsync off), so restarting it disturbs
-no other database; fake-gcs-server
-(tests/gcs_emulator.py) keeping its objects as files in a temporary folder; three `userexport-server`
-processes sharing both, with --lease-seconds leases. It seeds --users users (and prints the seed's
-users per second), then runs:
+no other database; fake-gcs-server (tests/gcs_emulator.py) keeping its objects as files in a
+temporary folder; three `userexport-server` processes sharing both, with --lease-seconds leases. It
+seeds --users users (and prints the seed's users per second), then runs:
 
 1. undisturbed: both exports created at once, timed until both are COMPLETED;
 2. chaos: the same, while a replica is SIGKILLed every --kill-every seconds and restarted at once
@@ -18,7 +17,8 @@ users per second), then runs:
    of the undisturbed time, and one replica is stopped with SIGSTOP at 60% of it for the lease and
    5 s more, then continued.
 
-Each file is downloaded and read whole: every user of the table exactly once, in id order, the
+Each file of the chaos run (and of the undisturbed one with --check-undisturbed) is downloaded and
+read whole, two processes at once: every user of the table exactly once, in id order, the
 count equal to the table's, and Job.sha256 (when the server sets it) equal to the downloaded
 bytes' digest. It prints a table: the time of each run and their ratio (goal: at most 1.5x), the
 files' check, and each replica's peak RSS (VmHWM polled from /proc every 0.5 s, over every process
