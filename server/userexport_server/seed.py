@@ -361,7 +361,9 @@ def _user_columns(tenant: str, conns: Sequence[tuple[str, str, _Kind]], seed: in
     weights = [0.6] + [0.4 / (len(conns) - 1)] * (len(conns) - 1) if len(conns) > 1 else [1.0]
     cumulative = [sum(weights[: i + 1]) for i in range(len(weights) - 1)]
     r = draw.random()
-    connection = pl.sum_horizontal([(r >= edge).cast(pl.Int64) for edge in cumulative]) if cumulative else pl.lit(0)
+    # One connection: every user's is 0, a column like r (a bare literal would gather one value).
+    connection = pl.sum_horizontal([(r >= edge).cast(pl.Int64) for edge in cumulative]) if cumulative \
+        else (r * 0).cast(pl.Int64)
     kind = {attribute: _lookup([getattr(k, attribute) for _, _, k in conns], connection)
             for attribute in ("provider", "social", "id_digits")}
     # The number keeps ids unique across calls and in order; the random tail makes them look real.

@@ -259,6 +259,7 @@ def test_local_copy_failure_leaves_nothing(local: LocalStorage, folder: str, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr("userexport_server.storage.local.os.copy_file_range", full)
-    with pytest.raises(StorageError, match=r"^Writing the export file failed: No space left on device\.$"):
+    full_disk = r"^Writing the export file failed: No space left on device \(the storage disk is full\)\.$"
+    with pytest.raises(StorageError, match=full_disk):
         local.combine(keys, f"{folder}/{FILENAME}", FILENAME)
     assert listing(local, folder) == slice_names(2)  # no `.tmp-` file either
