@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import pathlib
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -60,6 +61,7 @@ def test_a_replica_paused_past_its_lease_is_fenced_and_the_file_is_made_once_who
         job = caller.create(format=pb.ExportRequest.CSV)
         eventually(lambda: caller.get(job.id).users_written > 0, "A exporting", timeout=60)
         a.signal(signal.SIGSTOP)
+        before = a.log_text()  # what A did before the pause (a stopped process writes nothing more)
         try:
             b = ServerHandle(tmp_path, database_url=url, workers=2, **SETTINGS)
             watcher = Caller(b, tenant)
@@ -68,17 +70,19 @@ def test_a_replica_paused_past_its_lease_is_fenced_and_the_file_is_made_once_who
             a.signal(signal.SIGCONT)
         assert final.status == pb.Job.COMPLETED, final.error
         folder = tmp_path / "files" / tenant / job.id
-        claimed = a.log_text().count(f"slice claimed job_id={job.id}")
-        assert claimed, "A held no slice when it was stopped"
-        # Each of A's slice runs ends, by its heartbeat finding the lease lost ("slice stopped") or,
-        # when its read fails first (the primary ended its connection meanwhile), as a failed attempt.
-        ends = ("slice stopped", "export attempt failed, will retry", "export failed")
-        ended = lambda: sum(a.log_text().count(f"{end} job_id={job.id}") for end in ends)
-        eventually(lambda: ended() == claimed, "A's slices fenced", timeout=LEASE * 5)
+        held = before.count(f"slice claimed job_id={job.id}") - before.count(f"slice done job_id={job.id}")
+        assert held, "A held no slice when it was stopped"
+        # Each slice A held ends after the pause: its heartbeat finds the lease lost ("slice stopped"),
+        # its read fails first (a failed attempt), or its finish is refused ("slice done ... recorded=False").
+        since = lambda: a.log_text()[len(before):]
+        ends = ("slice stopped", "export attempt failed, will retry", "export failed", "slice done")
+        eventually(lambda: sum(since().count(f"{end} job_id={job.id}") for end in ends) >= held, "A's slices fenced",
+                   timeout=LEASE * 5)
         time.sleep(LEASE)  # A's heartbeats and progress calls have all run by now
         assert files_of(folder) == [f"{tenant}.csv.gz"], "A left something behind"
         assert watcher.get(job.id).version == final.version, "A changed the job after it completed"
-        assert f"slice done job_id={job.id}" not in a.log_text(), "A recorded a slice it no longer held"
+        recorded = re.search(f"slice done job_id={job.id} .*recorded=True", since())
+        assert not recorded, "A recorded a slice it no longer held"
         rows = list(csv.reader(io.StringIO(download(final.location).decode(), newline="")))
         ids = [row[0] for row in rows[1:]]
         assert rows[0][0] == "user_id" and len(ids) == final.users_written == USERS and ids == sorted(set(ids))
