@@ -36,3 +36,21 @@ def database_settings(backend: str) -> Iterator[dict[str, Any]]:
             yield {"database_url": url}
     else:
         yield {}
+
+
+@contextlib.contextmanager
+def seeded_postgres_database(users: int, admin_dsn: str = ADMIN_DSN) -> Iterator[tuple[str, str]]:
+    """A fresh database (see fresh_postgres_database) migrated and seeded with `users` users of one
+    new tenant: (its URL, the tenant)."""
+    from tests.harness import new_tenant
+    from userexport_server.db.engine import make_engine
+    from userexport_server.db.migrate import upgrade
+    from userexport_server.seed import seed_users
+
+    with fresh_postgres_database(admin_dsn) as url:
+        engine = make_engine(url)
+        upgrade(engine)
+        tenant = new_tenant()
+        seed_users(engine, tenant=tenant, users=users)
+        engine.dispose()
+        yield url, tenant

@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 
-from tests.databases import BACKENDS, fresh_postgres_database
-from tests.harness import ServerHandle, ServerProcess, new_tenant
+from tests.databases import BACKENDS, seeded_postgres_database
+from tests.harness import ServerHandle, ServerProcess
 from tests.integration.support import Caller, download
 from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
-from userexport_server.db.engine import make_engine
-from userexport_server.db.migrate import upgrade
-from userexport_server.seed import seed_users
 
 pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS, reason="replicas share PostgreSQL")
 
@@ -35,13 +32,8 @@ SETTINGS: dict[str, Any] = {"slice_users": USERS // 4, "gzip_level": 9, "lease_s
 
 @pytest.fixture
 def seeded() -> Iterator[tuple[str, str]]:
-    with fresh_postgres_database() as url:
-        engine = make_engine(url)
-        upgrade(engine)
-        tenant = new_tenant()
-        seed_users(engine, tenant=tenant, users=USERS)
-        engine.dispose()
-        yield url, tenant
+    with seeded_postgres_database(USERS) as seeded:
+        yield seeded
 
 
 def files_of(folder: pathlib.Path) -> list[str]:

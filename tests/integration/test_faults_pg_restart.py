@@ -17,15 +17,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.databases import fresh_postgres_database
-from tests.harness import ServerHandle, new_tenant
+from tests.databases import seeded_postgres_database
+from tests.harness import ServerHandle
 from tests.integration.support import Caller, download, wait_until_writing
 from tests.pg_cluster import PgCluster
 from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
-from userexport_server.db.engine import make_engine
-from userexport_server.db.migrate import upgrade
-from userexport_server.seed import seed_users
 
 pytestmark = pytest.mark.private_postgres
 
@@ -38,13 +35,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def seeded(private_postgres: PgCluster) -> Iterator[tuple[str, str]]:
-    with fresh_postgres_database(private_postgres.url()) as url:
-        engine = make_engine(url)
-        upgrade(engine)
-        tenant = new_tenant()
-        seed_users(engine, tenant=tenant, users=USERS)
-        engine.dispose()
-        yield url, tenant
+    with seeded_postgres_database(USERS, private_postgres.url()) as seeded:
+        yield seeded
 
 
 class HealthWatch:

@@ -24,15 +24,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.databases import BACKENDS, fresh_postgres_database
-from tests.harness import ServerHandle, ServerProcess, new_tenant
+from tests.databases import BACKENDS, seeded_postgres_database
+from tests.harness import ServerHandle, ServerProcess
 from tests.integration.pg_faults import listener_pids
 from tests.integration.support import Caller, download
 from tests.polling import eventually
 from userexport.v1 import users_export_pb2 as pb
-from userexport_server.db.engine import EXPORT_APPLICATION_NAME, make_engine
-from userexport_server.db.migrate import upgrade
-from userexport_server.seed import seed_users
+from userexport_server.db.engine import EXPORT_APPLICATION_NAME
 
 pytestmark = pytest.mark.skipif("postgresql" not in BACKENDS, reason="a SIGSTOPped backend is PostgreSQL's fault")
 
@@ -45,13 +43,8 @@ SETTINGS: dict[str, Any] = {"gzip_level": 9, "slice_users": USERS, "lease_second
 @pytest.fixture(scope="module")
 def seeded() -> Iterator[tuple[str, str]]:
     """A database of USERS users of one tenant, shared by this module's tests."""
-    with fresh_postgres_database() as url:
-        engine = make_engine(url)
-        upgrade(engine)
-        tenant = new_tenant()
-        seed_users(engine, tenant=tenant, users=USERS)
-        engine.dispose()
-        yield url, tenant
+    with seeded_postgres_database(USERS) as seeded:
+        yield seeded
 
 
 def export_backend(url: str, timeout: float = 20.0) -> int:
