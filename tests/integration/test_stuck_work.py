@@ -58,10 +58,38 @@ def export_backend(url: str, timeout: float = 20.0) -> int:
     return eventually(find, "an export reading users", timeout=timeout)
 
 
+def wait_event(url: str, pid: int) -> str | None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return None if row is None else row[0]
+
+
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
     """SIGSTOP a backend until the block ends (then SIGCONT: it finds its socket gone and exits)."""
     os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def stopped_sending(url: str, pid: int) -> Iterator[None]:
+    """SIGSTOP an export's backend while it waits to send rows (ClientWrite): hung the way a replica
+    can rescue. A backend stopped inside a data file read (DataFileRead) keeps that page's buffer I/O
+    in progress, and every backend that reads the page waits on it (BufferIO) until the hung one
+    goes: no replica can read past it, so that is PostgreSQL's fault to fix (kill the backend), not
+    the service's. The backend's own wait event, read after the stop, says where it stopped."""
+    def stop() -> bool:
+        if wait_event(url, pid) != "ClientWrite":
+            return False
+        os.kill(pid, signal.SIGSTOP)
+        if wait_event(url, pid) == "ClientWrite":
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+    eventually(stop, "the export backend stopped while sending", timeout=30, every=0.01)
     try:
         yield
     finally:
@@ -90,7 +118,7 @@ def test_a_stalled_export_is_cancelled_handed_back_and_rescued_whole(
         caller = Caller(a, tenant)
         job = caller.create(format=pb.ExportRequest.CSV)
         wait_until_writing(caller, job.id)
-        with stopped(export_backend(url)):
+        with stopped_sending(url, export_backend(url)):
             since = time.monotonic()
             b = ServerHandle(tmp_path, database_url=url, workers=1, **SETTINGS)
             eventually(lambda: f"slice claimed job_id={job.id} tenant={tenant} slice=0 attempt=2" in caplog.text,
