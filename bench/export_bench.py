@@ -5,6 +5,7 @@
     python bench/export_bench.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
     python bench/export_bench.py --users 10000000 --runs 1 --backends postgresql --no-peer   # peak RSS at 10M
     python bench/export_bench.py --workers 4 --slice-users 50000                               # other server settings
+    python bench/export_bench.py --backends postgresql --formats csv,parquet                  # some formats only
 
 For each database: seed N users in a fresh database, start the server as its own process (so its
 peak RSS, VmHWM, is the service's alone), then run, interleaved and `--runs` times each, the
@@ -15,6 +16,8 @@ instead on the same data, with every core compressing at level 1:
 - PostgreSQL NDJSON: psql -c "COPY (SELECT json_build_object(every root attribute)) TO STDOUT" | pigz ...
 - SQLite CSV:        sqlite3 -csv db "SELECT default CSV columns" | pigz ...
 - SQLite NDJSON:     sqlite3 db "SELECT json_object(every root attribute)" | pigz ...
+- Parquet (whole user) has no one-line peer: it runs beside the CSV peer, and its wall time is
+  also given over the service's CSV export's (the goal: no slower).
 
 It prints medians of the wall time, the ratio service/peer (below 1: the service is faster), the
 CPU-seconds the database spent (PostgreSQL: the bench database's backends, sampled from /proc every
@@ -57,6 +60,9 @@ _CSV_ROOTS = ("user_id", "email", "email_verified", "username", "name", "given_n
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
+FORMATS = {"csv": pb.ExportRequest.CSV, "json": pb.ExportRequest.JSON, "parquet": pb.ExportRequest.PARQUET}
+LABELS = {"csv": "CSV, default fields", "json": "NDJSON, whole user",
+          "parquet": "Parquet, whole user (peer: the CSV one)"}
 
 
 def cpu_seconds(pid: int | str) -> float:
@@ -167,7 +173,7 @@ def run_service(server: ServerProcess, tenant: str, fmt: str, db_cpu: DatabaseCp
     try:
         with db_cpu.measure() as database:
             started = time.perf_counter()
-            job = caller.create(format=pb.ExportRequest.CSV if fmt == "csv" else pb.ExportRequest.JSON, **request)
+            job = caller.create(format=FORMATS[fmt], **request)
             final = caller.finish(job.id, timeout=3600)
             wall = time.perf_counter() - started
     finally:
@@ -196,7 +202,7 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[str, str], *,
-                  peer: bool = True) -> list[str]:
+                  formats: list[str], peer: bool = True) -> list[str]:
     """Seed, serve (with the server settings `env`) and time one database; the table rows it measured."""
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"userexport-bench-{backend}-"))
     tenant = "bench" + uuid.uuid4().hex[:8]
@@ -235,8 +241,10 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
         print(f"{backend}: seeded {users:,} users in {time.perf_counter() - started:.1f} s", flush=True)
         server = ServerProcess(data_dir, env)
         try:
-            for fmt in ("csv", "json"):
-                command = peer_command(backend, fmt, tenant, target)
+            walls: dict[str, list[Run]] = {}
+            for fmt in formats:
+                # Parquet has no one-line peer: it races the CSV peer, and the service's CSV below.
+                command = peer_command(backend, "json" if fmt == "json" else "csv", tenant, target)
                 service, peers = [], []
                 for run in range(runs):  # interleaved, so load from elsewhere hits both alike
                     ours, final = run_service(server, tenant, fmt, db_cpu)
@@ -247,12 +255,16 @@ def bench_backend(backend: str, users: int, runs: int, postgres: str, env: dict[
                     print(f"  {backend} {fmt} run {run + 1}: service {ours.wall:.2f} s (db {ours.database:.2f}, "
                           f"server {ours.client:.2f} CPU-s), peer {theirs.wall:.2f} s (db {theirs.database:.2f}, "
                           f"client {theirs.client:.2f} CPU-s) ({size / 1e6:.0f} MB)", flush=True)
-                rows.append(f"| {backend} | {'CSV, default fields' if fmt == 'csv' else 'NDJSON, whole user'} "
+                walls[fmt] = service
+                rows.append(f"| {backend} | {LABELS[fmt]} "
                             f"| {median_cell(service, 'wall')} | {median_cell(peers, 'wall')} "
                             f"| {ratio(service, peers, 'wall'):.2f}x "
                             f"| {median_cell(service, 'database', '')} | {median_cell(peers, 'database', '')} "
                             f"| {ratio(service, peers, 'database'):.2f}x | {median_cell(service, 'client', '')} "
                             f"| {median_cell(peers, 'client', '')} |")
+            if "parquet" in walls and "csv" in walls:
+                rows.append(f"| {backend} | Parquet wall / service CSV wall | "
+                            f"{ratio(walls['parquet'], walls['csv'], 'wall'):.2f}x |")
             rows.append(f"| {backend} | server peak RSS | {peak_rss_mb(server.process.pid):.0f} MB |")
         finally:
             server.signal(2)
@@ -272,6 +284,7 @@ def main() -> None:
     parser.add_argument("--gzip-level", default="1", help="the server's USEREXPORT_GZIP_LEVEL (default 1)")
     parser.add_argument("--workers", default="2", help="the server's USEREXPORT_WORKERS (default 2)")
     parser.add_argument("--slice-users", default="100000", help="the server's USEREXPORT_SLICE_USERS (default 100000)")
+    parser.add_argument("--formats", default="csv,json,parquet", help="exports to time (csv, json, parquet)")
     parser.add_argument("--no-peer", action="store_true", help="time the service only (e.g. peak RSS at 10M users)")
     args = parser.parse_args()
     env = {"USEREXPORT_GZIP_LEVEL": args.gzip_level, "USEREXPORT_WORKERS": args.workers,
@@ -284,7 +297,8 @@ def main() -> None:
             raise SystemExit(f"{tool} is not installed: apt-get install {packages[tool]}")
     rows = []
     for backend in backends:
-        rows += bench_backend(backend, args.users, args.runs, args.postgres, env, peer=not args.no_peer)
+        rows += bench_backend(backend, args.users, args.runs, args.postgres, env,
+                             formats=[f for f in args.formats.split(",") if f], peer=not args.no_peer)
     print(f"\n{args.users:,} users, medians of {args.runs} (min-max), {os.cpu_count()} cores, peer with pigz -1 "
           f"-p{os.cpu_count()}, server {' '.join(f'{k}={v}' for k, v in env.items())}")
     print("| database | export | service wall | peer wall | wall ratio | service db CPU-s | peer db CPU-s | db ratio "
