@@ -1,0 +1,34 @@
+"""How the export's allocators give freed memory back, so that a server's peak RSS follows what its
+exports hold rather than what they once held. Three allocators serve an export:
+
+- polars' jemalloc keeps freed pages for seconds by default: at an export's pace of batches that
+  kept about 50 MB more resident per running export. Told before polars loads (a value set in the
+  environment wins).
+- pyarrow's default pool, mimalloc, keeps what the Parquet writer, casts and concatenations freed:
+  the system allocator instead took a 2-worker server's peak over a 300,000-user Parquet and CSV
+  export from 297-316 MB to 267 MB (bench/export_bench.py). ARROW_DEFAULT_MEMORY_POOL, if set, wins.
+- glibc raises its trim and mmap thresholds as large blocks are freed, and then keeps them in the
+  heap; a fixed trim threshold returns them (267 -> 247-250 MB, same bench). MALLOC_TRIM_THRESHOLD_,
+  if set, wins; on a libc without mallopt nothing is changed.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_JEMALLOC_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter
+TRIM_THRESHOLD_BYTES = 128 * 1024
+
+
+def configure_allocators() -> None:
+    """Before polars and pyarrow load: freed memory goes back to the system at once."""
+    os.environ.setdefault("_RJEM_MALLOC_CONF", _JEMALLOC_CONF)
+    # Read by Arrow's C++ the first time it needs its default pool, which every part of it uses
+    # (pyarrow's set_memory_pool reaches only the calls made through pyarrow).
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if hasattr(libc, "mallopt"):
+            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
