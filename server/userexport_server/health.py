@@ -9,7 +9,6 @@ service of its own and never turns the server NOT_SERVING: restarting replicas w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,8 +65,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # its end, without taking a cancel of our caller's as its own
             self._task = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -103,8 +101,11 @@ class HealthMonitor:
         assert self._executor is not None
         if self._running is None or self._running.done():
             self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._ask_all)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an answer that arrives with a
+        # cancel and drops the cancel, so the monitor outlived stop() and the server's stop hung.
         try:
-            return await asyncio.wait_for(asyncio.shield(self._running), CHECK_TIMEOUT_SECONDS)
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                return await asyncio.shield(self._running)
         except TimeoutError:
             return [f"{STUCK}: no answer within {CHECK_TIMEOUT_SECONDS:.0f} s (database or listener hanging)"]
 
