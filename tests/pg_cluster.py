@@ -94,6 +94,13 @@ class PgInstance:
             cursor = conn.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
 
+    def pause_replay(self) -> None:
+        """A standby's replay paused, not only asked to pause: until it has, it may still replay
+        what the primary writes next (pg_get_wal_replay_pause_state says 'pause requested')."""
+        self.execute("SELECT pg_wal_replay_pause()")
+        eventually(lambda: self.execute("SELECT pg_get_wal_replay_pause_state()") == [("paused",)],
+                   "the standby's replay paused", timeout=30)
+
     def postmaster_pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split()[0])
 

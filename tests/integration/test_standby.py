@@ -150,11 +150,13 @@ def test_a_paused_standby_is_waited_for_then_the_primary_read_and_the_file_is_no
         seeded: Seeded, server: Any) -> None:
     wait = 2.0
     standby_server = server(export_database_url=seeded.standby_url, export_database_wait_seconds=wait)
-    seeded.standby.execute("SELECT pg_wal_replay_pause()")
+    seeded.standby.pause_replay()
     try:
         seeded.add_users(ADDED)  # committed before the job: the export must have them
         eventually(lambda: health(standby_server, STANDBY_SERVICE) == NOT_SERVING, "the standby reported paused")
-        lag = one(parse(scrape(standby_server.metrics_port)), "userexport_standby_replay_lag_bytes")
+        # A probe between the pause and the users' commit reports paused with no lag yet.
+        lag = eventually(lambda: one(parse(scrape(standby_server.metrics_port)),
+                                     "userexport_standby_replay_lag_bytes"), "the standby's lag in bytes")
         started = time.monotonic()
         final, content = export(standby_server, seeded.tenant)
         took = time.monotonic() - started
@@ -176,7 +178,7 @@ def test_a_paused_standby_is_waited_for_then_the_primary_read_and_the_file_is_no
 def test_a_standby_that_catches_up_within_the_wait_is_read(seeded: Seeded, server: Any) -> None:
     standby_server = server(export_database_url=seeded.standby_url, export_database_wait_seconds=20)
     caller = Caller(standby_server, seeded.tenant)
-    seeded.standby.execute("SELECT pg_wal_replay_pause()")
+    seeded.standby.pause_replay()
     try:
         seeded.add_users(ADDED)
         job = caller.create(format=pb.ExportRequest.CSV)
