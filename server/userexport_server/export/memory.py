@@ -8,7 +8,7 @@ exports hold rather than what they once held. Three allocators serve an export:
   the system allocator instead took a 2-worker server's peak over a 300,000-user Parquet and CSV
   export from 297-316 MB to 267 MB (bench/export_bench.py). ARROW_DEFAULT_MEMORY_POOL, if set, wins.
 - glibc raises its trim and mmap thresholds as large blocks are freed, and then keeps them in the
-  heap; a fixed trim threshold returns them (267 -> 247-250 MB, same bench). MALLOC_TRIM_THRESHOLD_,
+  heap; a fixed trim threshold returns them (267 -> 248-256 MB, same bench). MALLOC_TRIM_THRESHOLD_,
   if set, wins; on a libc without mallopt nothing is changed.
 """
 from __future__ import annotations
