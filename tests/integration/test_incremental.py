@@ -25,6 +25,7 @@ from tests.polling import eventually
 from userexport.client.cli import main as cli
 from userexport.v1 import users_export_pb2 as pb
 from userexport_server.churn import churn
+from userexport_server.db.engine import write_transaction
 
 Rows = dict[str, Any]  # user_id -> the user's line (a CSV row, or an NDJSON object), _op left out
 
@@ -115,7 +116,9 @@ def test_a_user_that_left_the_connection_is_a_delete_of_its_increment(server: Se
     first, second, _ = server.seed(30, tenant)
     caller = Caller(server, tenant)
     baseline, _ = export(caller, format=pb.ExportRequest.CSV, connection_id=first, fields=[("user_id", "")])
-    with server.app.engine.begin() as conn:
+    # The service's own write transaction (SQLite: BEGIN IMMEDIATE): a deferred one that reads first
+    # could not take the write lock after the server's own writes ("database is locked", seen in CI).
+    with write_transaction(server.app.engine) as conn:
         moved = conn.execute(text("SELECT user_id FROM users WHERE tenant = :t AND connection_id = :c "
                                   "ORDER BY user_id LIMIT 2"), {"t": tenant, "c": first}).scalars().all()
         conn.execute(text("UPDATE users SET connection_id = :c WHERE tenant = :t AND user_id IN (:a, :b)"),
