@@ -5,12 +5,15 @@ translated)."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from tests.databases import ADMIN_DSN
 from tests.export.support import MemoryWriter, new_tenant
 from tests.integration.pg_faults import admin_execute
 from tests.polling import eventually
@@ -74,3 +77,31 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
     pid = readers[0].backend_pid
     active = lambda: admin_execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'", (pid,))
     eventually(lambda: not active() or None, "the stopped query's backend idle or gone", timeout=30)
+
+
+def test_a_query_on_a_terminated_connection_raises_instead_of_aborting_the_process(seeded: tuple[Engine, str]) -> None:
+    """adbc-driver-postgresql before 1.11 aborted the whole process here (std::logic_error from a null
+    SQLSTATE, apache/arrow-adbc#3878): the reader's connection is terminated between its setup and
+    its query, as pg_terminate_backend or a restart does. Run in a process of its own, which an abort
+    would kill."""
+    engine, tenant = seeded
+    script = f"""
+import psycopg
+from userexport_server.db.engine import make_engine
+from userexport_server.export.reader import open_reader
+from userexport_server.export.sql import projection
+from userexport_server.api.requests import build_spec
+engine = make_engine({engine.url.render_as_string(hide_password=False)!r})
+with engine.connect() as conn:
+    reader = open_reader(conn, projection(build_spec(format="csv", connection_id=None, limit=None, fields=[]),
+                                          {tenant!r}, "postgresql"))
+    with psycopg.connect({ADMIN_DSN!r}, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (reader.backend_pid,))
+    try:
+        list(reader)
+    except psycopg.OperationalError as error:
+        print("raised", type(error).__name__)
+    reader.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "raised OperationalError"), done.stderr[-2000:]

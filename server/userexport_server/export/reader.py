@@ -26,6 +26,7 @@ import contextlib
 import io
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -49,6 +50,8 @@ SQLITE_CHUNK_ROWS = 2000
 # The export_reads settings the ADBC connection copies from the caller's (application_name: so
 # pg_stat_activity shows its backend as an export read, as it showed the caller's).
 _MIRRORED = ("statement_timeout", "max_parallel_workers_per_gather", "jit", "application_name")
+# SO_LINGER on, 0 s: the socket's last close resets the connection instead of closing it in order.
+_ABORTIVE = struct.pack("ii", 1, 0)
 _DATE_TEXT = "%Y-%m-%d %H:%M:%S%.f"  # SQLAlchemy's DateTime text on SQLite (UTC by convention)
 # How SQLite's JSON lines carry each kind (booleans are stored as 0/1, dates as text).
 _SQLITE_TYPES = {Kind.STRING: pl.String, Kind.JSON: pl.String, Kind.DATETIME: pl.String, Kind.INT: pl.Int64,
@@ -123,7 +126,13 @@ class _PostgresReader(ColumnReader):
 
     def cancel(self) -> None:
         """Ask the server to cancel, and shut the socket down, which ends a read the server will
-        never answer (a hung backend ignores a cancel request) at once; iterating then raises."""
+        never answer (a hung backend ignores a cancel request) at once; iterating then raises.
+
+        The socket is also made to reset the connection when it is closed. A backend blocked
+        sending rows (ClientWrite) serves no cancel request, and closed in order our socket was
+        left in FIN_WAIT2 with nothing unread, so no reset went out until the backend's window
+        probes drew one, 10-30 s later (3 cancels in 8, tests/export/test_reader.py); a reset
+        frees it at once."""
         with self._lock:
             if self._closed:
                 return
@@ -131,6 +140,7 @@ class _PostgresReader(ColumnReader):
                 self._cursor.adbc_cancel()
             if self._socket is not None:
                 with contextlib.suppress(OSError):
+                    self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _ABORTIVE)
                     self._socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
