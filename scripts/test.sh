@@ -32,8 +32,10 @@ else
   echo "no commit before HEAD (first commit or shallow clone): nothing to compare the protos with"
 fi
 echo "== tests"
+# Two processes (pytest-xdist), one per core: each test makes its own servers, databases and ports,
+# and the faults that restart PostgreSQL restart a cluster of their own. -n 0 runs them in one.
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n 2 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
