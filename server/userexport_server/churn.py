@@ -48,16 +48,21 @@ def churn(engine: Engine, *, tenant: str, updates: int = 0, deletes: int = 0, in
     transaction, then insert `inserts` new ones in another."""
     rng = rng or random.Random()
     with write_transaction(engine) as conn:
-        picked = list(conn.execute(text("SELECT user_id FROM users WHERE tenant = :tenant ORDER BY random() "
-                                        "LIMIT :n"), {"tenant": tenant, "n": updates + deletes}).scalars())
+        picked = list(conn.execute(text("SELECT user_id, connection_id FROM users WHERE tenant = :tenant "
+                                        "ORDER BY random() LIMIT :n"), {"tenant": tenant, "n": updates + deletes}))
         connections = list(conn.execute(text("SELECT id FROM connections WHERE tenant = :tenant ORDER BY id"),
                                         {"tenant": tenant}).scalars())
-        updated, deleted = picked[:updates], picked[updates:]
+        updated, deleted = [u for u, _ in picked[:updates]], [u for u, _ in picked[updates:]]
         now = dt.datetime.now(dt.UTC)
+
+        def moved(current: str) -> str | None:
+            """Another connection than the user's, for MOVED_SHARE of them (a move to its own would be none)."""
+            others = [c for c in connections if c != current]
+            return rng.choice(others) if others and rng.random() < MOVED_SHARE else None
+
         if updated:
-            moved = lambda: rng.choice(connections) if len(connections) > 1 and rng.random() < MOVED_SHARE else None
-            conn.execute(_UPDATE, [{"tenant": tenant, "user_id": user_id, "now": now, "moved_to": moved(),
-                                    "nickname": rng.choice(_NICKNAMES)} for user_id in updated])
+            conn.execute(_UPDATE, [{"tenant": tenant, "user_id": user_id, "now": now, "moved_to": moved(current),
+                                    "nickname": rng.choice(_NICKNAMES)} for user_id, current in picked[:updates]])
         if deleted:
             conn.execute(text("DELETE FROM users WHERE tenant = :tenant AND user_id = :user_id"),
                          [{"tenant": tenant, "user_id": user_id} for user_id in deleted])
