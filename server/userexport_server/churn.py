@@ -52,7 +52,7 @@ def churn(engine: Engine, *, tenant: str, updates: int = 0, deletes: int = 0, in
                                         "ORDER BY random() LIMIT :n"), {"tenant": tenant, "n": updates + deletes}))
         connections = list(conn.execute(text("SELECT id FROM connections WHERE tenant = :tenant ORDER BY id"),
                                         {"tenant": tenant}).scalars())
-        updated, deleted = [u for u, _ in picked[:updates]], [u for u, _ in picked[updates:]]
+        updated, deleted = picked[:updates], picked[updates:]  # (user_id, connection_id) each
         now = dt.datetime.now(dt.UTC)
 
         def moved(current: str) -> str | None:
@@ -62,13 +62,13 @@ def churn(engine: Engine, *, tenant: str, updates: int = 0, deletes: int = 0, in
 
         if updated:
             conn.execute(_UPDATE, [{"tenant": tenant, "user_id": user_id, "now": now, "moved_to": moved(current),
-                                    "nickname": rng.choice(_NICKNAMES)} for user_id, current in picked[:updates]])
+                                    "nickname": rng.choice(_NICKNAMES)} for user_id, current in updated])
         if deleted:
             conn.execute(text("DELETE FROM users WHERE tenant = :tenant AND user_id = :user_id"),
-                         [{"tenant": tenant, "user_id": user_id} for user_id in deleted])
+                         [{"tenant": tenant, "user_id": user_id} for user_id, _ in deleted])
     if inserts:
         _insert(engine, tenant, inserts, max(1, len(connections)), rng)
-    return Churned(tuple(updated), tuple(deleted), inserts)
+    return Churned(tuple(u for u, _ in updated), tuple(u for u, _ in deleted), inserts)
 
 
 def _insert(engine: Engine, tenant: str, count: int, connections: int, rng: random.Random) -> None:

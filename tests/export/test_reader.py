@@ -80,10 +80,10 @@ def test_a_stopped_query_surfaces_at_once_as_a_transient_error(seeded: tuple[Eng
 
 
 def test_a_query_on_a_terminated_connection_raises_instead_of_aborting_the_process(seeded: tuple[Engine, str]) -> None:
-    """adbc-driver-postgresql before 1.11 aborted the whole process here (std::logic_error from a null
-    SQLSTATE, apache/arrow-adbc#3878): the reader's connection is terminated between its setup and
-    its query, as pg_terminate_backend or a restart does. Run in a process of its own, which an abort
-    would kill."""
+    """adbc-driver-postgresql 1.8.0 aborts the whole process here (std::logic_error from a null
+    SQLSTATE, apache/arrow-adbc#3878, reported on 1.9 and 1.10 too; 1.13.0 raises): the reader's
+    connection is terminated between its setup and its query, as pg_terminate_backend or a restart
+    does. Run in a process of its own, which an abort would kill."""
     engine, tenant = seeded
     script = f"""
 import psycopg
