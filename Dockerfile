@@ -1,7 +1,14 @@
 # Multi-stage: build wheels with the full toolchain, ship only the runtime on a slim base.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# A C compiler and Python's headers for the server's one C module (setup.py); the official image has
+# the headers, a Debian-made stand-in (scripts/image.sh) gets them from python3-dev. Unpinned: this
+# stage's tools leave no trace in the image; the substitution is one word or none, so unquoted.
+# hadolint ignore=DL3008,SC2046
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+      $(python3 -c 'import os, sysconfig; print("" if os.path.exists(sysconfig.get_path("include") + "/Python.h") else "python3-dev")') \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY client ./client
 COPY server ./server
 # The server extra: a client-only `pip install userexport` leaves out the database and storage stack.

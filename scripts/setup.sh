@@ -10,8 +10,9 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# pip runs again only when pyproject.toml changed since the last install (a stamp holds its hash).
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# pip runs again only when what it builds from changed since the last install (a stamp holds the hash
+# of pyproject.toml, setup.py and the C it compiles).
+stamp=".venv/.installed-$(cat pyproject.toml setup.py server/userexport_server/export/_jsonpath.c | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # setuptools adds "BuildBackendWarning: Editable installation. Please be careful with folders in

@@ -35,6 +35,10 @@ from userexport_server.export.sql import OP_FIELD, Column
 
 ROW_GROUP_BYTES = 8 * 1024 * 1024
 COMPRESSION = "zstd"
+# No dictionary pages: most user columns are unique or nearly (ids, emails, names, dates), so the
+# writer built each column's dictionary only to drop it at the page limit. Without them a 1M-user
+# file is written in 2.4-2.9 CPU-s instead of 4.2-4.3, and is 5% smaller (zstd finds the repeats).
+DICTIONARY = False
 _ARROW_TYPES = {Kind.STRING: pa.large_string(), Kind.BOOL: pa.bool_(), Kind.INT: pa.int64(),
                 Kind.DATETIME: pa.timestamp("ms", tz="UTC"), Kind.JSON: pa.json_(pa.large_string())}
 
@@ -101,7 +105,8 @@ class ParquetStream:
     tables are pending, and the rest with the footer at close()."""
 
     def __init__(self, schema: pa.Schema, write: Callable[[bytes], object]) -> None:
-        self._writer = pq.ParquetWriter(_Sink(write), schema, compression=COMPRESSION)
+        self._writer = pq.ParquetWriter(_Sink(write), schema, compression=COMPRESSION,
+                                       use_dictionary=DICTIONARY)
         self._pending: list[pa.Table] = []
         self._size = 0
 

@@ -40,6 +40,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from userexport_server.db.engine import KEEPALIVES
+from userexport_server.export.json_path import values_at
 from userexport_server.export.paths import Kind
 from userexport_server.export.sql import Chunks, Projection
 
@@ -90,6 +91,8 @@ class _PostgresReader(ColumnReader):
 
     def __init__(self, conn: Connection, projection: Projection) -> None:
         self._projection = projection
+        # The columns whose JSON root's text arrives (sql.py) and the path to take from it.
+        self._paths = {f"c{i}": c.path for i, c in enumerate(projection.columns) if c.path is not None}
         driver: Any = conn.connection.driver_connection
         mogrify = psycopg.ClientCursor(driver).mogrify
         compiled = projection.statement.compile(dialect=conn.dialect)
@@ -119,6 +122,8 @@ class _PostgresReader(ColumnReader):
         batches = _pg_errors(self._cursor.fetch_record_batch)
         while (batch := _pg_errors(lambda: next(batches, None))) is not None:
             arrays = [a.storage if isinstance(a, pa.ExtensionArray) else a for a in batch.columns]  # json: text
+            arrays = [values_at(a, self._paths[name]) if name in self._paths else a
+                      for a, name in zip(arrays, batch.schema.names)]
             frame = pl.from_arrow(pa.RecordBatch.from_arrays(arrays, names=batch.schema.names))
             assert isinstance(frame, pl.DataFrame)
             yield frame.with_columns(pl.col(f"c{i}").cast(pl.Int64)

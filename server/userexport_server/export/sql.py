@@ -3,11 +3,13 @@ queries (count, key ranges). No cell is formatted here: cells.py does that, once
 
 The projection asks the database for what only it can give cheaply: the users of the tenant (and
 connection, and key range) in user_id order, their root attributes as stored, and the value at each
-requested JSON path as JSON text, extracted once per path. On PostgreSQL that is `#>` on the `json`
-column, which returns the stored text of the value unchanged (numbers such as 1.50 or 1e400 stay as
-written); the rows stream as a binary COPY (reader.py). On SQLite `->` gives the value's JSON text,
-and a chunk of users comes back as one row: their rows as lines of JSON objects (SQLite's C
-json_object), which polars parses in one call (see Chunks for why a chunk is one row).
+requested JSON path as JSON text. On PostgreSQL the database sends the JSON root's stored text and
+the reader takes each path's value from it in native code (json_path.py), by the rules of `#>` on
+`json`: the value's stored text unchanged (numbers such as 1.50 or 1e400 stay as written), without
+the parse per row that `#>` costs the database; the rows stream as a binary COPY (reader.py). On
+SQLite `->` gives the value's JSON text, and a chunk of users comes back as one row: their rows as
+lines of JSON objects (SQLite's C json_object), which polars parses in one call (see Chunks for why
+a chunk is one row).
 
 An incremental export (changed_since) reads the users changed after its watermark from the change
 log (export/changes.py), each once, joined to its row when the user still matches the request: an
@@ -82,11 +84,12 @@ class Projection:
 
 def field_column(path: FieldPath, format: Format) -> Column | None:
     """The column a field reads: a root attribute as stored; for JSON, the value's text at its path
-    (an NDJSON root is spliced as stored, a CSV one is typed like any path); None if always missing."""
+    (an NDJSON or Parquet root is its stored text, which costs the database no parse; a CSV one is
+    typed like any path); None if always missing."""
     kind = path.kind
     if kind is None or path.always_missing:
         return None
-    if kind is not Kind.JSON or (format is Format.JSON and not path.segments):
+    if kind is not Kind.JSON or (format is not Format.CSV and not path.segments):
         return Column(path.root, kind)
     return Column(path.root, kind, path.segments)
 
@@ -184,9 +187,8 @@ def _value(column: Column, i: int, dialect: str, params: dict[str, Any]) -> str:
     name = f'"{column.root}"'
     if column.path is None:
         return name
-    if dialect == "postgresql":
-        params[f"path{i}"] = [str(s) for s in column.path]
-        return f"{name} #> CAST(:path{i} AS TEXT[])"
+    if dialect == "postgresql":  # the stored text: reader.py takes the path's value (json_path.py)
+        return name
     # json_object embeds a value that is JSON (has SQLite's JSON subtype, as `->` results do) as
     # JSON; `'' ||` makes it plain text, so the line holds a JSON string of the value's text.
     params[f"path{i}"] = _sqlite_path(column.path)
