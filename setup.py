@@ -1,7 +1,7 @@
-"""What pyproject.toml cannot say outside an experimental table: the server's one piece of C
-(export/_jsonpath.c, see export/json_path.py). Optional, so that the client alone installs where no
-compiler is; the server then refuses to start and says why."""
+"""What pyproject.toml cannot say outside an experimental table: the server's C modules
+(export/_jsonpath.c, see export/json_path.py; export/_cells.c, see export/cells.py). Optional, so
+that the client alone installs where no compiler is; the server then refuses to start and says why."""
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("userexport_server.export._jsonpath", ["server/userexport_server/export/_jsonpath.c"],
-                             extra_compile_args=["-O2"], optional=True)])
+setup(ext_modules=[Extension(f"userexport_server.export.{name}", [f"server/userexport_server/export/{name}.c"],
+                             extra_compile_args=["-O2"], optional=True) for name in ("_jsonpath", "_cells")])

@@ -190,7 +190,7 @@ static int bit(const uint8_t *bits, Py_ssize_t i) { return bits == NULL || (bits
 
 /* values_at(data, offsets, validity, offset, length, wide, segments) -> (offsets, data, validity, nulls):
  * the buffers of a large_string array of the values at the path (`wide`: int64 input offsets). */
-static PyObject *values_at(PyObject *module, PyObject *args) {
+static PyObject *values_at(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_buffer data, offsets, validity = {0};
     PyObject *validity_object, *path;
     Py_ssize_t offset, length;
@@ -270,6 +270,6 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonpath", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonpath", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__jsonpath(void) { return PyModule_Create(&module); }

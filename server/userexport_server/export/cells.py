@@ -1,20 +1,26 @@
-"""Every cell rule of the export file, once, as polars expressions over a frame of typed columns
-(reader.py), so both databases share one formatter and Python never loops per row or cell.
+"""Every cell rule of the export file, once, for both databases, over a batch of typed columns
+(reader.py): Python never loops per row or cell.
 
 Rules (SPEC, "The export file"):
 - CSV: strings quoted, inner quotes doubled, and `'` put before a leading = + - @ tab or CR (the
   OWASP CSV-injection guard); booleans true/false; numbers as written; dates ISO 8601 UTC with
-  milliseconds (truncated) and Z; objects and lists as compact JSON strings; missing or null: empty.
+  milliseconds (floored) and Z; objects and lists as compact JSON strings; missing or null: empty.
   A JSON value is classified by its first character: a string is decoded and follows the string
-  rule; an object or list is quoted as stored; a number or boolean is written as stored.
+  rule (a lone surrogate, which UTF-8 cannot hold, becomes U+FFFD); an object or list is quoted as
+  stored; a number or boolean is written as stored. A row of one column whose cell is empty is
+  written `""`, as Python's csv module does, so that it is not a blank line that readers skip.
 - NDJSON: missing or null values are omitted; dotted paths nest, fields sharing a prefix share one
   object (and a list keeps its positions, holes filled with null); an all-missing object is
   omitted. JSON values are spliced as stored, never re-encoded; strings are escaped the way
-  PostgreSQL's to_json and SQLite's json_quote escape them.
+  PostgreSQL's to_json and SQLite's json_quote escape them; dates as in CSV, quoted.
 - An incremental export's lines start with `_op` (upsert or delete): the first CSV column, the
   first NDJSON key. A delete line's other fields are null: empty cells, omitted keys.
 
-A frame becomes one column of whole lines, whose Arrow values buffer is the text to write.
+CSV lines and every date are written by _cells.c, in one pass over a batch: as polars expressions
+the CSV cells cost 2.0-2.2 CPU-s per million users (a dozen passes over each batch, each making a
+column), the largest part of the server's work on a CSV export. NDJSON's nesting and omission are
+polars expressions that make one column of whole lines, whose Arrow values buffer is the text to
+write.
 """
 from __future__ import annotations
 
@@ -28,16 +34,24 @@ from userexport_server.export.paths import Kind, Segment, output_keys, parse_pat
 from userexport_server.export.spec import ExportSpec, Format
 from userexport_server.export.sql import OP_FIELD, Column
 
-# First characters that make a spreadsheet evaluate a cell; such cells get a leading quote.
-GUARD_CHARS = "=+-@\t\r"
-_GUARDED = "^[" + GUARD_CHARS.replace("-", "\\-") + "]"
-_ISO_MS = "%Y-%m-%dT%H:%M:%S%.3fZ"  # chrono's %.3f truncates, as PostgreSQL's to_char MS did
+try:
+    from userexport_server.export import _cells
+except ImportError as error:  # setup.py builds it only where a C compiler is
+    raise ImportError("the server's C part (userexport_server.export._cells) is not built: install a C compiler "
+                      "and Python's headers, then reinstall 'userexport[server]'") from error
+
+GUARD_CHARS = "=+-@\t\r"  # first characters that make a spreadsheet evaluate a cell
 # JSON string escapes: backslash, quote, the short forms, \u00XX for the other control characters.
 _SHORT = {8: "\\b", 9: "\\t", 10: "\\n", 12: "\\f", 13: "\\r"}
 _ESCAPED = ["\\", '"', *map(chr, range(32))]
 _ESCAPES = ["\\\\", '\\"', *(_SHORT.get(c, f"\\u{c:04x}") for c in range(32))]
 _NOT_NULL = frozenset({"user_id"})  # root attributes the schema declares NOT NULL
 _LINE = "line"  # the rendered line's column (frame columns are c<i> and nulls)
+# _cells.c's kinds: a field's column is read by its kind's rule (MISSING: the field never has a value).
+_MISSING, _STRING, _BOOL, _INT, _DATETIME, _JSON = range(6)
+_KINDS = {Kind.STRING: _STRING, Kind.BOOL: _BOOL, Kind.INT: _INT, Kind.DATETIME: _DATETIME, Kind.JSON: _JSON}
+_TYPES = {_BOOL: pa.bool_(), _INT: pa.int64(), _DATETIME: pa.timestamp("us", tz="UTC")}
+_EMPTY = pa.py_buffer(b"")
 
 
 def csv_quote(value: str) -> str:
@@ -46,38 +60,9 @@ def csv_quote(value: str) -> str:
     return '"' + guard + value.replace('"', '""') + '"'
 
 
-def _csv_string(value: pl.Expr) -> pl.Expr:
-    """The string-cell rule over a column: guarded, inner quotes doubled, quoted; null stays null.
-    One concatenation with the guard as its own part: a regex replace at the start costs twice as much."""
-    guard = pl.when(value.str.contains(_GUARDED)).then(pl.lit("'")).otherwise(pl.lit(""))
-    return pl.concat_str(pl.lit('"'), guard, value.str.replace_all('"', '""', literal=True), pl.lit('"'))
-
-
 def _json_string(value: pl.Expr) -> pl.Expr:
     """A string column as JSON string literals; null stays null."""
     return pl.concat_str(pl.lit('"'), value.str.replace_many(_ESCAPED, _ESCAPES), pl.lit('"'))
-
-
-def _scalar_text(value: pl.Expr, kind: Kind) -> pl.Expr:
-    """A boolean, integer or date as written in both formats (dates unquoted)."""
-    return value.dt.to_string(_ISO_MS) if kind is Kind.DATETIME else value.cast(pl.String)
-
-
-def csv_cell(column: Column | None, value: pl.Expr) -> pl.Expr:
-    """One CSV cell of a field reading `column` (None: always missing), null when empty."""
-    if column is None:
-        return pl.lit(None, pl.String)
-    if column.kind is Kind.STRING:
-        return _csv_string(value)
-    if column.kind is not Kind.JSON:
-        return _scalar_text(value, column.kind)
-    first = value.str.head(1)
-    return (
-        pl.when(first == '"').then(_csv_string(pl.when(first == '"').then(value).str.json_decode(pl.String)))
-        .when(first.is_in(["{", "["])).then(pl.concat_str(pl.lit('"'), value.str.replace_all('"', '""', literal=True),
-                                                           pl.lit('"')))
-        .when(value != "null").then(value)
-    )
 
 
 def _json_leaf(column: Column, value: pl.Expr) -> pl.Expr:
@@ -85,11 +70,11 @@ def _json_leaf(column: Column, value: pl.Expr) -> pl.Expr:
     match column.kind:
         case Kind.STRING:
             return _json_string(value)
-        case Kind.DATETIME:
-            return pl.concat_str(pl.lit('"'), _scalar_text(value, column.kind), pl.lit('"'))
+        case Kind.DATETIME:  # already its text (Formatter.render)
+            return pl.concat_str(pl.lit('"'), value, pl.lit('"'))
         case Kind.JSON:
             return pl.when(value != "null").then(value)
-    return _scalar_text(value, column.kind)
+    return value.cast(pl.String)
 
 
 _Leaf = tuple[pl.Expr, bool]  # a value's JSON text (null: missing) and whether it is never missing
@@ -154,38 +139,67 @@ def _insert(tree: _Tree, keys: Sequence[Segment], leaf: _Leaf) -> None:
 
 
 class Formatter:
-    """The cells of one spec, compiled once into one polars expression of the whole line (line end
-    included) and applied to every frame; `op`: the frames' op column starts each line."""
+    """The lines of one spec, each ending in the format's line end, from batches of its typed
+    columns; `op`: the batches' op column starts each line. CSV has a `header`."""
 
     def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None],
                  op: bool = False) -> None:
-        value = lambda i: pl.col(f"c{i}")
+        self._dates = [f"c{i}" for i, c in enumerate(columns) if c.kind is Kind.DATETIME]
         if spec.format is Format.CSV:
             titles = [OP_FIELD] * op + [f.title for f in spec.fields]
             self.header: bytes | None = ",".join(map(csv_quote, titles)).encode()
             self.line_end = b"\r\n"
-            cells = [csv_cell(None if i is None else columns[i], value(i)).fill_null("") for i in fields]
-            if len(cells) == 1 and not op:
-                # A one-column row whose cell is empty would be a blank line, which readers skip;
-                # write it as "" the way Python's csv module does.
-                cells = [pl.when(cells[0] != "").then(cells[0]).otherwise(pl.lit('""'))]
-            line = pl.concat_str([_csv_string(pl.col("op"))] * op + cells, separator=",")
-        else:
-            self.header, self.line_end = None, b"\n"
-            tree: _Tree = {}
-            for f, i in zip(spec.fields, fields):
-                if i is not None:
-                    path, column = parse_path(f.name), columns[i]
-                    always = column.kind is Kind.STRING and column.path is None and column.root in _NOT_NULL
-                    _insert(tree, output_keys(path, f.export_as), (_json_leaf(column, value(i)), always))
-            line = json_line(tree, pl.col("op") if op else None)
+            self._cells = [(_STRING, "op")] * op + [(_MISSING, "") if i is None else (_KINDS[columns[i].kind], f"c{i}")
+                                                    for i in fields]
+            return
+        self.header, self.line_end = None, b"\n"
+        tree: _Tree = {}
+        for f, i in zip(spec.fields, fields):
+            if i is not None:
+                path, column = parse_path(f.name), columns[i]
+                always = column.kind is Kind.STRING and column.path is None and column.root in _NOT_NULL
+                _insert(tree, output_keys(path, f.export_as), (_json_leaf(column, pl.col(f"c{i}")), always))
+        line = json_line(tree, pl.col("op") if op else None)
         self._line = pl.concat_str(line, pl.lit(self.line_end.decode())).alias(_LINE)
 
-    def render(self, frame: pl.DataFrame) -> memoryview:
-        """The frame's lines, each ending in the format's line end, as UTF-8: the values buffer of
-        the line column in Arrow, which is every line one after the other (a third cheaper than
-        polars' CSV writer copying them out, for NDJSON)."""
+    def render(self, batch: pa.RecordBatch) -> bytes | memoryview:
+        """The batch's lines as UTF-8. CSV: written by _cells.c. NDJSON: the values buffer of the
+        polars line column in Arrow, which is every line one after the other (a third cheaper than
+        polars' CSV writer copying them out)."""
+        if self.header is not None:
+            return _cells.csv_lines(tuple(_csv_column(kind, batch.column(name) if name else None)
+                                          for kind, name in self._cells), batch.num_rows, len(self._cells) == 1)
+        for name in self._dates:
+            batch = batch.set_column(batch.schema.get_field_index(name), name, iso_dates(batch.column(name)))
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
         # with_columns, not select: a literal-only line (no field any user has) must span every row.
         lines = frame.with_columns(self._line).get_column(_LINE).to_arrow().cast(pa.large_string())
         offsets = memoryview(lines.buffers()[1]).cast("q")
         return memoryview(lines.buffers()[2])[offsets[lines.offset]:offsets[lines.offset + len(lines)]]
+
+
+def iso_dates(dates: pa.Array) -> pa.Array:
+    """A date column as the text both formats write (_cells.c): 2017-11-02T23:34:03.803Z."""
+    dates = dates.cast(_TYPES[_DATETIME])
+    validity, values = dates.buffers()
+    offsets, data, valid, nulls = _cells.iso_dates(validity, dates.offset, values, len(dates))
+    return pa.Array.from_buffers(pa.large_string(), len(dates), [pa.py_buffer(b) for b in (valid, offsets, data)],
+                                 null_count=nulls)
+
+
+def _csv_column(kind: int, array: pa.Array | None) -> tuple[int, pa.Buffer | None, int, pa.Buffer | None,
+                                                             pa.Buffer, bool]:
+    """A column as _cells.csv_lines takes it: (kind, validity, offset, values, data, wide)."""
+    if array is None:
+        return _MISSING, None, 0, None, _EMPTY, False
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    wanted = _TYPES.get(kind)
+    if wanted is None and not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        wanted = pa.large_string()  # e.g. a string view
+    if wanted is not None and array.type != wanted:
+        array = array.cast(wanted)
+    validity, values, *data = array.buffers()
+    return kind, validity, array.offset, values, (data[0] if data else None) or _EMPTY, \
+        pa.types.is_large_string(array.type)

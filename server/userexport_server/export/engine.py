@@ -1,7 +1,7 @@
 """Run an export: typed columns from the database, cells formatted in columns, gzip, the writer.
 
 The database returns the projection's typed columns (sql.py), read in batches without Python per
-row (reader.py); polars formats a whole batch's cells at once (cells.py); ISA-L deflates on its own
+row (reader.py); cells.py formats a whole batch's cells at once in native code; ISA-L deflates on its own
 threads (`isal.igzip_threaded`, pigz-style: two threads compress blocks primed with the previous
 block's last 32 KiB into one gzip member, a third writes them in order). A Parquet export writes
 the typed columns instead (parquet.py). Python never loops per row: per batch it makes a few calls
@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
-import polars as pl
+import pyarrow as pa
 from isal import igzip_threaded
 from sqlalchemy import Connection
 
@@ -81,9 +81,9 @@ def run_export(
             on_query(reader)
         if key_range is None or key_range.after is None:
             out.start()
-        for frame in reader:
-            out.write(frame)
-            before, written = written, written + frame.height
+        for batch in reader:
+            out.write(batch)
+            before, written = written, written + batch.num_rows
             for reached in range(before - before % batch_rows + batch_rows, written + 1, batch_rows):
                 _report(progress, reached)
         if written % batch_rows:
@@ -129,13 +129,13 @@ class _Coalesced:
 
 
 class _Output(Protocol):
-    """Frames in, a file out: `start()` writes what only a whole export's first part begins with,
+    """Batches in, a file out: `start()` writes what only a whole export's first part begins with,
     `finish()` the end; leaving the block without finish() abandons it (the sink takes nothing more)."""
 
     def __enter__(self) -> _Output: ...
     def __exit__(self, *exc: object) -> None: ...
     def start(self) -> None: ...
-    def write(self, frame: pl.DataFrame) -> None: ...
+    def write(self, batch: pa.RecordBatch) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -159,8 +159,8 @@ class _ParquetOutput:
     def start(self) -> None:
         pass
 
-    def write(self, frame: pl.DataFrame) -> None:
-        self._stream.write(self._columns.table(frame))
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._stream.write(self._columns.table(batch))
 
     def finish(self) -> None:
         self._stream.close()
@@ -186,8 +186,8 @@ class _TextOutput:
         if self._formatter.header is not None:
             self._gzip.write(self._formatter.header + self._formatter.line_end)
 
-    def write(self, frame: pl.DataFrame) -> None:
-        self._gzip.write(self._formatter.render(frame))
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._gzip.write(self._formatter.render(batch))
 
     def finish(self) -> None:
         self._gzip.finish()

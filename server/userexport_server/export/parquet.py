@@ -44,7 +44,7 @@ _ARROW_TYPES = {Kind.STRING: pa.large_string(), Kind.BOOL: pa.bool_(), Kind.INT:
 
 
 class ParquetColumns:
-    """The Parquet columns of one spec: its Arrow schema, and a frame (reader.py) made a table of it;
+    """The Parquet columns of one spec: its Arrow schema, and a batch (reader.py) made a table of it;
     `op`: an incremental export's `_op` column comes first."""
 
     def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None],
@@ -58,8 +58,10 @@ class ParquetColumns:
             for n, (i, kind) in enumerate(zip(fields, kinds))]
         self._names = [e.meta.output_name() for e in self._exprs]
 
-    def table(self, frame: pl.DataFrame) -> pa.Table:
-        """The frame's users as a table of the schema (with_columns: a field no user has spans every row)."""
+    def table(self, batch: pa.RecordBatch) -> pa.Table:
+        """The batch's users as a table of the schema (with_columns: a field no user has spans every row)."""
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
         arrays = frame.with_columns(self._exprs).select(self._names).to_arrow().columns
         return pa.Table.from_arrays([_typed(a, f.type) for a, f in zip(arrays, self.schema)], schema=self.schema)
 

@@ -1,5 +1,5 @@
-"""Read a projection (sql.py) from either database into polars frames of typed columns, in bounded
-batches, with no Python per row: native code decodes every batch.
+"""Read a projection (sql.py) from either database into Arrow record batches of typed columns, in
+bounded batches, with no Python per row: native code decodes every batch.
 
 PostgreSQL: ADBC's driver streams the query as a binary COPY and decodes it into Arrow record
 batches in C (measured against psycopg's text COPY into pyarrow's CSV reader: see the README). It
@@ -13,9 +13,9 @@ POSIX locks on the same file (https://sqlite.org/howtocorrupt.html, 2.2.1): meas
 next sqlite3 connection failed with "disk I/O error". A chunk of users comes back as one row of
 JSON object lines (sql.Chunks), which polars parses in one call with the column types given.
 
-Every frame has the projection's columns c0..cn, one type per kind: STRING and JSON (the value's
-JSON text) as String, INT as Int64, BOOL as Boolean, DATETIME as Datetime(us, UTC); a missing
-value is null; an incremental export's frames also have `op` (String). `cancel()` (any thread)
+Every batch has the projection's columns c0..cn, one type per kind: STRING and JSON (the value's
+JSON text) as a string or large_string, INT as int64, BOOL as bool, DATETIME as timestamp[us] in
+UTC; a missing value is null; an incremental export's batches also have `op` (a string). `cancel()` (any thread)
 stops the running query, and does nothing once the reader is closed; ADBC's errors become psycopg's
 OperationalError, which db/faults.py knows, so a terminated connection is retried as before.
 """
@@ -61,12 +61,12 @@ T = TypeVar("T")
 
 
 class ColumnReader(abc.ABC):
-    """One export query: iterate for frames, `cancel()` from any thread, `close()` when done."""
+    """One export query: iterate for batches, `cancel()` from any thread, `close()` when done."""
 
     backend_pid: int | None = None  # PostgreSQL: the backend running the query
 
     @abc.abstractmethod
-    def __iter__(self) -> Iterator[pl.DataFrame]: ...
+    def __iter__(self) -> Iterator[pa.RecordBatch]: ...
 
     @abc.abstractmethod
     def cancel(self) -> None:
@@ -90,7 +90,6 @@ class _PostgresReader(ColumnReader):
     connection sits idle meanwhile."""
 
     def __init__(self, conn: Connection, projection: Projection) -> None:
-        self._projection = projection
         # The columns whose JSON root's text arrives (sql.py) and the path to take from it.
         self._paths = {f"c{i}": c.path for i, c in enumerate(projection.columns) if c.path is not None}
         driver: Any = conn.connection.driver_connection
@@ -116,18 +115,21 @@ class _PostgresReader(ColumnReader):
             self._adbc.close()
             raise
 
-    def __iter__(self) -> Iterator[pl.DataFrame]:
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
         self._cursor.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(PG_BATCH_BYTES)})
         _pg_errors(lambda: self._cursor.execute(self._query))
         batches = _pg_errors(self._cursor.fetch_record_batch)
         while (batch := _pg_errors(lambda: next(batches, None))) is not None:
             arrays = [a.storage if isinstance(a, pa.ExtensionArray) else a for a in batch.columns]  # json: text
-            arrays = [values_at(a, self._paths[name]) if name in self._paths else a
-                      for a, name in zip(arrays, batch.schema.names)]
-            frame = pl.from_arrow(pa.RecordBatch.from_arrays(arrays, names=batch.schema.names))
-            assert isinstance(frame, pl.DataFrame)
-            yield frame.with_columns(pl.col(f"c{i}").cast(pl.Int64)
-                                     for i, c in enumerate(self._projection.columns) if c.kind is Kind.INT)
+            yield pa.RecordBatch.from_arrays([self._typed(a, name) for a, name in zip(arrays, batch.schema.names)],
+                                             names=batch.schema.names)
+
+    def _typed(self, array: pa.Array, name: str) -> pa.Array:
+        """A column of the batch as its kind's type: a path's value taken from its root's text; an
+        int4 as int64."""
+        if name in self._paths:
+            return values_at(array, self._paths[name])
+        return array.cast(pa.int64()) if pa.types.is_integer(array.type) else array
 
     def cancel(self) -> None:
         """Ask the server to cancel, and shut the socket down, which ends a read the server will
@@ -207,7 +209,7 @@ class _SqliteReader(ColumnReader):
             {f"c{i}": _SQLITE_TYPES[c.kind] for i, c in enumerate(columns)} or {"c": pl.Int64}
         self._typed = [_sqlite_typed(pl.col(f"c{i}"), c.kind).alias(f"c{i}") for i, c in enumerate(columns)]
 
-    def __iter__(self) -> Iterator[pl.DataFrame]:
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
         """Up to SQLITE_CHUNK_ROWS users a step, each chunk after the last user_id of the one before."""
         remaining, last = self._limit, None
         while remaining is None or remaining > 0:
@@ -215,7 +217,8 @@ class _SqliteReader(ColumnReader):
             compiled = self._first if last is None else self._after
             lines, last, rows = self._cursor.execute(*_bound(compiled, chunk=take, cursor=last)).fetchone()
             if rows:
-                yield pl.read_ndjson(io.BytesIO(lines), schema=self._schema).with_columns(self._typed)
+                yield from pl.read_ndjson(io.BytesIO(lines), schema=self._schema).with_columns(self._typed) \
+                    .to_arrow().to_batches()
             if rows < take:
                 return
             if remaining is not None:

@@ -1,0 +1,317 @@
+/* The export's cell rules in C (cells.py says what they are and hands the columns over): whole CSV
+ * lines of a batch, and dates as ISO 8601 text for NDJSON.
+ *
+ * csv_lines(columns, length, lone) -> bytes. Each column is a tuple (kind, validity, offset,
+ * values, data, wide): kind MISSING, STRING, BOOL, INT (int64), DATETIME (int64 microseconds, UTC)
+ * or JSON (a value's JSON text); `values` is the offsets (STRING, JSON: int64 when `wide`, else
+ * int32), the bits (BOOL) or the int64s; `data` the bytes of STRING and JSON. `lone`: the row has
+ * one column, whose empty cell is written "" so that the line is not blank.
+ *
+ * iso_dates(validity, offset, values, length) -> (offsets, data, validity, nulls): a DATETIME
+ * column's dates as the buffers of a large_string array; nulls stay null.
+ *
+ * Each runs without the GIL into one bytes object sized for the worst case, then shrunk. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { MISSING, STRING, BOOL, INT, DATETIME, JSON };
+
+typedef struct {
+    int kind, wide;
+    const uint8_t *validity;
+    Py_ssize_t offset;
+    const uint8_t *values;
+    const char *data;
+    Py_buffer buffers[3];
+} Column;
+
+static int bit(const uint8_t *bits, Py_ssize_t i) { return (bits[i >> 3] >> (i & 7)) & 1; }
+
+static int present(const Column *c, Py_ssize_t i) {
+    return c->kind != MISSING && (c->validity == NULL || bit(c->validity, c->offset + i));
+}
+
+static int64_t offset_at(const Column *c, Py_ssize_t i) {
+    return c->wide ? ((const int64_t *)c->values)[c->offset + i] : ((const int32_t *)c->values)[c->offset + i];
+}
+
+/* The string rule: the injection guard, quotes doubled, quoted. */
+static char *put_string(char *w, const char *s, Py_ssize_t n, int guard) {
+    *w++ = '"';
+    if (guard && n > 0 && strchr("=+-@\t\r", s[0]) != NULL && s[0] != '\0') *w++ = '\'';
+    const char *end = s + n;
+    for (const char *q; (q = memchr(s, '"', end - s)) != NULL; s = q + 1) {
+        memcpy(w, s, q + 1 - s);
+        w += q + 1 - s;
+        *w++ = '"';
+    }
+    memcpy(w, s, end - s);
+    w += end - s;
+    *w++ = '"';
+    return w;
+}
+
+static int hex4(const char *p) {
+    int value = 0;
+    for (int i = 0; i < 4; i++) {
+        char c = p[i];
+        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                  : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (digit < 0) return -1;
+        value = value * 16 + digit;
+    }
+    return value;
+}
+
+static char *put_utf8(char *w, unsigned int c) {
+    if (c < 0x80) {
+        *w++ = (char)c;
+    } else if (c < 0x800) {
+        *w++ = (char)(0xC0 | c >> 6), *w++ = (char)(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+        *w++ = (char)(0xE0 | c >> 12), *w++ = (char)(0x80 | (c >> 6 & 0x3F)), *w++ = (char)(0x80 | (c & 0x3F));
+    } else {
+        *w++ = (char)(0xF0 | c >> 18), *w++ = (char)(0x80 | (c >> 12 & 0x3F));
+        *w++ = (char)(0x80 | (c >> 6 & 0x3F)), *w++ = (char)(0x80 | (c & 0x3F));
+    }
+    return w;
+}
+
+/* A JSON string literal's text (between its quotes) decoded into `w`; a lone surrogate becomes
+ * U+FFFD. The decoded text is never longer than the literal. */
+static char *put_decoded(char *w, const char *s, const char *end) {
+    while (s < end) {
+        const char *q = memchr(s, '\\', end - s);
+        if (q == NULL) q = end;
+        memcpy(w, s, q - s);
+        w += q - s;
+        s = q;
+        if (s + 1 >= end) break;
+        char e = s[1];
+        s += 2;
+        switch (e) {
+        case 'b': *w++ = '\b'; break;
+        case 'f': *w++ = '\f'; break;
+        case 'n': *w++ = '\n'; break;
+        case 'r': *w++ = '\r'; break;
+        case 't': *w++ = '\t'; break;
+        case 'u': {
+            int c = end - s >= 4 ? hex4(s) : -1;
+            if (c < 0) { *w++ = '\\', *w++ = 'u'; break; } /* not JSON; kept as written */
+            s += 4;
+            if (c >= 0xD800 && c <= 0xDBFF && end - s >= 6 && s[0] == '\\' && s[1] == 'u') {
+                int low = hex4(s + 2);
+                if (low >= 0xDC00 && low <= 0xDFFF) {
+                    w = put_utf8(w, 0x10000 + ((unsigned)(c - 0xD800) << 10) + (unsigned)(low - 0xDC00));
+                    s += 6;
+                    break;
+                }
+            }
+            w = put_utf8(w, c >= 0xD800 && c <= 0xDFFF ? 0xFFFD : (unsigned)c);
+            break;
+        }
+        default: *w++ = e; /* " \ / */
+        }
+    }
+    return w;
+}
+
+/* A JSON value's cell: a string decoded and then the string rule; an object or list quoted as
+ * stored; null nothing; anything else (numbers, booleans) as stored. */
+static char *put_json(char *w, const char *s, Py_ssize_t n, char *scratch) {
+    if (n == 0) return w;
+    if (s[0] == '"' && n >= 2) {
+        char *end = put_decoded(scratch, s + 1, s + n - 1);
+        return put_string(w, scratch, end - scratch, 1);
+    }
+    if (s[0] == '{' || s[0] == '[') return put_string(w, s, n, 0);
+    if (n == 4 && memcmp(s, "null", 4) == 0) return w;
+    memcpy(w, s, n);
+    return w + n;
+}
+
+static int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+
+static char *put_digits(char *w, int64_t value, int width) {
+    char digits[24];
+    int n = 0;
+    do digits[n++] = (char)('0' + value % 10), value /= 10; while (value > 0);
+    while (n < width) digits[n++] = '0';
+    while (n > 0) *w++ = digits[--n];
+    return w;
+}
+
+static char *put_int(char *w, int64_t value) {
+    if (value < 0) {
+        *w++ = '-';
+        if (value == INT64_MIN) return memcpy(w, "9223372036854775808", 19), w + 19;
+        value = -value;
+    }
+    return put_digits(w, value, 1);
+}
+
+/* ISO 8601 in UTC with milliseconds, floored, and Z; years as chrono's %Y writes them (4 digits,
+ * a sign outside 0-9999). */
+static char *put_datetime(char *w, int64_t micros) {
+    int64_t millis = floor_div(micros, 1000), seconds = floor_div(millis, 1000), days = floor_div(seconds, 86400);
+    int64_t in_day = seconds - days * 86400, z = days + 719468;
+    int64_t era = floor_div(z, 146097), doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365, doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    int64_t mp = (5 * doy + 2) / 153, day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    int64_t year = yoe + era * 400 + (month <= 2);
+    if (year < 0) *w++ = '-', year = -year;
+    else if (year > 9999) *w++ = '+';
+    w = put_digits(w, year, 4);
+    *w++ = '-', w = put_digits(w, month, 2), *w++ = '-', w = put_digits(w, day, 2);
+    *w++ = 'T', w = put_digits(w, in_day / 3600, 2), *w++ = ':', w = put_digits(w, in_day / 60 % 60, 2);
+    *w++ = ':', w = put_digits(w, in_day % 60, 2), *w++ = '.', w = put_digits(w, millis - seconds * 1000, 3);
+    *w++ = 'Z';
+    return w;
+}
+
+static char *put_cell(char *w, const Column *c, Py_ssize_t i, char *scratch) {
+    if (!present(c, i)) return w;
+    switch (c->kind) {
+    case STRING: case JSON: {
+        int64_t from = offset_at(c, i), to = offset_at(c, i + 1);
+        return c->kind == STRING ? put_string(w, c->data + from, to - from, 1)
+                                 : put_json(w, c->data + from, to - from, scratch);
+    }
+    case BOOL:
+        return bit(c->values, c->offset + i) ? (memcpy(w, "true", 4), w + 4) : (memcpy(w, "false", 5), w + 5);
+    case INT: return put_int(w, ((const int64_t *)c->values)[c->offset + i]);
+    case DATETIME: return put_datetime(w, ((const int64_t *)c->values)[c->offset + i]);
+    }
+    return w;
+}
+
+static void release(Column *columns, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < count; i++)
+        for (int b = 0; b < 3; b++)
+            if (columns[i].buffers[b].obj != NULL) PyBuffer_Release(&columns[i].buffers[b]);
+    PyMem_Free(columns);
+}
+
+static int get_buffer(PyObject *object, Py_buffer *view, const void **pointer, Py_ssize_t need) {
+    if (object == Py_None) return need == 0 ? 0 : (PyErr_SetString(PyExc_ValueError, "a buffer is missing"), -1);
+    if (PyObject_GetBuffer(object, view, PyBUF_SIMPLE) < 0) return -1;
+    if (view->len < need) return PyErr_SetString(PyExc_ValueError, "a buffer is shorter than its column"), -1;
+    *pointer = view->buf;
+    return 0;
+}
+
+static PyObject *csv_lines(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *specs, *result = NULL;
+    Py_ssize_t length;
+    int lone;
+    if (!PyArg_ParseTuple(args, "O!np", &PyTuple_Type, &specs, &length, &lone)) return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(specs);
+    Column *columns = PyMem_Calloc(count ? count : 1, sizeof(Column));
+    if (columns == NULL) return PyErr_NoMemory();
+    /* The worst case: every byte of text doubled, plus each cell's quotes and guard, separators. */
+    Py_ssize_t bound = length * (count + 2), scratch_size = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Column *c = &columns[k];
+        PyObject *validity, *values, *data;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, k), "iOnOOp", &c->kind, &validity, &c->offset, &values, &data,
+                              &c->wide))
+            goto done;
+        Py_ssize_t rows = c->offset + length, width = c->kind == BOOL ? 0 : c->kind == STRING || c->kind == JSON
+                          ? (c->wide ? 8 : 4) : 8;
+        if (c->kind == MISSING) continue;
+        if (validity != Py_None && get_buffer(validity, &c->buffers[0], (const void **)&c->validity, (rows + 7) / 8) < 0)
+            goto done;
+        if (get_buffer(values, &c->buffers[1], (const void **)&c->values,
+                       c->kind == BOOL ? (rows + 7) / 8 : (rows + (c->kind == STRING || c->kind == JSON)) * width) < 0)
+            goto done;
+        if (c->kind == STRING || c->kind == JSON) {
+            int64_t first = offset_at(c, 0), last = offset_at(c, length);
+            if (get_buffer(data, &c->buffers[2], (const void **)&c->data, last) < 0) goto done;
+            if (first < 0 || last < first) { PyErr_SetString(PyExc_ValueError, "offsets out of order"); goto done; }
+            bound += 2 * (last - first) + 4 * length;
+            for (Py_ssize_t i = 0; c->kind == JSON && i < length; i++)
+                if (offset_at(c, i + 1) - offset_at(c, i) > scratch_size) scratch_size = offset_at(c, i + 1) - offset_at(c, i);
+        } else {
+            bound += 32 * length;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bound + 3);
+    char *scratch = PyMem_Malloc(scratch_size + 1);
+    if (out == NULL || scratch == NULL) { Py_XDECREF(out); PyMem_Free(scratch); PyErr_NoMemory(); goto done; }
+    char *start = PyBytes_AS_STRING(out), *w = start;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < length; i++) {
+        char *row = w;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            if (k > 0) *w++ = ',';
+            w = put_cell(w, &columns[k], i, scratch);
+        }
+        if (lone && w == row) *w++ = '"', *w++ = '"';
+        *w++ = '\r', *w++ = '\n';
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(scratch);
+    if (_PyBytes_Resize(&out, w - start) == 0) result = out;
+done:
+    release(columns, count);
+    return result;
+}
+
+static PyObject *iso_dates(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *validity_object, *result = NULL;
+    Py_buffer values, validity = {0};
+    Py_ssize_t offset, length;
+    if (!PyArg_ParseTuple(args, "Ony*n", &validity_object, &offset, &values, &length)) return NULL;
+    if (validity_object != Py_None && PyObject_GetBuffer(validity_object, &validity, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&values);
+        return NULL;
+    }
+    if (values.len < (offset + length) * 8 || (validity.obj != NULL && validity.len < (offset + length + 7) / 8)) {
+        PyErr_SetString(PyExc_ValueError, "a buffer is shorter than its column");
+        goto done;
+    }
+    PyObject *offsets = PyBytes_FromStringAndSize(NULL, (length + 1) * 8);
+    PyObject *data = PyBytes_FromStringAndSize(NULL, length * 32);
+    PyObject *valid = PyBytes_FromStringAndSize(NULL, (length + 7) / 8);
+    if (offsets == NULL || data == NULL || valid == NULL) {
+        Py_XDECREF(offsets), Py_XDECREF(data), Py_XDECREF(valid);
+        goto done;
+    }
+    int64_t *out = (int64_t *)PyBytes_AS_STRING(offsets);
+    uint8_t *valid_out = (uint8_t *)PyBytes_AS_STRING(valid);
+    char *start = PyBytes_AS_STRING(data), *w = start;
+    const int64_t *micros = values.buf;
+    const uint8_t *bits = validity.obj != NULL ? validity.buf : NULL;
+    Py_ssize_t nulls = 0;
+    Py_BEGIN_ALLOW_THREADS
+    memset(valid_out, 0, (length + 7) / 8);
+    for (Py_ssize_t i = 0; i < length; i++) {
+        out[i] = w - start;
+        if (bits == NULL || bit(bits, offset + i)) {
+            w = put_datetime(w, micros[offset + i]);
+            valid_out[i >> 3] |= (uint8_t)(1 << (i & 7));
+        } else {
+            nulls++;
+        }
+    }
+    out[length] = w - start;
+    Py_END_ALLOW_THREADS
+    if (_PyBytes_Resize(&data, w - start) == 0) result = Py_BuildValue("(NNNn)", offsets, data, valid, nulls);
+    else Py_DECREF(offsets), Py_DECREF(valid);
+done:
+    PyBuffer_Release(&values);
+    if (validity.obj != NULL) PyBuffer_Release(&validity);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"csv_lines", csv_lines, METH_VARARGS, "A batch's CSV lines (see the top of _cells.c)."},
+    {"iso_dates", iso_dates, METH_VARARGS, "A date column as ISO 8601 text (see the top of _cells.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cells", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__cells(void) { return PyModule_Create(&module); }
