@@ -142,6 +142,15 @@ def test_json_strings_follow_the_string_rule(engine: Engine, tenant: str) -> Non
     assert raw_row(engine, tenant, "identities[0].provider", "user_metadata.formula") == '"auth0","\'=1+1"'
 
 
+def test_json_strings_are_decoded_before_the_string_rule(engine: Engine, tenant: str) -> None:
+    # Escapes of every kind, a surrogate pair, and a lone surrogate (which UTF-8 cannot hold: U+FFFD;
+    # the polars engine before wrote a NUL there).
+    set_raw_json(engine, tenant, "auth0|alice", "user_metadata",
+                 r'{"e":"\u0041\"\\\/\b\f\n\r\t","pair":"\ud83d\ude00","lone":"\ud800x","guard":"\u003d1"}')
+    assert cells(engine, tenant, "user_metadata.e", "user_metadata.pair", "user_metadata.lone", "user_metadata.guard") \
+        == ['A"\\/\b\f\n\r\t', "\U0001F600", "\ufffdx", "'=1"]
+
+
 def test_missing_values_are_empty_unquoted_cells(engine: Engine, tenant: str) -> None:
     names = ("picture", "last_login", "user_metadata.missing", "user_metadata.nothing", "identities[3].connection",
              "identities[0].connection.x", "multifactor[1]", "app_metadata.favourite_colour", "email.domain", "user_id")

@@ -1,5 +1,5 @@
-/* The export's cell rules in C (cells.py says what they are and hands the columns over): whole CSV
- * lines of a batch, and dates as ISO 8601 text for NDJSON.
+/* The export's cell rules in C (cells.py says what they are and hands the columns over): a batch's
+ * whole CSV or NDJSON lines.
  *
  * csv_lines(columns, length, lone) -> bytes. Each column is a tuple (kind, validity, offset,
  * values, data, wide): kind MISSING, STRING, BOOL, INT (int64), DATETIME (int64 microseconds, UTC)
@@ -7,8 +7,8 @@
  * int32), the bits (BOOL) or the int64s; `data` the bytes of STRING and JSON. `lone`: the row has
  * one column, whose empty cell is written "" so that the line is not blank.
  *
- * iso_dates(validity, offset, values, length) -> (offsets, data, validity, nulls): a DATETIME
- * column's dates as the buffers of a large_string array; nulls stay null.
+ * json_lines(columns, tree, length) -> bytes: NDJSON lines, each the object `tree` describes (see
+ * tree_node) over the columns; a line whose members are all missing is {}.
  *
  * Each runs without the GIL into one bytes object sized for the worst case, then shrunk. */
 #define PY_SSIZE_T_CLEAN
@@ -202,42 +202,61 @@ static int get_buffer(PyObject *object, Py_buffer *view, const void **pointer, P
     return 0;
 }
 
-static PyObject *csv_lines(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *specs, *result = NULL;
-    Py_ssize_t length;
-    int lone;
-    if (!PyArg_ParseTuple(args, "O!np", &PyTuple_Type, &specs, &length, &lone)) return NULL;
+static Py_ssize_t text_size(const Column *c, Py_ssize_t length) {
+    return c->kind == STRING || c->kind == JSON ? offset_at(c, length) - offset_at(c, 0) : 0;
+}
+
+/* The column tuples as Columns (release() frees them), their buffers checked against `length`. */
+static Column *get_columns(PyObject *specs, Py_ssize_t length) {
     Py_ssize_t count = PyTuple_GET_SIZE(specs);
     Column *columns = PyMem_Calloc(count ? count : 1, sizeof(Column));
-    if (columns == NULL) return PyErr_NoMemory();
-    /* The worst case: every byte of text doubled, plus each cell's quotes and guard, separators. */
-    Py_ssize_t bound = length * (count + 2), scratch_size = 0;
+    if (columns == NULL) return (Column *)PyErr_NoMemory();
     for (Py_ssize_t k = 0; k < count; k++) {
         Column *c = &columns[k];
         PyObject *validity, *values, *data;
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(specs, k), "iOnOOp", &c->kind, &validity, &c->offset, &values, &data,
                               &c->wide))
-            goto done;
-        Py_ssize_t rows = c->offset + length, width = c->kind == BOOL ? 0 : c->kind == STRING || c->kind == JSON
-                          ? (c->wide ? 8 : 4) : 8;
+            goto error;
+        int text = c->kind == STRING || c->kind == JSON;
+        Py_ssize_t rows = c->offset + length;
         if (c->kind == MISSING) continue;
         if (validity != Py_None && get_buffer(validity, &c->buffers[0], (const void **)&c->validity, (rows + 7) / 8) < 0)
-            goto done;
+            goto error;
         if (get_buffer(values, &c->buffers[1], (const void **)&c->values,
-                       c->kind == BOOL ? (rows + 7) / 8 : (rows + (c->kind == STRING || c->kind == JSON)) * width) < 0)
-            goto done;
-        if (c->kind == STRING || c->kind == JSON) {
-            int64_t first = offset_at(c, 0), last = offset_at(c, length);
-            if (get_buffer(data, &c->buffers[2], (const void **)&c->data, last) < 0) goto done;
-            if (first < 0 || last < first) { PyErr_SetString(PyExc_ValueError, "offsets out of order"); goto done; }
-            bound += 2 * (last - first) + 4 * length;
-            for (Py_ssize_t i = 0; c->kind == JSON && i < length; i++)
-                if (offset_at(c, i + 1) - offset_at(c, i) > scratch_size) scratch_size = offset_at(c, i + 1) - offset_at(c, i);
-        } else {
-            bound += 32 * length;
+                       c->kind == BOOL ? (rows + 7) / 8 : text ? (rows + 1) * (c->wide ? 8 : 4) : rows * 8) < 0)
+            goto error;
+        if (text) {
+            if (get_buffer(data, &c->buffers[2], (const void **)&c->data, offset_at(c, length)) < 0) goto error;
+            for (Py_ssize_t i = 0; i < length; i++)
+                if (offset_at(c, i + 1) < offset_at(c, i) || offset_at(c, i) < 0) {
+                    PyErr_SetString(PyExc_ValueError, "offsets out of order");
+                    goto error;
+                }
         }
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, bound + 3);
+    return columns;
+error:
+    release(columns, count);
+    return NULL;
+}
+
+static PyObject *csv_lines(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *specs, *result = NULL;
+    Py_ssize_t length;
+    int lone;
+    if (!PyArg_ParseTuple(args, "O!np", &PyTuple_Type, &specs, &length, &lone)) return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(specs), scratch_size = 0;
+    Column *columns = get_columns(specs, length);
+    if (columns == NULL) return NULL;
+    /* The worst case: every byte of text doubled, plus each cell's quotes and guard, separators. */
+    Py_ssize_t bound = length * (count + 4);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        const Column *c = &columns[k];
+        bound += 2 * text_size(c, length) + 32 * length;
+        for (Py_ssize_t i = 0; c->kind == JSON && i < length; i++)
+            if (offset_at(c, i + 1) - offset_at(c, i) > scratch_size) scratch_size = offset_at(c, i + 1) - offset_at(c, i);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, bound);
     char *scratch = PyMem_Malloc(scratch_size + 1);
     if (out == NULL || scratch == NULL) { Py_XDECREF(out); PyMem_Free(scratch); PyErr_NoMemory(); goto done; }
     char *start = PyBytes_AS_STRING(out), *w = start;
@@ -259,56 +278,186 @@ done:
     return result;
 }
 
-static PyObject *iso_dates(PyObject *Py_UNUSED(module), PyObject *args) {
-    PyObject *validity_object, *result = NULL;
-    Py_buffer values, validity = {0};
-    Py_ssize_t offset, length;
-    if (!PyArg_ParseTuple(args, "Ony*n", &validity_object, &offset, &values, &length)) return NULL;
-    if (validity_object != Py_None && PyObject_GetBuffer(validity_object, &validity, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&values);
-        return NULL;
+/* NDJSON: a line's object is a tree of members (tree_node); a leaf reads one column. */
+typedef struct Node Node;
+typedef struct {
+    const char *key; /* the member's `"key":` (objects), as given */
+    Py_ssize_t key_size, position; /* position: the element's index (lists) */
+    Node *node;
+} Member;
+struct Node {
+    int type; /* LEAF, OBJECT or LIST */
+    const Column *column;
+    Py_ssize_t count;
+    Member *members;
+};
+enum { LEAF, OBJECT, LIST };
+
+/* The tree as Python gives it: (LEAF, column) or (OBJECT, ((b'"key":', node), ...)) or (LIST,
+ * ((position, node), ...)), positions rising. Its nodes come from `arena`; *per_row grows by what
+ * a line may hold besides its leaves' text (keys, brackets, the nulls that fill a list's holes),
+ * *text by the most its leaves' text may take in `length` rows. */
+static Node *tree_node(PyObject *spec, const Column *columns, Py_ssize_t ncolumns, Py_ssize_t length, Node **arena,
+                       Member **members, Py_ssize_t *per_row, Py_ssize_t *text) {
+    Node *node = (*arena)++;
+    PyObject *children;
+    Py_ssize_t column;
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2) goto bad;
+    node->type = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+    if (node->type == LEAF) {
+        column = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+        if (column < 0 || column >= ncolumns) goto bad;
+        node->column = &columns[column];
+        *per_row += 32;
+        *text += 6 * text_size(node->column, length); /* a string's bytes escaped: 6 at most each */
+        return node;
     }
-    if (values.len < (offset + length) * 8 || (validity.obj != NULL && validity.len < (offset + length + 7) / 8)) {
-        PyErr_SetString(PyExc_ValueError, "a buffer is shorter than its column");
-        goto done;
-    }
-    PyObject *offsets = PyBytes_FromStringAndSize(NULL, (length + 1) * 8);
-    PyObject *data = PyBytes_FromStringAndSize(NULL, length * 32);
-    PyObject *valid = PyBytes_FromStringAndSize(NULL, (length + 7) / 8);
-    if (offsets == NULL || data == NULL || valid == NULL) {
-        Py_XDECREF(offsets), Py_XDECREF(data), Py_XDECREF(valid);
-        goto done;
-    }
-    int64_t *out = (int64_t *)PyBytes_AS_STRING(offsets);
-    uint8_t *valid_out = (uint8_t *)PyBytes_AS_STRING(valid);
-    char *start = PyBytes_AS_STRING(data), *w = start;
-    const int64_t *micros = values.buf;
-    const uint8_t *bits = validity.obj != NULL ? validity.buf : NULL;
-    Py_ssize_t nulls = 0;
-    Py_BEGIN_ALLOW_THREADS
-    memset(valid_out, 0, (length + 7) / 8);
-    for (Py_ssize_t i = 0; i < length; i++) {
-        out[i] = w - start;
-        if (bits == NULL || bit(bits, offset + i)) {
-            w = put_datetime(w, micros[offset + i]);
-            valid_out[i >> 3] |= (uint8_t)(1 << (i & 7));
+    children = PyTuple_GET_ITEM(spec, 1);
+    if ((node->type != OBJECT && node->type != LIST) || !PyTuple_Check(children)) goto bad;
+    node->count = PyTuple_GET_SIZE(children);
+    node->members = *members;
+    *members += node->count;
+    *per_row += 2;
+    for (Py_ssize_t k = 0; k < node->count; k++) {
+        PyObject *child = PyTuple_GET_ITEM(children, k);
+        Member *m = &node->members[k];
+        if (!PyTuple_Check(child) || PyTuple_GET_SIZE(child) != 2) goto bad;
+        if (node->type == OBJECT) {
+            if (PyBytes_AsStringAndSize(PyTuple_GET_ITEM(child, 0), (char **)&m->key, &m->key_size) < 0) return NULL;
+            *per_row += m->key_size + 1;
         } else {
-            nulls++;
+            m->position = PyLong_AsSsize_t(PyTuple_GET_ITEM(child, 0));
+            if (m->position < 0 || (k > 0 && m->position <= node->members[k - 1].position)) goto bad;
+            *per_row += (m->position - (k > 0 ? node->members[k - 1].position : -1)) * 5;
+        }
+        if ((m->node = tree_node(PyTuple_GET_ITEM(child, 1), columns, ncolumns, length, arena, members, per_row,
+                                 text)) == NULL)
+            return NULL;
+    }
+    return node;
+bad:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "malformed NDJSON tree");
+    return NULL;
+}
+
+static Py_ssize_t tree_size(PyObject *spec) {
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(spec, 1))) return 1;
+    Py_ssize_t size = 1;
+    PyObject *children = PyTuple_GET_ITEM(spec, 1);
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(children); k++) {
+        PyObject *child = PyTuple_GET_ITEM(children, k);
+        if (PyTuple_Check(child) && PyTuple_GET_SIZE(child) == 2) size += 1 + tree_size(PyTuple_GET_ITEM(child, 1));
+    }
+    return size;
+}
+
+/* A string as a JSON string literal: quote, backslash and control characters escaped (the short
+ * forms, else \u00XX), everything else as it is. */
+static char *put_escaped(char *w, const char *s, Py_ssize_t n) {
+    static const char hex[] = "0123456789abcdef";
+    *w++ = '"';
+    for (const char *end = s + n; s < end; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c >= 0x20 && c != '"' && c != '\\') { *w++ = (char)c; continue; }
+        *w++ = '\\';
+        switch (c) {
+        case '"': *w++ = '"'; break;
+        case '\\': *w++ = '\\'; break;
+        case '\b': *w++ = 'b'; break;
+        case '\t': *w++ = 't'; break;
+        case '\n': *w++ = 'n'; break;
+        case '\f': *w++ = 'f'; break;
+        case '\r': *w++ = 'r'; break;
+        default: *w++ = 'u', *w++ = '0', *w++ = '0', *w++ = hex[c >> 4], *w++ = hex[c & 15];
         }
     }
-    out[length] = w - start;
+    *w++ = '"';
+    return w;
+}
+
+/* A node's JSON for row i at w; returns the end, or NULL when nothing below it has a value (then
+ * nothing was written). */
+static char *put_node(char *w, const Node *node, Py_ssize_t i) {
+    if (node->type == LEAF) {
+        const Column *c = node->column;
+        if (!present(c, i)) return NULL;
+        switch (c->kind) {
+        case STRING: return put_escaped(w, c->data + offset_at(c, i), offset_at(c, i + 1) - offset_at(c, i));
+        case JSON: {
+            const char *s = c->data + offset_at(c, i);
+            Py_ssize_t n = offset_at(c, i + 1) - offset_at(c, i);
+            if (n == 4 && memcmp(s, "null", 4) == 0) return NULL;
+            memcpy(w, s, n);
+            return w + n;
+        }
+        case DATETIME: *w++ = '"', w = put_datetime(w, ((const int64_t *)c->values)[c->offset + i]), *w++ = '"'; return w;
+        case BOOL: case INT: return put_cell(w, c, i, NULL);
+        }
+        return NULL;
+    }
+    char *last = NULL; /* the end of the last member or element written */
+    *w++ = node->type == OBJECT ? '{' : '[';
+    Py_ssize_t next = 0; /* LIST: the next position to write */
+    for (Py_ssize_t k = 0; k < node->count; k++) {
+        const Member *m = &node->members[k];
+        char *at = w;
+        if (node->type == OBJECT) {
+            if (last != NULL) *w++ = ',';
+            memcpy(w, m->key, m->key_size);
+            w += m->key_size;
+        } else {
+            for (; next < m->position; next++) memcpy(w, next ? ",null" : "null", next ? 5 : 4), w += next ? 5 : 4;
+            if (next++) *w++ = ',';
+        }
+        char *end = put_node(w, m->node, i);
+        if (end != NULL) last = w = end;
+        else if (node->type == OBJECT) w = at;
+        else memcpy(w, "null", 4), w += 4;
+    }
+    if (last == NULL) return NULL;
+    w = last; /* a list drops its trailing missing elements */
+    *w++ = node->type == OBJECT ? '}' : ']';
+    return w;
+}
+
+static PyObject *json_lines(PyObject *Py_UNUSED(module), PyObject *args) {
+    PyObject *specs, *tree, *result = NULL;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "O!On", &PyTuple_Type, &specs, &tree, &length)) return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(specs), nodes = tree_size(tree), per_row = 16, text = 0;
+    Column *columns = get_columns(specs, length);
+    if (columns == NULL) return NULL;
+    Node *arena = PyMem_Calloc(nodes, sizeof(Node)), *next_node = arena;
+    Member *members = PyMem_Calloc(nodes, sizeof(Member)), *next_member = members;
+    PyObject *out = NULL;
+    if (arena == NULL || members == NULL) { PyErr_NoMemory(); goto done; }
+    Node *root = tree_node(tree, columns, count, length, &next_node, &next_member, &per_row, &text);
+    if (root == NULL) goto done;
+    if (root->type != OBJECT) { PyErr_SetString(PyExc_ValueError, "malformed NDJSON tree"); goto done; }
+    Py_ssize_t bound = per_row * length + text;
+    out = PyBytes_FromStringAndSize(NULL, bound);
+    if (out == NULL) goto done;
+    char *start = PyBytes_AS_STRING(out), *w = start;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < length; i++) {
+        char *end = put_node(w, root, i);
+        w = end != NULL ? end : (memcpy(w, "{}", 2), w + 2);
+        *w++ = '\n';
+    }
     Py_END_ALLOW_THREADS
-    if (_PyBytes_Resize(&data, w - start) == 0) result = Py_BuildValue("(NNNn)", offsets, data, valid, nulls);
-    else Py_DECREF(offsets), Py_DECREF(valid);
+    if (_PyBytes_Resize(&out, w - start) == 0) result = out;
+    out = NULL;
 done:
-    PyBuffer_Release(&values);
-    if (validity.obj != NULL) PyBuffer_Release(&validity);
+    Py_XDECREF(out);
+    PyMem_Free(arena);
+    PyMem_Free(members);
+    release(columns, count);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"csv_lines", csv_lines, METH_VARARGS, "A batch's CSV lines (see the top of _cells.c)."},
-    {"iso_dates", iso_dates, METH_VARARGS, "A date column as ISO 8601 text (see the top of _cells.c)."},
+    {"json_lines", json_lines, METH_VARARGS, "A batch's NDJSON lines (see the top of _cells.c)."},
     {NULL, NULL, 0, NULL},
 };
 
