@@ -4,4 +4,5 @@ that the client alone installs where no compiler is; the server then refuses to 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(f"userexport_server.export.{name}", [f"server/userexport_server/export/{name}.c"],
-                             extra_compile_args=["-O2"], optional=True) for name in ("_jsonpath", "_cells")])
+                             depends=["server/userexport_server/export/_json_text.h"], extra_compile_args=["-O2"],
+                             optional=True) for name in ("_jsonpath", "_cells")])

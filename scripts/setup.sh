@@ -12,7 +12,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip runs again only when what it builds from changed since the last install (a stamp holds the hash
 # of pyproject.toml, setup.py and the C it compiles).
-stamp=".venv/.installed-$(cat pyproject.toml setup.py server/userexport_server/export/_*.c | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml setup.py server/userexport_server/export/_*.[ch] | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # setuptools adds "BuildBackendWarning: Editable installation. Please be careful with folders in

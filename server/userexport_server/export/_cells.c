@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_json_text.h"
+
 enum { MISSING, STRING, BOOL, INT, DATETIME, JSON };
 
 typedef struct {
@@ -53,18 +55,6 @@ static char *put_string(char *w, const char *s, Py_ssize_t n, int guard) {
     return w;
 }
 
-static int hex4(const char *p) {
-    int value = 0;
-    for (int i = 0; i < 4; i++) {
-        char c = p[i];
-        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                  : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-        if (digit < 0) return -1;
-        value = value * 16 + digit;
-    }
-    return value;
-}
-
 static char *put_utf8(char *w, unsigned int c) {
     if (c < 0x80) {
         *w++ = (char)c;
@@ -98,11 +88,11 @@ static char *put_decoded(char *w, const char *s, const char *end) {
         case 'r': *w++ = '\r'; break;
         case 't': *w++ = '\t'; break;
         case 'u': {
-            int c = end - s >= 4 ? hex4(s) : -1;
+            int c = hex4(s, end);
             if (c < 0) { *w++ = '\\', *w++ = 'u'; break; } /* not JSON; kept as written */
             s += 4;
             if (c >= 0xD800 && c <= 0xDBFF && end - s >= 6 && s[0] == '\\' && s[1] == 'u') {
-                int low = hex4(s + 2);
+                int low = hex4(s + 2, end);
                 if (low >= 0xDC00 && low <= 0xDFFF) {
                     w = put_utf8(w, 0x10000 + ((unsigned)(c - 0xD800) << 10) + (unsigned)(low - 0xDC00));
                     s += 6;

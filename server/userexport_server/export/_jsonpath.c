@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_json_text.h"
+
 typedef struct {
     const char *text;
     Py_ssize_t size;
@@ -63,19 +65,6 @@ static const char *skip_value(const char *p, const char *end) {
         p++;
     }
     return depth == 0 ? p : NULL;
-}
-
-static int hex4(const char *p, const char *end) {
-    int value = 0;
-    if (end - p < 4) return -1;
-    for (int i = 0; i < 4; i++) {
-        char c = p[i];
-        int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                  : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-        if (digit < 0) return -1;
-        value = value * 16 + digit;
-    }
-    return value;
 }
 
 /* p at a key's opening quote: whether its decoded text equals `segment` (ASCII, as paths.py allows);
