@@ -24,8 +24,8 @@ import io
 import struct
 from collections.abc import Callable, Sequence
 
-import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userexport_server.export import thrift
@@ -44,8 +44,8 @@ _ARROW_TYPES = {Kind.STRING: pa.large_string(), Kind.BOOL: pa.bool_(), Kind.INT:
 
 
 class ParquetColumns:
-    """The Parquet columns of one spec: its Arrow schema, and a batch (reader.py) made a table of it;
-    `op`: an incremental export's `_op` column comes first."""
+    """The Parquet columns of one spec: its Arrow schema, and a batch (reader.py) made a table of it
+    in pyarrow's compute kernels; `op`: an incremental export's `_op` column comes first."""
 
     def __init__(self, spec: ExportSpec, columns: Sequence[Column], fields: Sequence[int | None],
                  op: bool = False) -> None:
@@ -53,34 +53,25 @@ class ParquetColumns:
         self.schema = pa.schema([pa.field(OP_FIELD, pa.large_string())] * op +
                                 [pa.field(f.title, _ARROW_TYPES[kind or Kind.STRING])
                                  for f, kind in zip(spec.fields, kinds)])
-        self._exprs = [pl.col("op").alias("f_op")] * op + [
-            _value(None if i is None else pl.col(f"c{i}"), kind).alias(f"f{n}")
-            for n, (i, kind) in enumerate(zip(fields, kinds))]
-        self._names = [e.meta.output_name() for e in self._exprs]
+        self._sources = ["op"] * op + [None if i is None else f"c{i}" for i in fields]
 
     def table(self, batch: pa.RecordBatch) -> pa.Table:
-        """The batch's users as a table of the schema (with_columns: a field no user has spans every row)."""
-        frame = pl.from_arrow(batch)
-        assert isinstance(frame, pl.DataFrame)
-        arrays = frame.with_columns(self._exprs).select(self._names).to_arrow().columns
-        return pa.Table.from_arrays([_typed(a, f.type) for a, f in zip(arrays, self.schema)], schema=self.schema)
+        """The batch's users as a table of the schema (a field no user has: all null)."""
+        return pa.Table.from_arrays([_value(None if name is None else batch.column(name), field.type, batch.num_rows)
+                                     for name, field in zip(self._sources, self.schema)], schema=self.schema)
 
 
-def _value(value: pl.Expr | None, kind: Kind | None) -> pl.Expr:
-    """A field's column before it becomes Arrow: dates floored to milliseconds, JSON null as null."""
-    if value is None or kind is None:
-        return pl.lit(None, pl.String)
-    if kind is Kind.DATETIME:
-        return pl.from_epoch(value.dt.epoch("us") // 1000, time_unit="ms").dt.replace_time_zone("UTC")
-    if kind is Kind.JSON:
-        return pl.when(value != "null").then(value)
-    return value
-
-
-def _typed(array: pa.ChunkedArray, type: pa.DataType) -> pa.ChunkedArray:
-    if isinstance(type, pa.ExtensionType):
-        storage = array.cast(type.storage_type)
-        return pa.chunked_array([pa.ExtensionArray.from_storage(type, chunk) for chunk in storage.chunks], type)
+def _value(array: pa.Array | None, type: pa.DataType, rows: int) -> pa.Array:
+    """A field's column as its Parquet type: dates floored to milliseconds, JSON null as null."""
+    if array is None:
+        return pa.nulls(rows, type)
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    if pa.types.is_timestamp(type):
+        return pc.floor_temporal(array, unit="millisecond").cast(type)
+    if isinstance(type, pa.BaseExtensionType):  # JSON text
+        text = array.cast(type.storage_type)
+        return pa.ExtensionArray.from_storage(type, pc.if_else(pc.equal(text, "null"), None, text))
     return array.cast(type)
 
 
