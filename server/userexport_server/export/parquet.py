@@ -53,7 +53,9 @@ class ParquetColumns:
         self.schema = pa.schema([pa.field(OP_FIELD, pa.large_string())] * op +
                                 [pa.field(f.title, _ARROW_TYPES[kind or Kind.STRING])
                                  for f, kind in zip(spec.fields, kinds)])
-        self._sources: list[str | None] = ["op"] * op + [None if i is None else f"c{i}" for i in fields]
+        self._sources: list[str | None] = [None if i is None else f"c{i}" for i in fields]
+        if op:
+            self._sources.insert(0, "op")
 
     def table(self, batch: pa.RecordBatch) -> pa.Table:
         """The batch's users as a table of the schema (a field no user has: all null)."""
