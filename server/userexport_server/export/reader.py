@@ -217,8 +217,10 @@ class _SqliteReader(ColumnReader):
             compiled = self._first if last is None else self._after
             lines, last, rows = self._cursor.execute(*_bound(compiled, chunk=take, cursor=last)).fetchone()
             if rows:
+                # One batch a chunk: polars parses in pieces, and batches of a few dozen users would
+                # cost every later step its per-batch work hundreds of times over.
                 yield from pl.read_ndjson(io.BytesIO(lines), schema=self._schema).with_columns(self._typed) \
-                    .to_arrow().to_batches()
+                    .rechunk().to_arrow().to_batches()
             if rows < take:
                 return
             if remaining is not None:
