@@ -1,11 +1,12 @@
 """How the export's allocators give freed memory back, so that a server's peak RSS follows what its
 exports hold rather than what they once held. Three allocators serve an export:
 
-- polars' jemalloc keeps freed pages for 10 s by default: at an export's pace of batches that kept
-  about 50 MB more resident per running export. 200 ms keeps what the next batches reuse: giving
-  pages back at once (0 ms) made every batch fault fresh zeroed pages in, which cost a 1M-user CSV
-  export 9.2 server CPU-s against 6.2, for 13 MB less peak RSS (bench/export_bench.py). Told before
-  polars loads (a value set in the environment wins).
+- polars' jemalloc (polars parses SQLite's chunks; it formatted every export's cells when this was
+  measured) keeps freed pages for 10 s by default: at an export's pace of batches that kept about
+  50 MB more resident per running export. 200 ms keeps what the next batches reuse: giving pages
+  back at once (0 ms) made every batch fault fresh zeroed pages in, which cost a 1M-user CSV export
+  9.2 server CPU-s against 6.2, for 13 MB less peak RSS (bench/export_bench.py). Told before polars
+  loads (a value set in the environment wins).
 - pyarrow's default pool, mimalloc, keeps what the Parquet writer, casts and concatenations freed:
   the system allocator instead took a 2-worker server's peak over a 300,000-user Parquet and CSV
   export from 297-316 MB to 267 MB (bench/export_bench.py). ARROW_DEFAULT_MEMORY_POOL, if set, wins.
