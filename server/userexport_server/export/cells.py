@@ -39,7 +39,6 @@ except ImportError as error:  # setup.py builds it only where a C compiler is
     raise ImportError("the server's C part (userexport_server.export._cells) is not built: install a C compiler "
                       "and Python's headers, then reinstall 'userexport[server]'") from error
 
-GUARD_CHARS = "=+-@\t\r"  # first characters that make a spreadsheet evaluate a cell
 # _cells.c's kinds: a field's column is read by its kind's rule (MISSING: the field never has a value).
 _MISSING, _STRING, _BOOL, _INT, _DATETIME, _JSON = range(6)
 _KINDS = {Kind.STRING: _STRING, Kind.BOOL: _BOOL, Kind.INT: _INT, Kind.DATETIME: _DATETIME, Kind.JSON: _JSON}
@@ -51,10 +50,11 @@ _Tree = dict[Segment, Union[int, "_Tree"]]  # NDJSON members: a leaf is the inde
 _Node = tuple[int, int | tuple[tuple[bytes | int, "_Node"], ...]]  # the tree as _cells.c takes it
 
 
-def csv_quote(value: str) -> str:
-    """The string-cell rule for one Python string (the header row): guard, quote, double quotes."""
-    guard = "'" if value.startswith(tuple(GUARD_CHARS)) else ""
-    return '"' + guard + value.replace('"', '""') + '"'
+def csv_header(titles: Sequence[str]) -> bytes:
+    """The CSV header row (without its line end): the titles by the string-cell rule, written by the
+    same C as every other cell."""
+    columns = tuple(_column(_STRING, pa.array([title], pa.string())) for title in titles)
+    return _cells.csv_lines(columns, 1, len(columns) == 1)[:-2]
 
 
 class Formatter:
@@ -67,7 +67,7 @@ class Formatter:
         self._columns = [("op", _STRING)] * op
         if spec.format is Format.CSV:
             titles = [OP_FIELD] * op + [f.title for f in spec.fields]
-            self.header: bytes | None = ",".join(map(csv_quote, titles)).encode()
+            self.header: bytes | None = csv_header(titles)
             self.line_end = b"\r\n"
             self._columns += [("", _MISSING) if i is None else (f"c{i}", _KINDS[columns[i].kind]) for i in fields]
             return
