@@ -119,6 +119,18 @@ static long long segment_index(const Segment *segment) {
     return value > INT_MAX || value < INT_MIN ? INT_MIN : value;
 }
 
+/* p just after a member's or element's value (NULL: the text was not JSON): past `close` with
+ * *closed set when the container ends there, else at the next item after the comma; NULL when
+ * neither follows. */
+static const char *next_item(const char *p, const char *end, char close, int *closed) {
+    *closed = 0;
+    if (p == NULL) return NULL;
+    p = skip_space(p, end);
+    if (p < end && *p == close) return *closed = 1, p + 1;
+    if (p >= end || *p != ',') return NULL;
+    return skip_space(p + 1, end);
+}
+
 /* p at a value that segment `level` applies to: records every value at the path's end below it in
  * `search` (the last wins); returns the character after the value, or NULL when the text is not JSON. */
 static const char *find(const char *p, const char *end, Search *search, int level) {
@@ -128,6 +140,7 @@ static const char *find(const char *p, const char *end, Search *search, int leve
         return after;
     }
     const Segment *segment = &search->segments[level];
+    int closed;
     if (p < end && *p == '{') {
         p = skip_space(p + 1, end);
         if (p < end && *p == '}') return p + 1;
@@ -139,11 +152,7 @@ static const char *find(const char *p, const char *end, Search *search, int leve
             if (p >= end || *p != ':') return NULL;
             p = skip_space(p + 1, end);
             p = match ? find(p, end, search, level + 1) : skip_value(p, end);
-            if (p == NULL) return NULL;
-            p = skip_space(p, end);
-            if (p < end && *p == '}') return p + 1;
-            if (p >= end || *p != ',') return NULL;
-            p = skip_space(p + 1, end);
+            if ((p = next_item(p, end, '}', &closed)) == NULL || closed) return p;
         }
         return NULL;
     }
@@ -164,11 +173,7 @@ static const char *find(const char *p, const char *end, Search *search, int leve
         if (p < end && *p == ']') return p + 1;
         for (long long i = 0; p < end; i++) {
             p = i == wanted ? find(p, end, search, level + 1) : skip_value(p, end);
-            if (p == NULL) return NULL;
-            p = skip_space(p, end);
-            if (p < end && *p == ']') return p + 1;
-            if (p >= end || *p != ',') return NULL;
-            p = skip_space(p + 1, end);
+            if ((p = next_item(p, end, ']', &closed)) == NULL || closed) return p;
         }
         return NULL;
     }
