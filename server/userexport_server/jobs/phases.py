@@ -206,6 +206,9 @@ class Phases:
                     self.policy.final_write(job, "slice hand back", lambda: self.slices.hand_back(piece))
                 log.info("slice stopped", job_id=job.id, tenant=job.tenant, slice=piece.seq,
                          reason=",".join(run.reasons))
+                # A stop that lands after the part's commit, as the slice's connection closes (its
+                # cancel cut it), raises here all the same: the committed part is then for nothing.
+                self._discard(job, key)
                 return
             outcome = self.policy.final_write(job, "slice done", lambda: self.slices.finish(
                 piece, part_key=key, written=written, size_bytes=size))
